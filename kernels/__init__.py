@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers. Imported only through fastcnc._backend.kernels()."""

@@ -1,0 +1,28 @@
+import os
+
+import torch
+
+# The kernels must be able to run on CPU tensors in tests: TRITON_INTERPRET has to be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastcnc import _backend  # noqa: E402
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpret)]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset_backend():
+    torch.manual_seed(0)
+    yield
+    _backend.force_backend(None)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Run a test once on the pure-torch path and once on the Triton kernels (interpreter on CPU)."""
+    _backend.force_backend(request.param)
+    yield request.param
+    _backend.force_backend(None)
