@@ -1,0 +1,158 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastcnc
+from fastcnc.cnc import ExtremeSigmasFunction, cnc_from_sigmas
+from fastcnc.reference import sigma_extremes_ref
+from fastcnc.spectral import extreme_singular_values
+
+
+def _exact_cnc(W, kind="log", kappa_target=10.0, eps=1e-6):
+    s = torch.linalg.svdvals(W)
+    return cnc_from_sigmas(torch.stack([s[0], s[-1]])[None], kind=kind, kappa_target=kappa_target, eps=eps)[0]
+
+
+def test_extreme_sigmas_function_gradcheck_float64():
+    W = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    est = extreme_singular_values(W.detach(), refresh=True)
+    vectors = (est.u_max, est.v_max, est.u_min, est.v_min)
+    assert torch.autograd.gradcheck(lambda w: ExtremeSigmasFunction.apply(None, vectors, w), (W,))
+
+
+@pytest.mark.parametrize("kind", ["log", "kappa", "hinge"])
+def test_cnc_penalty_gradcheck_with_frozen_vectors(kind):
+    W = torch.randn(7, 11, dtype=torch.float64) * 3
+    W.requires_grad_(True)
+    est = extreme_singular_values(W.detach(), refresh=True)
+    f = lambda w: fastcnc.cnc_penalty(w, kind=kind, kappa_target=1.5, estimate=est)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (W,))
+
+
+@pytest.mark.parametrize("kind", ["log", "kappa", "hinge"])
+def test_cnc_value_and_gradient_match_exact_svd_penalty(kind):
+    # at convergence the estimate's gradient is the gradient of the true (SVD-based) penalty
+    W = torch.randn(40, 25, dtype=torch.float64, requires_grad=True)
+    p = fastcnc.cnc_penalty(W, kind=kind, kappa_target=2.0, refresh=True)
+    (g,) = torch.autograd.grad(p, W)
+    W2 = W.detach().clone().requires_grad_(True)
+    p_ref = _exact_cnc(W2, kind, 2.0)
+    (g_ref,) = torch.autograd.grad(p_ref, W2)
+    torch.testing.assert_close(p, p_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-9)
+
+
+def test_gradient_is_rank_two():
+    W = torch.randn(30, 50, requires_grad=True, dtype=torch.float64)
+    fastcnc.cnc_penalty(W, iters=30, depth=3).backward()
+    s = torch.linalg.svdvals(W.grad)
+    assert s[2] < 1e-10 * s[0]
+
+
+def test_rank_deficient_layer_has_finite_penalty_and_gradient():
+    W = torch.randn(20, 30, dtype=torch.float64)
+    W[3] = 0
+    W.requires_grad_(True)
+    p = fastcnc.cnc_penalty(W, eps=1e-6, refresh=True)
+    p.backward()
+    assert math.isfinite(p.item()) and abs(p.item() - math.log(1e6)) < 1e-3
+    assert torch.isfinite(W.grad).all()
+
+
+def test_all_zero_layer_contributes_zero():
+    W = torch.zeros(8, 5, requires_grad=True)
+    p = fastcnc.cnc_penalty(W)
+    p.backward()
+    assert p.item() == 0 and torch.all(W.grad == 0)
+
+
+def test_reductions_and_batch():
+    mats = [torch.randn(12, 7, dtype=torch.float64), torch.randn(5, 9, dtype=torch.float64)]
+    per = fastcnc.cnc_penalty(mats, reduction="none", refresh=True)
+    ref = torch.stack([_exact_cnc(m) for m in mats])
+    torch.testing.assert_close(per, ref)
+    torch.testing.assert_close(fastcnc.cnc_penalty(mats, reduction="mean", refresh=True), ref.mean())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"kind": "l2"}, "kind"), ({"eps": 0.0}, "eps"), ({"kappa_target": -1.0}, "kappa_target"),
+    ({"reduction": "max"}, "reduction"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastcnc.cnc_penalty(torch.randn(4, 3), **kwargs)
+
+
+def _small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
+        nn.Conv2d(8, 16, 1), nn.Flatten(), nn.LazyLinear(10) if False else nn.Linear(16 * 6 * 6, 10),
+    ).double()
+
+
+def test_tscnc_regulariser_value_gradient_and_report():
+    model = _small_cnn()
+    reg = fastcnc.TSCNC(model, lambda_tsc=1e-3, lambda_cnc=1e-2)
+    loss = reg()
+    loss.backward()
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    # value: TSC + CNC computed independently with exact SVDs (grouped conv: one matrix per group)
+    tsc = sum(((101 * w.abs()) / (100 + w.abs())).sum() for w in (m.weight.detach() for m in layers))
+    cnc = 0.0
+    for m in layers:
+        for mat in fastcnc.as_matrices(m.weight.detach(), getattr(m, "groups", 1)):
+            cnc += _exact_cnc(mat).item()
+    assert abs(loss.item() - (1e-3 * tsc.item() + 1e-2 * cnc)) < 1e-5 * abs(loss.item())
+    assert all(m.weight.grad is not None and torch.isfinite(m.weight.grad).all() for m in layers)
+    rep = reg.report()
+    assert [r["name"] for r in rep] == ["0", "2", "4", "6"]
+    for r, m in zip(rep, layers):
+        s = torch.linalg.svdvals(m.weight.detach().reshape(m.weight.shape[0], -1)) if r["name"] != "2" else None
+        if s is not None:
+            assert abs(r["kappa"] - (s[0] / s[-1]).item()) < 1e-6 * r["kappa"]
+
+
+def test_tscnc_sees_masked_effective_weight_and_state_roundtrip():
+    model = nn.Sequential(fastcnc.MaskedLinear(30, 20), nn.ReLU(), fastcnc.MaskedLinear(20, 10)).double()
+    mask = (torch.rand(20, 30) > 0.7).double()
+    model[0].set_mask(mask)
+    reg = fastcnc.TSCNC(model, lambda_tsc=0.0, lambda_cnc=1.0)
+    reg().backward()
+    assert torch.all(model[0].weight.grad[mask == 0] == 0)  # pruned entries get no gradient
+    smax, smin = sigma_extremes_ref(model[0].weight * mask)
+    assert abs(reg.report()[0]["kappa"] - smax / smin) < 1e-6 * smax / smin
+    sd = reg.state_dict()
+    reg2 = fastcnc.TSCNC(model, lambda_tsc=0.0, lambda_cnc=1.0)
+    reg2.load_state_dict(sd)
+    assert reg2.calls == 1 and reg2.state.matches(reg.state.shapes)
+    torch.testing.assert_close(reg2(), reg())  # same warm state -> same value
+
+
+def test_tscnc_warm_calls_track_kappa_during_training():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 32))
+    reg = fastcnc.TSCNC(model, lambda_tsc=0.0, lambda_cnc=1e-2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randn(128, 64)
+    for _ in range(20):
+        opt.zero_grad()
+        loss = model(x).pow(2).mean() + reg()
+        loss.backward()
+        opt.step()
+    reg()
+    for r, m in zip(reg.report(), [model[0], model[2]]):
+        smax, smin = sigma_extremes_ref(m.weight)
+        assert abs(r["kappa"] / (smax / smin) - 1) < 1e-2
+
+
+def test_tscnc_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        fastcnc.TSCNC("resnet")
+    with pytest.raises(ValueError, match="no nn.Conv2d"):
+        fastcnc.TSCNC(nn.ReLU())
+    with pytest.raises(ValueError, match="lambda_cnc"):
+        fastcnc.TSCNC(nn.Linear(3, 3), lambda_cnc=-1.0)
+    with pytest.raises(ValueError, match="layers"):
+        fastcnc.TSCNC(nn.Linear(3, 3), layers=["nope"])
