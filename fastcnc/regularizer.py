@@ -36,7 +36,9 @@ class TSCNC(nn.Module):
         cnc: ``"log"`` | ``"kappa"`` | ``"hinge"`` (see ``fastcnc.cnc``); kappa_target and eps as there.
         a: TSC parameter (default 100, as the paper's code).
         iters, depth, block: spectral-engine work per call (default: one restart of depth 1 = 3 passes + 1).
-        refresh_every: recompute exactly (float64 SVD) every N calls (0: only on the first call, which has no state).
+        refresh_every: recompute exactly (float64 SVD) every N calls (0: only when needed: on the first call, which has
+            no state, and whenever a masked layer's mask changed since the last call, i.e. after a pruning step, which
+            can create a new smallest singular value far from the tracked one).
         tol: exact fallback for layers whose residual bound exceeds ``tol`` relative (see extreme_singular_values).
         layers: restrict to these module names (default: all Conv2d/Linear).
     """
@@ -70,6 +72,7 @@ class TSCNC(nn.Module):
             raise ValueError("model has no nn.Conv2d or nn.Linear layers to regularise")
         object.__setattr__(self, "_layers", found)  # not submodules: the model owns (and saves) them
         self.state = SpectralState()
+        self._mask_signature = None
         self.calls = 0
         self.last_estimate: SpectralEstimate | None = None
 
@@ -80,6 +83,11 @@ class TSCNC(nn.Module):
     def set_extra_state(self, extra) -> None:
         self.state = SpectralState.from_dict(extra["spectral"])
         self.calls = int(extra["calls"])
+
+    def _mask_signature_now(self) -> tuple:
+        # torch bumps a tensor's _version on every in-place write: a free way to notice that pruning changed a mask
+        return tuple((id(m.mask), m.mask._version) for _, m in self._layers if isinstance(
+            getattr(m, "mask", None), torch.Tensor))
 
     def _matrices(self) -> tuple[list[torch.Tensor], list[int]]:
         mats, owner = [], []
@@ -97,8 +105,10 @@ class TSCNC(nn.Module):
             total = total + self.lambda_tsc * tsc_penalty(weights, a=self.a, check_finite=False).float()
         if self.lambda_cnc > 0 or self.last_estimate is None:
             mats, _ = self._matrices()
+            masks = self._mask_signature_now()
             refresh = self.calls == 0 or not self.state.matches([tuple(m.shape) for m in mats]) or (
-                self.refresh_every > 0 and self.calls % self.refresh_every == 0)
+                self.refresh_every > 0 and self.calls % self.refresh_every == 0) or masks != self._mask_signature
+            self._mask_signature = masks
             with torch.no_grad():
                 est = extreme_singular_values([m.detach() for m in mats], state=self.state, refresh=refresh,
                                               **self.engine)

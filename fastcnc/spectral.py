@@ -159,8 +159,8 @@ def _random_block(n: int, r: int, generator: torch.Generator | None, dtype, devi
 def extreme_singular_values(
     weights: torch.Tensor | Sequence[torch.Tensor],
     *,
-    iters: int = 8,
-    depth: int = 2,
+    iters: int = 16,
+    depth: int = 3,
     block: int = 4,
     state: SpectralState | None = None,
     refresh: bool = False,

@@ -26,3 +26,9 @@ def backend(request):
     _backend.force_backend(request.param)
     yield request.param
     _backend.force_backend(None)
+
+
+@pytest.fixture
+def kernel_device():
+    """Where the Triton kernels run in tests: the GPU when there is one, else the CPU under TRITON_INTERPRET=1."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -156,3 +156,18 @@ def test_tscnc_rejects_bad_arguments():
         fastcnc.TSCNC(nn.Linear(3, 3), lambda_cnc=-1.0)
     with pytest.raises(ValueError, match="layers"):
         fastcnc.TSCNC(nn.Linear(3, 3), layers=["nope"])
+
+
+def test_tscnc_refreshes_exactly_after_a_mask_change():
+    torch.manual_seed(3)
+    model = nn.Sequential(fastcnc.MaskedLinear(40, 30), nn.ReLU(), fastcnc.MaskedLinear(30, 10)).double()
+    reg = fastcnc.TSCNC(model, lambda_tsc=0.0, lambda_cnc=1.0)
+    reg()
+    reg()
+    assert not bool(reg.last_estimate.refreshed[0])  # warm call
+    mask = torch.ones(30, 40, dtype=torch.float64)
+    mask[7] = 0  # pruning empties a row: sigma_min jumps to 0, far from the tracked vector
+    model[0].set_mask(mask)
+    reg()
+    assert bool(reg.last_estimate.refreshed[0])
+    assert reg.report()[0]["sigma_min"] < 1e-12

@@ -192,21 +192,29 @@ def test_bad_options_raise():
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_triton_kernel_path_matches_torch_path(dtype):
+def test_triton_kernel_path_matches_torch_path(dtype, kernel_device):
     from fastcnc import _backend
 
-    mats = [torch.randn(40, 21, dtype=dtype), torch.randn(13, 37, dtype=dtype)[:, ::1], torch.randn(64, 18, dtype=dtype)]
+    mats = [torch.randn(40, 21, dtype=dtype), torch.randn(37, 13, dtype=dtype).T, torch.randn(64, 18, dtype=dtype)]
     _backend.force_backend("torch")
     ref = extreme_singular_values(mats, iters=3, depth=1, block=3)
     _backend.force_backend("triton")
-    got = extreme_singular_values(mats, iters=3, depth=1, block=3)
+    got = extreme_singular_values([m.to(kernel_device) for m in mats], iters=3, depth=1, block=3)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     for a, b in ((got.sigma_max, ref.sigma_max), (got.sigma_min, ref.sigma_min)):
-        assert torch.allclose(a, b, rtol=tol, atol=tol)
+        assert torch.allclose(a.cpu(), b, rtol=tol, atol=tol)
 
 
 @pytest.mark.interpret
-def test_ragged_bmm_kernel_against_float64_reference():
+def test_ragged_bmm_kernel_against_float64_reference(kernel_device):
+    torch.set_default_device(kernel_device)
+    try:
+        _ragged_bmm_case()
+    finally:
+        torch.set_default_device("cpu")
+
+
+def _ragged_bmm_case():
     from fastcnc.kernels.spectral import ragged_bmm, ragged_tile_table
 
     shapes = [(37, 5), (8, 70), (33, 33)]
@@ -221,11 +229,27 @@ def test_ragged_bmm_kernel_against_float64_reference():
         x[i, :n] = torch.randn(n, R)
         y[i, :m] = torch.randn(m, R)
     fwd = torch.full((3, 70, R), float("nan"))
-    ragged_bmm(flat, offs, rows, cols, x, fwd, trans=False, tiles=ragged_tile_table(rows, 32))
+    ragged_bmm(flat, offs, rows, cols, x, fwd, trans=False, tiles=ragged_tile_table(rows.cpu(), 32).to(x.device))
     bwd = torch.full((3, 70, R), float("nan"))
-    ragged_bmm(flat, offs, rows, cols, y, bwd, trans=True, tiles=ragged_tile_table(cols, 32))
+    ragged_bmm(flat, offs, rows, cols, y, bwd, trans=True, tiles=ragged_tile_table(cols.cpu(), 32).to(x.device))
     for i, (m, n) in enumerate(shapes):
-        A = mats[i].double()
-        torch.testing.assert_close(fwd[i, :m].double(), A @ x[i, :n].double(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(bwd[i, :n].double(), A.T @ y[i, :m].double(), rtol=1e-5, atol=1e-5)
+        A = mats[i].double().cpu()
+        torch.testing.assert_close(fwd[i, :m].double().cpu(), A @ x[i, :n].double().cpu(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bwd[i, :n].double().cpu(), A.T @ y[i, :m].double().cpu(), rtol=1e-5, atol=1e-5)
         assert torch.isnan(fwd[i, m:]).all()  # rows beyond the layer untouched
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_resnet_layer_set_warm_start_matches_exact(dtype):
+    from fastcnc.bench import drift, layer_matrices
+
+    prev = layer_matrices("resnet50", "cuda", dtype=dtype)
+    cur = drift(prev)
+    state = SpectralState()
+    extreme_singular_values(prev, state=state, refresh=True)
+    est = extreme_singular_values(cur, state=state, iters=1, depth=1, block=4)
+    for i, m in enumerate(cur):
+        smax, smin = sigma_extremes_ref(m.float())
+        assert _rel(est.kappa[i], smax / smin) < 1e-2
