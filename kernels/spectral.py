@@ -90,6 +90,7 @@ def ragged_bmm(packed: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor, 
         R=R,
         stride_xl=x.stride(0), stride_xk=x.stride(1), stride_xr=x.stride(2),
         stride_yl=out.stride(0), stride_ym=out.stride(1), stride_yr=out.stride(2),
-        TRANS=trans, ACC_DTYPE=acc_dtype, BLOCK_M=block_m, BLOCK_K=32, BLOCK_R=16,
+        # the block is padded only to a power of two: R is usually 4 (and 2 for the residual pass)
+        TRANS=trans, ACC_DTYPE=acc_dtype, BLOCK_M=block_m, BLOCK_K=32, BLOCK_R=max(2, triton.next_power_of_2(R)),
     )
     return out

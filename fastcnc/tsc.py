@@ -1,0 +1,177 @@
+"""Transformed-L1 sparsity penalty (TSC) of arXiv 2503.20454, summed per layer:
+
+    rho_a(w) = (a + 1) |w| / (a + |w|),        d rho_a / dw = sign(w) a (a + 1) / (a + |w|)^2,
+
+with the subgradient 0 chosen at w = 0 (as ``torch.abs`` does). rho_a is 0 at 0, tends to a + 1 as |w| grows and to
+(1 + 1/a)|w| (a scaled L1) as a grows; a = 100 is the value the paper's public code uses. That code, as surveyed for
+this project, writes the denominator as (a - |w|), which has a pole at |w| = a and turns negative beyond it (larger
+weights would be rewarded); we use the paper's (a + |w|).
+
+CUDA tensors go to one batched Triton launch per dtype and pass (``fastcnc.kernels.tsc``, plus a tiny per-layer
+reduction launch in the forward); CPU tensors use the pure-torch path below. The forward computes only the values;
+the backward re-reads the weights and writes the scaled gradient (see ``TSCPenaltyFunction`` for why recomputing
+beats storing the gradient in the forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fastcnc import _backend
+from fastcnc._checks import check_choice, check_positive, check_tensor
+
+# Tile size of the kernel path; a module attribute so tests can shrink it and make tiny layers span several tiles.
+_KERNEL_BLOCK = 4096
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp16/bf16/fp32 accumulate in fp32; fp64 stays fp64 (used by the float64 reference checks)
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _values_torch(weights: list[torch.Tensor], a: float) -> torch.Tensor:
+    acc = _acc_dtype(weights[0].dtype)
+    values = []
+    for w in weights:
+        abs_w = w.to(acc).abs()
+        values.append((abs_w * ((a + 1.0) / (a + abs_w))).sum())
+    return torch.stack(values)
+
+
+def _grads_torch(weights: list[torch.Tensor], a: float, scale: torch.Tensor) -> list[torch.Tensor]:
+    grads = []
+    for w, s in zip(weights, scale.unbind(0), strict=True):
+        w_acc = w.to(scale.dtype)
+        inv = 1.0 / (a + w_acc.abs())
+        # torch.sign(0) == 0: the subgradient at w == 0 is 0, as in the kernel
+        grads.append((torch.sign(w_acc) * (s * a) * inv * ((a + 1.0) * inv)).to(w.dtype))
+    return grads
+
+
+def _tsc_kernels():
+    """The Triton launcher module, imported lazily so CPU-only users never import triton."""
+    from fastcnc.kernels import tsc
+
+    return tsc
+
+
+def _kernel_ready(w: torch.Tensor) -> torch.Tensor:
+    """Contiguous, and aligned so the kernel's 16-byte alignment hint holds (a storage offset can break it)."""
+    w = w.detach().contiguous()
+    if w.data_ptr() % _tsc_kernels().POINTER_ALIGN:
+        w = w.clone()  # a fresh allocation is aligned
+    return w
+
+
+def _dtype_groups(weights: list[torch.Tensor]) -> list[list[int]]:
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault(w.dtype, []).append(i)
+    return list(groups.values())
+
+
+class TSCPenaltyFunction(torch.autograd.Function):
+    """``forward(a, *weights) -> [L]`` per-layer TSC values; ``backward`` gives each weight its exact gradient.
+
+    Recompute, not store: the forward reads the weights once (value only); the backward reads them once more and
+    writes ``grad_output[l] * d rho/dw`` straight into the returned gradient (the kernel computes value and gradient
+    from one read, so the backward's value comes for free but is not needed). Storing ``d rho/dw`` in the forward
+    instead would cost a write in the forward, a read plus a write in the backward (the scale is only known there)
+    and a weight-sized buffer kept alive between the two: 4 weight-sized memory passes against 3, and more memory.
+    """
+
+    @staticmethod
+    def forward(ctx, a: float, *weights: torch.Tensor) -> torch.Tensor:
+        ctx.a = a
+        ctx.save_for_backward(*weights)
+        out_dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+        groups = _dtype_groups(list(weights))
+        parts = []
+        for idx in groups:
+            group = [weights[i] for i in idx]
+            if _backend.use_triton(group[0]):
+                values, _ = _tsc_kernels().tsc_value_grad(
+                    [_kernel_ready(w) for w in group], a, None, block=_KERNEL_BLOCK
+                )
+            else:
+                values = _values_torch(group, a)
+            parts.append(values.to(out_dtype))
+        if len(groups) == 1:
+            return parts[0]
+        order = torch.tensor([i for idx in groups for i in idx])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        return torch.cat(parts)[inverse.to(parts[0].device)]
+
+    @staticmethod
+    @once_differentiable  # the penalty's Hessian is not needed by any trainer: fail loudly on double backward
+    def backward(ctx, grad_values: torch.Tensor):
+        weights = ctx.saved_tensors
+        grads: list[torch.Tensor | None] = [None] * len(weights)
+        needed = [i for i in range(len(weights)) if ctx.needs_input_grad[1 + i]]
+        for idx in _dtype_groups([weights[i] for i in needed]):
+            idx = [needed[j] for j in idx]
+            group = [weights[i] for i in idx]
+            scale = grad_values
+            if idx != list(range(len(weights))):  # the common one-group case needs no host->device index copy
+                scale = grad_values[torch.tensor(idx, device=grad_values.device)]
+            scale = scale.to(_acc_dtype(group[0].dtype))
+            if _backend.use_triton(group[0]):
+                _, group_grads = _tsc_kernels().tsc_value_grad(
+                    [_kernel_ready(w) for w in group], ctx.a, scale, compute_value=False, block=_KERNEL_BLOCK
+                )
+            else:
+                group_grads = _grads_torch(group, ctx.a, scale)
+            for i, g in zip(idx, group_grads, strict=True):
+                grads[i] = g
+        return (None, *grads)
+
+
+def tsc_penalty(
+    weights: torch.Tensor | Iterable[torch.Tensor],
+    a: float = 100.0,
+    reduction: str = "sum",
+    *,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Transformed-L1 penalty ``sum_i (a+1)|w_i| / (a+|w_i|)`` of each layer, differentiable in every weight.
+
+    Args:
+        weights: one tensor or an iterable of tensors (any shapes, floating dtypes, one device), e.g.
+            ``[m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]``.
+        a: the TSC parameter, > 0 (default 100.0). Small a approaches the L0 count (times a+1), large a the L1 norm.
+        reduction: ``"sum"`` returns the 0-dim total; ``"none"`` returns the ``[L]`` per-layer values (L = 1 for a
+            single tensor).
+        check_finite: raise if a weight is NaN/Inf. The check reads the L computed values, not the weights, but it
+            waits for the device once per call: pass False in a training hot path that checks its loss anyway.
+
+    Returns:
+        fp32 values (fp64 if any weight is fp64), accumulated in fp32 for fp16/bf16/fp32 weights; gradients come back
+        in each weight's own dtype.
+    """
+    if isinstance(weights, torch.Tensor):
+        weights = [weights]
+    elif isinstance(weights, Iterable):
+        weights = list(weights)
+    else:
+        raise TypeError(f"weights must be a tensor or an iterable of tensors, got {type(weights).__name__}")
+    if not weights:
+        raise ValueError("weights must contain at least one tensor, got an empty list")
+    for i, w in enumerate(weights):
+        check_tensor(f"weights[{i}]", w, floating=True, nonempty=True)
+        if w.device != weights[0].device:
+            raise ValueError(f"weights must share one device: weights[0] is on {weights[0].device}, "
+                             f"weights[{i}] on {w.device}")
+    a = check_positive("a", a)
+    check_choice("reduction", reduction, {"sum", "none"})
+
+    values = TSCPenaltyFunction.apply(a, *weights)
+    if check_finite:
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0, 0])
+            raise ValueError(f"weights[{bad}] contains NaN or Inf; expected finite values")
+    return values.sum() if reduction == "sum" else values
