@@ -15,7 +15,7 @@ batched torch ops on zero-padded [L, n_max, s] blocks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,10 +76,22 @@ class SpectralState:
         return s
 
 
+def _as_list(name: str, weights) -> list:
+    """One tensor or a non-empty sequence of them, as a list (elements are checked by the caller)."""
+    if isinstance(weights, torch.Tensor):
+        return [weights]
+    if not isinstance(weights, (Sequence, Iterable)) or isinstance(weights, (str, bytes, dict)):
+        raise TypeError(f"{name} must be a tensor or a list of tensors, got {type(weights).__name__}")
+    mats = list(weights)
+    if not mats:
+        raise ValueError(f"{name} must be a tensor or a non-empty list of tensors")
+    return mats
+
+
 def as_matrices(weight: torch.Tensor, groups: int = 1) -> list[torch.Tensor]:
     """The matrices whose spectra CNC constrains: Linear [out, in] as is; Conv [out, in/g, *k] -> g matrices of
     [out/g, in/g * prod(k)] (one per group; a grouped conv is block-diagonal, so its extremes are the groups')."""
-    check_tensor("weight", weight, ndim=(2, 3, 4, 5), floating=True)
+    check_tensor("weight", weight, ndim=(2, 3, 4, 5), floating=True, nonempty=True)
     check_int("groups", groups, minimum=1)
     out = weight.shape[0]
     if out % groups:
@@ -91,11 +103,12 @@ def as_matrices(weight: torch.Tensor, groups: int = 1) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# batched products: one Triton launch for all layers, or one bmm per distinct shape
+# batched products: one Triton launch for all layers (CUDA), or one mm per matrix (CPU)
 
 
 class _Packed:
-    """All matrices in tall orientation, packed for the block products. Built once per call (one copy of weights)."""
+    """The matrices in tall orientation, ready for the block products: views of the weights (no copy) for the torch
+    path; the weights themselves plus a device pointer table for the Triton path."""
 
     def __init__(self, mats: list[torch.Tensor], compute_dtype: torch.dtype) -> None:
         self.tall = [m.detach().T if m.shape[0] < m.shape[1] else m.detach() for m in mats]
@@ -106,17 +119,14 @@ class _Packed:
         self.dtype = compute_dtype
         self.use_triton = _backend.use_triton(mats[0])
         if self.use_triton:
-            store_dtype = mats[0].dtype if all(m.dtype == mats[0].dtype for m in mats) else compute_dtype
-            self.flat = torch.cat([t.reshape(-1).to(store_dtype) for t in self.tall])
-            sizes = torch.tensor([r * c for r, c in zip(self.rows, self.cols)], dtype=torch.int64)
-            self.offsets = (torch.cumsum(sizes, 0) - sizes).to(self.device)
-            rows = torch.tensor(self.rows, dtype=torch.int64)
-            cols = torch.tensor(self.cols, dtype=torch.int64)
-            self.rows_t, self.cols_t = rows.to(self.device), cols.to(self.device)
             from fastcnc.kernels import spectral as k
+
             self._kernels = k
-            self.tiles_fwd = k.ragged_tile_table(rows, 32).to(self.device)
-            self.tiles_bwd = k.ragged_tile_table(cols, 32).to(self.device)
+            # the kernel reads the weights in place; only mixed dtypes or strided views cost a copy
+            same = all(m.dtype == mats[0].dtype for m in mats)
+            self.weights = [m.detach().contiguous() if same else m.detach().to(compute_dtype).contiguous()
+                            for m in mats]
+            self.table = k.layer_table(self.weights)
         else:  # CPU: one mm per matrix on the original storage (a stacked copy costs more than the loop)
             self.mats = [t if t.dtype == compute_dtype else t.to(compute_dtype) for t in self.tall]
 
@@ -125,8 +135,7 @@ class _Packed:
         L, _, R = x.shape
         out = x.new_zeros(L, self.n_max if trans else self.m_max, R)
         if self.use_triton:
-            return self._kernels.ragged_bmm(self.flat, self.offsets, self.rows_t, self.cols_t, x.contiguous(), out,
-                                            trans=trans, tiles=self.tiles_bwd if trans else self.tiles_fwd)
+            return self._kernels.ragged_bmm(self.weights, x.contiguous(), out, trans=trans, table=self.table)
         for i, A in enumerate(self.mats):
             m, n = A.shape
             if trans:
@@ -177,7 +186,8 @@ def extreme_singular_values(
         iters: Rayleigh-Ritz restarts (each costs 2*depth+1 passes over the weights, plus one for the residuals).
         depth: Krylov blocks per restart.
         block: retained Ritz vectors per matrix (1 for sigma_max, block-1 for the bottom: more helps clustered spectra).
-        state: a ``SpectralState`` to warm-start from and update in place (pass the same object every step).
+        state: a ``SpectralState`` to warm-start from and update in place (pass the same object every step). A state
+            for other shapes or another ``block`` is ignored (cold start); one holding NaN/Inf raises ValueError.
         refresh: compute exactly (float64 SVD per matrix) and reset ``state`` from the exact vectors.
         compute_dtype: float32 (default for fp32/bf16/fp16) or float64 (default for fp64 weights). kappa beyond ~1e3
             needs float64: fp32 products bound the attainable sigma_min accuracy at about 1e-6 * sigma_max.
@@ -189,11 +199,11 @@ def extreme_singular_values(
         seed: seed of the random start when there is no warm state.
 
     Returns:
-        a ``SpectralEstimate`` (float64 values, vectors in ``compute_dtype``).
+        a ``SpectralEstimate`` (float64 values, vectors in ``compute_dtype``). An all-zero matrix gives sigma_max =
+        sigma_min = 0 (kappa 1). NaN/Inf weights, or finite weights whose products overflow ``compute_dtype``, raise
+        ValueError naming ``weights[i]``.
     """
-    mats = [weights] if isinstance(weights, torch.Tensor) else list(weights)
-    if not mats:
-        raise ValueError("weights must be a tensor or a non-empty list of tensors")
+    mats = _as_list("weights", weights)
     for i, m in enumerate(mats):
         check_tensor(f"weights[{i}]", m, ndim=2, floating=True, nonempty=True)
         if m.device != mats[0].device:
@@ -203,8 +213,13 @@ def extreme_singular_values(
     check_int("block", block, minimum=2)
     if block * (depth + 1) > 16:
         raise ValueError(f"block * (depth + 1) must be <= 16, got {block} * ({depth} + 1)")
-    if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0):
         raise ValueError(f"tol must be None or a positive number, got {tol!r}")
+    if state is not None and not isinstance(state, SpectralState):
+        raise TypeError(f"state must be None or a fastcnc.SpectralState, got {type(state).__name__}")
+    if not isinstance(refresh, bool):
+        raise TypeError(f"refresh must be a bool, got {type(refresh).__name__}")
+    check_int("seed", seed, minimum=-(2**63))
     if compute_dtype is None:
         compute_dtype = torch.float64 if any(m.dtype == torch.float64 for m in mats) else torch.float32
     if compute_dtype not in (torch.float32, torch.float64):
@@ -246,16 +261,25 @@ def extreme_singular_values(
         row_mask = (torch.arange(packed.m_max, device=device)[None, :] < rows[:, None]).to(compute_dtype)[:, :, None]
         X = torch.zeros(L, n_max, block, dtype=compute_dtype, device=device)
         gen = torch.Generator().manual_seed(seed)
-        warm = state is not None and state.matches(shapes)
+        # a state saved with another ``block`` (or a damaged one) cannot warm-start: start cold instead
+        warm = state is not None and state.matches(shapes) and len(state.blocks) == len(mats) and all(
+            isinstance(state.blocks[i], torch.Tensor) and tuple(state.blocks[i].shape) == (packed.cols[j], block)
+            for j, i in enumerate(idx))
         for j, i in enumerate(idx):
             n = packed.cols[j]
             X[j, :n] = state.blocks[i].to(device=device, dtype=compute_dtype) if warm else _random_block(
                 n, block, gen, compute_dtype, device)
         X = _orthonormalize(X, None, col_mask)
+        tiny = torch.finfo(compute_dtype).tiny
         for _ in range(max(iters, 1)):
             Q_blocks, AQ_blocks = [X], [packed.matmul(X, trans=False)]
             for _d in range(depth):
-                Z = packed.matmul(AQ_blocks[-1], trans=True)
+                # scale each layer's block by a power of two (exact) to max |.| ~ 1 first: only span(A^T A Q) matters,
+                # and A^T A would under/overflow fp32 for weights of magnitude <~1e-19 or >~1e19 (a torn Krylov
+                # basis then breaks the bracketing). One scale per layer keeps the columns' relative sizes.
+                AQ_last = AQ_blocks[-1]
+                exponent = torch.frexp(AQ_last.abs().amax(dim=(1, 2), keepdim=True)).exponent
+                Z = packed.matmul(torch.ldexp(AQ_last, -exponent.to(AQ_last.dtype)), trans=True)
                 Qn = _orthonormalize(Z, torch.cat(Q_blocks, 2), col_mask)
                 Q_blocks.append(Qn)
                 AQ_blocks.append(packed.matmul(Qn, trans=False))
@@ -264,6 +288,13 @@ def extreme_singular_values(
                 # NaN/Inf weights propagate into the products: find the culprit only then (a full check is a pass)
                 for i in idx:
                     check_tensor(f"weights[{i}]", mats[i], finite=True)
+                if warm and not all(bool(torch.isfinite(state.blocks[i]).all()) for i in idx):
+                    raise ValueError("state holds NaN/Inf warm-start blocks (a corrupt SpectralState); "
+                                     "pass a fresh fastcnc.SpectralState()")
+                bad = idx[int((~torch.isfinite(AQ)).flatten(1).any(1).nonzero()[0, 0])]
+                raise ValueError(f"weights[{bad}] is finite but its products overflow {compute_dtype} "
+                                 f"(max |w| = {float(mats[bad].detach().abs().max()):.3g}); rescale it or pass "
+                                 "compute_dtype=torch.float64")
             Us, S, Vh = torch.linalg.svd(AQ, full_matrices=False)  # S descending, [L, s]
             V = Q @ Vh.transpose(1, 2)  # right Ritz vectors [L, n_max, s]
             X = torch.cat([V[:, :, :1], V[:, :, -(block - 1):]], 2)
@@ -272,9 +303,11 @@ def extreme_singular_values(
         u2 = torch.cat([Us[:, :, :1], Us[:, :, -1:]], 2) * row_mask  # [L, m, 2]
         s2 = torch.stack([smax, smin], 1)[:, None, :]
         # certified residuals: |A v - s u| (rounding only, by construction) and |A^T u - s v| (one more pass)
-        res_fwd = (AQ @ Vh.transpose(1, 2)[:, :, [0, -1]] - u2 * s2).norm(dim=1)
-        res_bwd = (packed.matmul(u2, trans=True) - v2 * s2).norm(dim=1)
-        err = torch.maximum(res_fwd, res_bwd)
+        # (norms taken relative to sigma_max: squares of tiny or huge residuals would under/overflow)
+        scale = smax.clamp_min(tiny)[:, None, None]
+        res_fwd = ((AQ @ Vh.transpose(1, 2)[:, :, [0, -1]] - u2 * s2) / scale).norm(dim=1)
+        res_bwd = ((packed.matmul(u2, trans=True) - v2 * s2) / scale).norm(dim=1)
+        err = torch.maximum(res_fwd, res_bwd) * scale[:, 0]
         for j, i in enumerate(idx):
             m_l, n_l = packed.rows[j], packed.cols[j]
             vmax, vmin, umax, umin = v2[j, :n_l, 0], v2[j, :n_l, 1], u2[j, :m_l, 0], u2[j, :m_l, 1]

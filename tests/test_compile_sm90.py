@@ -101,17 +101,14 @@ def _launch_spectral():
     import torch
     from fastcnc.kernels import spectral
 
-    rows, cols = torch.tensor([40, 9]), torch.tensor([7, 3])
-    offsets = torch.tensor([0, 280])
-    for a_dtype, x_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+    for w_dtype, x_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                              (torch.float64, torch.float64)):
-        packed = torch.randn(280 + 27).to(a_dtype)
+        weights = [torch.randn(40, 7).to(w_dtype), torch.randn(3, 9).to(w_dtype)]  # a tall and a wide layer
         for trans in (False, True):
-            out_lens, in_lens = (cols, rows) if trans else (rows, cols)
-            x = torch.randn(2, int(in_lens.max()), 4, dtype=x_dtype)
-            out = torch.zeros(2, int(out_lens.max()), 4, dtype=x_dtype)
-            spectral.ragged_bmm(packed, offsets, rows, cols, x, out, trans=trans,
-                                tiles=spectral.ragged_tile_table(out_lens, 32))
+            for R in (4, 2, 16):  # the engine's block, the residual pass, the largest basis
+                x = torch.randn(2, 40, R, dtype=x_dtype)
+                out = torch.zeros(2, 40, R, dtype=x_dtype)
+                spectral.ragged_bmm(weights, x, out, trans=trans)
 
 
 def _launch_masked_matmul(dtype: str, block: int, precision: str, has_bias: bool, products: str):

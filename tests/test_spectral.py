@@ -215,28 +215,25 @@ def test_ragged_bmm_kernel_against_float64_reference(kernel_device):
 
 
 def _ragged_bmm_case():
-    from fastcnc.kernels.spectral import ragged_bmm, ragged_tile_table
+    from fastcnc.kernels.spectral import ragged_bmm
 
-    shapes = [(37, 5), (8, 70), (33, 33)]
+    shapes = [(37, 5), (8, 70), (33, 33), (1, 3)]  # tall, wide, square, wide with one row
     mats = [torch.randn(s) for s in shapes]
-    flat = torch.cat([m.reshape(-1) for m in mats])
-    sizes = torch.tensor([m.numel() for m in mats])
-    offs, rows, cols = torch.cumsum(sizes, 0) - sizes, torch.tensor([s[0] for s in shapes]), torch.tensor([s[1] for s in shapes])
-    R = 3
-    x = torch.zeros(3, 70, R)
-    y = torch.zeros(3, 70, R)
-    for i, (m, n) in enumerate(shapes):
-        x[i, :n] = torch.randn(n, R)
-        y[i, :m] = torch.randn(m, R)
-    fwd = torch.full((3, 70, R), float("nan"))
-    ragged_bmm(flat, offs, rows, cols, x, fwd, trans=False, tiles=ragged_tile_table(rows.cpu(), 32).to(x.device))
-    bwd = torch.full((3, 70, R), float("nan"))
-    ragged_bmm(flat, offs, rows, cols, y, bwd, trans=True, tiles=ragged_tile_table(cols.cpu(), 32).to(x.device))
-    for i, (m, n) in enumerate(shapes):
-        A = mats[i].double().cpu()
+    tall = [m if m.shape[0] >= m.shape[1] else m.T for m in mats]
+    R, L = 3, len(shapes)
+    x = torch.zeros(L, 70, R)
+    y = torch.zeros(L, 70, R)
+    for i, A in enumerate(tall):
+        x[i, : A.shape[1]] = torch.randn(A.shape[1], R)
+        y[i, : A.shape[0]] = torch.randn(A.shape[0], R)
+    fwd = ragged_bmm(mats, x, torch.full((L, 70, R), float("nan")), trans=False)
+    bwd = ragged_bmm(mats, y, torch.full((L, 70, R), float("nan")), trans=True)
+    for i, A in enumerate(tall):
+        m, n = A.shape
+        A = A.double().cpu()
         torch.testing.assert_close(fwd[i, :m].double().cpu(), A @ x[i, :n].double().cpu(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(bwd[i, :n].double().cpu(), A.T @ y[i, :m].double().cpu(), rtol=1e-5, atol=1e-5)
-        assert torch.isnan(fwd[i, m:]).all()  # rows beyond the layer untouched
+        assert torch.isnan(fwd[i, m:]).all() and torch.isnan(bwd[i, n:]).all()  # rows beyond the layer untouched
 
 
 @pytest.mark.cuda
