@@ -1,4 +1,13 @@
-"""Masked (pruned) layers: the mask is a buffer and is applied inside the forward, so pruned weights stay zero."""
+"""Masked (pruned) layers: the mask is a buffer and is applied inside the forward, so pruned weights stay zero.
+
+``MaskedLinear`` / ``MaskedConv2d`` compute with ``weight * mask``. On CPU that is plain ``F.linear`` / ``F.conv2d``
+on the masked weight; on CUDA (or a forced ``"triton"`` backend) the forward goes through ``fastcnc.masked``, which
+runs the block-sparse Triton kernels when the mask has enough all-zero tiles and cuBLAS on ``weight * mask``
+otherwise (the rule is documented in ``fastcnc/masked.py``). Either way the gradient of a pruned weight is exactly 0.
+
+``sparsify(model)`` swaps ``nn.Linear`` / ``nn.Conv2d`` for the masked layers in place (taking over the masks of
+``torch.nn.utils.prune``), ``densify(model)`` swaps them back with ``weight = weight * mask`` for export.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcnc import masked as _masked
+from fastcnc._backend import use_triton
 from fastcnc._checks import check_tensor
 
 
@@ -17,7 +28,8 @@ def _validate_mask(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"mask must be on the weight's device {weight.device}, got {mask.device}")
     if mask.dtype == torch.bool:
         return mask.to(weight.dtype)
-    if not mask.is_floating_point() and mask.dtype not in (torch.uint8, torch.int8, torch.int32, torch.int64):
+    if not mask.is_floating_point() and mask.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32,
+                                                            torch.int64):
         raise TypeError(f"mask must be bool, integer or floating, got dtype {mask.dtype}")
     if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask must be binary (only 0 and 1 entries)")
@@ -34,11 +46,16 @@ class _MaskedMixin:
         self.register_buffer("mask", torch.ones_like(self.weight))
 
     def set_mask(self, mask: torch.Tensor) -> None:
-        """Replace the mask (same shape as the weight, binary) and zero the pruned weights."""
+        """Replace the mask (same shape, dtype bool/int/float, device as the weight; binary) and zero pruned weights.
+
+        On the Triton path the per-tile nonzero table of the new mask is built here, so the forward does not pay for it.
+        """
         m = _validate_mask(mask, self.weight)
         with torch.no_grad():
             self.mask.copy_(m)
             self.weight.mul_(self.mask)
+        if use_triton(self.weight):
+            self.tile_table()
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the layer computes with, ``weight * mask`` (differentiable in ``weight``)."""
@@ -46,7 +63,29 @@ class _MaskedMixin:
 
     @property
     def sparsity(self) -> float:
-        return 1.0 - float(self.mask.sum()) / max(self.mask.numel(), 1)
+        return 1.0 - float(self.mask.count_nonzero()) / max(self.mask.numel(), 1)
+
+    def _groups(self) -> int:
+        return getattr(self, "groups", 1)
+
+    def tile_table(self) -> _masked.TileTable:
+        """Per-tile nonzero table of the mask for the block-sparse kernels, cached until the mask changes.
+
+        The cache key includes the buffer's version counter, so in-place edits (``set_mask``, ``load_state_dict``,
+        ``mask.zero_()``) and ``.to(device)`` all invalidate it.
+        """
+        m = self.mask
+        try:
+            version = m._version
+        except RuntimeError:  # inference tensors have no version counter: never trust a cached table for them
+            version = object()
+        key = (id(m), m.data_ptr(), version, m.device, m.dtype)
+        cache = self.__dict__.get("_tile_cache")
+        if cache is None or cache[0] != key:
+            g = self._groups()
+            cache = (key, _masked.build_tile_table(m.reshape(g, m.shape[0] // g, -1)))
+            self.__dict__["_tile_cache"] = cache
+        return cache[1]
 
 
 class MaskedLinear(_MaskedMixin, nn.Linear):
@@ -57,15 +96,140 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         self._init_mask()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x):
+            return _masked._linear(x, self.weight, self.mask, self.bias, self.tile_table(), pruned_finite=True)
         return F.linear(x, self.effective_weight(), self.bias)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> MaskedLinear:
+        """A MaskedLinear that shares ``linear``'s weight/bias Parameters (so optimizers stay valid)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.mask = torch.ones_like(linear.weight, requires_grad=False)
+        new.train(linear.training)
+        if mask is not None:
+            new.set_mask(mask)
+        return new
+
+    def to_dense(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with ``weight = weight * mask`` (fresh Parameters)."""
+        with torch.device("meta"):
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin.weight = nn.Parameter(self.effective_weight().detach().clone(), requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        lin.train(self.training)
+        return lin
 
 
 class MaskedConv2d(_MaskedMixin, nn.Conv2d):
-    """``nn.Conv2d`` with a binary ``mask`` buffer on its weight."""
+    """``nn.Conv2d`` with a binary ``mask`` buffer on its weight (all of stride/padding/dilation/groups/bias).
+
+    The Triton path is im2col (``F.unfold``) + the block-sparse masked matmul; it covers ``padding_mode="zeros"``
+    with numeric padding. String padding (``"same"``) and other padding modes use ``F.conv2d`` on ``weight * mask``.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_mask()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x) and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            return _masked._conv2d(x, self.weight, self.mask, self.bias, self.stride, self.padding, self.dilation,
+                                   self.groups, self.tile_table(), pruned_finite=True)
         return self._conv_forward(x, self.effective_weight(), self.bias)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None) -> MaskedConv2d:
+        """A MaskedConv2d that shares ``conv``'s weight/bias Parameters (so optimizers stay valid)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        with torch.device("meta"):
+            new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                      dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                      padding_mode=conv.padding_mode)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.mask = torch.ones_like(conv.weight, requires_grad=False)
+        new.train(conv.training)
+        if mask is not None:
+            new.set_mask(mask)
+        return new
+
+    def to_dense(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` with ``weight = weight * mask`` (fresh Parameters)."""
+        with torch.device("meta"):
+            conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                             padding=self.padding, dilation=self.dilation, groups=self.groups,
+                             bias=self.bias is not None, padding_mode=self.padding_mode)
+        conv.weight = nn.Parameter(self.effective_weight().detach().clone(), requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            conv.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        conv.train(self.training)
+        return conv
+
+
+MASKED_LAYERS = (MaskedLinear, MaskedConv2d)
+
+
+def _take_over_torch_prune(module: nn.Module) -> torch.Tensor | None:
+    """Remove ``torch.nn.utils.prune`` reparametrisations and return the weight mask (None if not pruned)."""
+    from torch.nn.utils import prune
+
+    mask = None
+    if hasattr(module, "weight_orig") and hasattr(module, "weight_mask"):
+        mask = module.weight_mask.detach().clone()
+        prune.remove(module, "weight")  # weight := weight_orig * weight_mask, a plain Parameter again
+    if hasattr(module, "bias_orig") and hasattr(module, "bias_mask"):
+        prune.remove(module, "bias")  # a bias mask is baked into the bias; MaskedLinear/Conv2d mask weights only
+    return mask
+
+
+def _convert(module: nn.Module) -> nn.Module | None:
+    # exact types only: subclasses such as MultiheadAttention's out_proj are used through their raw weight by their
+    # parent, so a mask there would be silently ignored
+    if type(module) is nn.Linear:
+        return MaskedLinear.from_dense(module, _take_over_torch_prune(module))
+    if type(module) is nn.Conv2d:
+        return MaskedConv2d.from_dense(module, _take_over_torch_prune(module))
+    return None
+
+
+def sparsify(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.Linear`` / ``nn.Conv2d`` (exact types) in ``model`` by MaskedLinear / MaskedConv2d, in place.
+
+    Weights and biases are the same Parameter objects. Modules pruned with ``torch.nn.utils.prune`` (``weight_orig``
+    + ``weight_mask``) keep their mask as the layer's ``mask``. Returns ``model`` (or the new layer when ``model``
+    itself is a Linear/Conv2d).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    root = _convert(model)
+    if root is not None:
+        return root
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = _convert(child)
+            if new is not None:
+                setattr(parent, name, new)
+    return model
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replace every MaskedLinear / MaskedConv2d by plain ``nn.Linear`` / ``nn.Conv2d`` with ``weight*mask``, in place.
+
+    For export (ONNX, TorchScript, other libraries). Returns ``model`` (or the new layer when ``model`` is masked).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, MASKED_LAYERS):
+        return model.to_dense()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MASKED_LAYERS):
+                setattr(parent, name, child.to_dense())
+    return model

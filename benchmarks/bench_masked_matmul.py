@@ -1,0 +1,211 @@
+"""pytest-benchmark: masked matmul forward + backward (y, dX, dW) against dense W*M and torch.sparse.
+
+Shapes are the im2col matmuls of ResNet-18's 3x3 convolutions on CIFAR (32x32 input): ``M = batch * H_out * W_out``,
+``N = C_out``, ``K = C_in * 9`` (Conv2d on the kernel path is exactly this matmul after ``F.unfold``). Masks are
+unstructured (random) or block-sparse (whole 32x32 tiles), sparsity 0..99%.
+
+impls (one benchmark group per shape x mask x sparsity, ``dense`` is the baseline of the ratio column):
+  dense         ``F.linear(x, W * M)`` + autograd (cuBLAS / MKL-DNN)
+  fastcnc       ``MaskedLinear`` (CPU: the torch path; CUDA: Triton kernels or cuBLAS by the tile-density rule)
+  triton        the block-sparse Triton kernels, forced (CUDA only: on CPU they only run in the interpreter)
+  torch_csr     ``torch.sparse.mm`` on a CSR weight, torch's own backward (dW sampled on the sparsity pattern)
+  torch_bsr     ``W_bsr @ x^T`` and ``W^T_bsr @ dy^T`` (BSR 32x32; torch has no BSR backward on CPU) + dense masked
+                dW; both sparse formats are built once outside the timed region, which favours them (training would
+                rebuild them after every optimizer step)
+
+Run: ``pytest benchmarks/bench_masked_matmul.py --benchmark-json out.json`` (on a shared CPU, ``OMP_NUM_THREADS=1``
+gives far steadier numbers: a 2-thread GEMM stalls whenever a neighbour takes one of the cores) then
+``python benchmarks/bench_masked_matmul.py out.json > out.md`` for the ratio table. ``--benchmark-disable`` runs
+each target once (a smoke test).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastcnc import MaskedLinear, masked
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+BATCH = 128 if CUDA else 4  # CIFAR batch; 4 on CPU keeps the whole run to minutes on 2 cores
+# (name, M, N, K): ResNet-18 stage 1..4 3x3 convs, spatial 32, 16, 8, 4
+LAYERS = [
+    ("layer1-64x576", BATCH * 32 * 32, 64, 64 * 9),
+    ("layer2-128x1152", BATCH * 16 * 16, 128, 128 * 9),
+    ("layer3-256x2304", BATCH * 8 * 8, 256, 256 * 9),
+    ("layer4-512x4608", BATCH * 4 * 4, 512, 512 * 9),
+]
+SPARSITIES = [0.0, 0.5, 0.9, 0.95, 0.99]
+MASKS = ["unstructured", "block32"]
+IMPLS = ["dense", "fastcnc", pytest.param("triton", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")),
+         "torch_csr", "torch_bsr"]
+TILE = 32
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+
+
+def device_name() -> str:
+    if CUDA:
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    threads = torch.get_num_threads()
+    return f"{model} ({threads} torch thread{'s' if threads > 1 else ''})"
+
+
+def make_mask(n: int, k: int, kind: str, sparsity: float, gen: torch.Generator) -> torch.Tensor:
+    if kind == "unstructured":
+        return (torch.rand(n, k, generator=gen) >= sparsity).float()
+    tiles = (torch.rand(n // TILE, k // TILE, generator=gen) >= sparsity).float()
+    return tiles.repeat_interleave(TILE, 0).repeat_interleave(TILE, 1)
+
+
+def make_step(impl: str, x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, dy: torch.Tensor):
+    """A closure doing forward + backward; returns (y, dx, dw) with dw dense for the agreement check."""
+    if impl == "dense":
+        w = w.clone().requires_grad_(True)
+
+        def step():
+            y = F.linear(x, w * mask)
+            return (y, *torch.autograd.grad(y, (x, w), dy))
+    elif impl in ("fastcnc", "triton"):
+        layer = MaskedLinear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        layer.set_mask(mask)
+        layer.tile_table()  # built once, as set_mask does on CUDA
+
+        def step():
+            y = layer(x)
+            return (y, *torch.autograd.grad(y, (x, layer.weight), dy))
+    elif impl == "torch_csr":
+        w_csr = (w * mask).to_sparse_csr().requires_grad_(True)
+
+        def step():
+            y = torch.sparse.mm(w_csr, x.t()).t()
+            dx, dw = torch.autograd.grad(y, (x, w_csr), dy)
+            return y, dx, dw
+    elif impl == "torch_bsr":
+        w_bsr = (w * mask).to_sparse_bsr((TILE, TILE))
+        w_t_bsr = (w * mask).t().contiguous().to_sparse_bsr((TILE, TILE))
+
+        def step():
+            y = (w_bsr @ x.t()).t()
+            dx = (w_t_bsr @ dy.t()).t()
+            dw = (dy.t() @ x) * mask
+            return y, dx, dw
+    else:
+        raise ValueError(impl)
+    return step
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t.to_dense() if t.layout != torch.strided else t
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sparsity", SPARSITIES, ids=lambda s: f"s{round(s * 100)}")
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda s: s[0])
+def test_masked_matmul_fwd_bwd(benchmark, monkeypatch, layer, kind, sparsity, impl):
+    name, m, n, k = layer
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=gen).to(DEVICE).requires_grad_(True)
+    w = torch.randn(n, k, generator=gen).to(DEVICE)
+    dy = torch.randn(m, n, generator=gen).to(DEVICE)
+    mask = make_mask(n, k, kind, sparsity, gen).to(DEVICE)
+    if impl == "triton":
+        monkeypatch.setattr(masked, "DENSE_FALLBACK_TILE_DENSITY", 1.01)  # the kernels whatever the density
+
+    step = make_step(impl, x, w, mask, dy)
+    # never time a wrong answer: agree with dense W*M in float64 (fp32 sums of K terms; TF32 off by default)
+    with torch.no_grad():
+        w64, x64, dy64, m64 = w.double() * mask.double(), x.detach().double(), dy.double(), mask.double()
+        want = (x64 @ w64.t(), dy64 @ w64, (dy64.t() @ x64) * m64)
+    got = step()
+    for g, r in zip(got, want, strict=True):
+        err = (_dense(g).double() - r).abs().max() / r.abs().max().clamp_min(1.0)
+        assert err < 1e-4, f"{impl}: relative error {err:.2e}"
+    assert torch.count_nonzero(_dense(got[2])[mask == 0]) == 0  # pruned weights: exactly zero gradient
+
+    benchmark.group = f"{name}-{kind}-s{round(sparsity * 100)}"
+    tiles = masked.build_tile_table(mask, block=TILE)
+    benchmark.extra_info.update(layer=name, M=m, N=n, K=k, mask=kind, sparsity=sparsity, impl=impl,
+                                tile_density=tiles.density, device=device_name(), torch=torch.__version__)
+
+    def run():
+        step()
+        if CUDA:
+            torch.cuda.synchronize()
+
+    slow = impl.startswith("torch_") and sparsity < 0.9
+    benchmark.pedantic(run, rounds=3 if slow else 15, warmup_rounds=1)
+
+
+# ------------------------------------------------------------------------------------------------------------ report
+
+
+STAT = "min"  # the least disturbed round: on a shared machine the median mostly measures the neighbours
+
+
+def render(path: str) -> str:
+    """Markdown table of times (``STAT`` of the rounds) and ratios to ``dense`` from a ``--benchmark-json`` file."""
+    with open(path) as f:
+        data = json.load(f)
+    rows: dict[str, dict[str, dict]] = {}
+    for b in data["benchmarks"]:
+        rows.setdefault(b["group"], {})[b["extra_info"]["impl"]] = b
+    impls = [i for i in ("dense", "fastcnc", "triton", "torch_csr", "torch_bsr") if any(i in r for r in rows.values())]
+    first = next(iter(next(iter(rows.values())).values()))["extra_info"]
+    date = data.get("datetime", "")[:10] or datetime.date.today().isoformat()
+    out = [
+        "# Masked matmul forward + backward: fastcnc vs dense (W*M) vs torch.sparse",
+        "",
+        f"- device: {first['device']}",
+        f"- torch {first['torch']}, python {platform.python_version()}, date {date}",
+        "- shapes: im2col matmuls of ResNet-18 3x3 convs (CIFAR), M = batch x H x W, N = C_out, K = 9 C_in",
+        f"- time: {STAT} of the rounds (3 for torch.sparse below 90% sparsity, else 15), fwd + bwd (y, dX, dW)",
+        "- ratio = time / time(dense) (< 1 is faster)",
+        "- torch_csr / torch_bsr weights are converted once outside the timed region (a training step would have to"
+        " rebuild them after every optimizer step)",
+    ]
+    if "triton" not in impls:
+        out += ["- no GPU: the Triton kernels are not timed; on CPU `fastcnc` runs the same code as `dense` (W*M then"
+                " matmul), so its ratio shows the noise floor of the run"]
+    out += [
+        "",
+        "| layer (M x N x K) | mask | sparsity | tile density (32x32) | dense ms | "
+        + " | ".join(f"{i} ms (ratio)" for i in impls if i != "dense") + " |",
+        "|" + "---|" * (5 + len(impls) - 1),
+    ]
+    for by_impl in rows.values():
+        info = next(iter(by_impl.values()))["extra_info"]
+        base = by_impl["dense"]["stats"][STAT] if "dense" in by_impl else None
+        cells = []
+        for impl in impls:
+            if impl == "dense":
+                continue
+            if impl not in by_impl:
+                cells.append("-")
+                continue
+            t = by_impl[impl]["stats"][STAT]
+            cells.append(f"{t * 1e3:.1f} ({t / base:.2f})" if base else f"{t * 1e3:.1f}")
+        out.append(f"| {info['layer']} ({info['M']}x{info['N']}x{info['K']}) | {info['mask']} | "
+                   f"{info['sparsity']:.0%} | {info['tile_density']:.2f} | "
+                   f"{base * 1e3:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python benchmarks/bench_masked_matmul.py results.json > results.md")
+    print(render(sys.argv[1]), end="")
