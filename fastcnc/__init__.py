@@ -11,3 +11,4 @@ from fastcnc.spectral import SpectralEstimate, SpectralState, as_matrices, extre
 from fastcnc.cnc import cnc_penalty  # noqa: F401
 from fastcnc.tsc import tsc_penalty  # noqa: F401
 from fastcnc.regularizer import TSCNC  # noqa: F401
+from fastcnc.models import build_model  # noqa: F401

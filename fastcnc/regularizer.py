@@ -57,12 +57,19 @@ class TSCNC(nn.Module):
         self.cnc = check_choice("cnc", cnc, CNC_KINDS)
         self.kappa_target = check_positive("kappa_target", kappa_target)
         self.eps = check_positive("eps", eps)
+        if self.eps >= 1:
+            raise ValueError(f"eps must be < 1 (kappa is capped at 1/eps), got {eps}")
         self.a = check_positive("a", a)
         self.engine = dict(iters=check_int("iters", iters, minimum=1), depth=check_int("depth", depth, minimum=1),
-                           block=check_int("block", block, minimum=2), tol=tol)
+                           block=check_int("block", block, minimum=2),
+                           tol=None if tol is None else check_positive("tol", tol))
+        if block * (depth + 1) > 16:
+            raise ValueError(f"block * (depth + 1) must be <= 16, got {block} * ({depth} + 1)")
         self.refresh_every = check_int("refresh_every", refresh_every, minimum=0)
         found = constrained_layers(model)
         if layers is not None:
+            if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
+                raise TypeError(f"layers must be a list of module names (str), got {layers!r}")
             known = {n for n, _ in found}
             missing = [n for n in layers if n not in known]
             if missing:
@@ -81,8 +88,15 @@ class TSCNC(nn.Module):
         return {"spectral": self.state.to_dict(), "calls": self.calls}
 
     def set_extra_state(self, extra) -> None:
+        if not (isinstance(extra, dict) and isinstance(extra.get("spectral"), dict) and "calls" in extra
+                and {"shapes", "blocks"} <= set(extra["spectral"])):
+            raise ValueError("TSCNC state must be a dict {'spectral': {'shapes', 'blocks'}, 'calls'} as saved by "
+                             f"TSCNC.state_dict(), got {type(extra).__name__}")
         self.state = SpectralState.from_dict(extra["spectral"])
         self.calls = int(extra["calls"])
+        # the saved warm state belongs to the masks the model holds now (load the model's state first): a mask
+        # change is detected from here on, so a resumed run does not pay (or differ by) a spurious exact refresh
+        self._mask_signature = self._mask_signature_now()
 
     def _mask_signature_now(self) -> tuple:
         # torch bumps a tensor's _version on every in-place write: a free way to notice that pruning changed a mask
@@ -102,7 +116,8 @@ class TSCNC(nn.Module):
         weights = [_effective_weight(layer) for _, layer in self._layers]
         total = weights[0].new_zeros((), dtype=torch.float32)
         if self.lambda_tsc > 0:
-            total = total + self.lambda_tsc * tsc_penalty(weights, a=self.a, check_finite=False).float()
+            # with CNC on, the spectral engine below rejects NaN/Inf weights anyway: check here only without it
+            total = total + self.lambda_tsc * tsc_penalty(weights, a=self.a, check_finite=self.lambda_cnc == 0).float()
         if self.lambda_cnc > 0 or self.last_estimate is None:
             mats, _ = self._matrices()
             masks = self._mask_signature_now()
@@ -114,7 +129,8 @@ class TSCNC(nn.Module):
                                               **self.engine)
             self.last_estimate = est
             if self.lambda_cnc > 0:
-                cnc = cnc_penalty(mats, kind=self.cnc, kappa_target=self.kappa_target, eps=self.eps, estimate=est)
+                cnc = cnc_penalty(mats, kind=self.cnc, kappa_target=self.kappa_target, eps=self.eps, estimate=est,
+                                  check_finite=False)  # est was computed from these very weights, which it checked
                 total = total + self.lambda_cnc * cnc.float()
         self.calls += 1
         return total

@@ -1,0 +1,162 @@
+"""``fastcnc train | eval | report`` (console script; also ``python -m fastcnc``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from fastcnc.config import Config, apply_overrides, field_help, list_presets, load_config, parse_assignments, validate
+
+# fields that `fastcnc eval` may change on a trained run
+EVAL_FIELDS = ("eps", "step_size", "eval_pgd_steps", "eval_cw_steps", "eval_batch_size", "eval_max_examples",
+               "device", "threads", "amp", "channels_last", "progress", "seed", "data_dir")
+
+
+def _add_field_options(parser: argparse.ArgumentParser, names=None) -> None:
+    group = parser.add_argument_group("config fields (each also settable as --set field=value)")
+    docs = field_help()
+    for f in dataclasses.fields(Config):
+        if names is not None and f.name not in names:
+            continue
+        flags = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
+        # bools may be given bare (--tscnc) or with a value (--tscnc false)
+        extra = {"nargs": "?", "const": "true"} if f.type == "bool" else {}
+        group.add_argument(*flags, dest=f"field_{f.name}", default=None, metavar="V",
+                           help=f"{docs.get(f.name, '')} ({f.type}, default {f.default!r})", **extra)
+
+
+def _collect_overrides(args) -> dict:
+    values = parse_assignments(args.set or [])
+    for key, value in vars(args).items():
+        if key.startswith("field_") and value is not None:
+            values[key[len("field_"):]] = value
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastcnc", description="Train, evaluate and report pruned robust networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="adversarial training + pruning (+ TSCNC), then evaluation and report")
+    p.add_argument("--preset", help=f"named preset: {', '.join(list_presets())}")
+    p.add_argument("--config", help="TOML file with config fields (applied after the preset)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--overwrite", action="store_true", help="start again even if OUT already holds a run")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    _add_field_options(p)
+
+    p = sub.add_parser("eval", help="evaluate a trained run (its checkpoint) again, e.g. with stronger attacks")
+    p.add_argument("run", help="run folder (holding checkpoint.pt) or a checkpoint file")
+    p.add_argument("--out", dest="eval_out", help="folder for eval.{json,md} (default: the run folder)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help=f"override one of {', '.join(EVAL_FIELDS)}")
+    _add_field_options(p, EVAL_FIELDS)
+
+    p = sub.add_parser("report", help="re-render one run's report, or compare several runs")
+    p.add_argument("runs", nargs="+", help="run folders (or report.json files)")
+    p.add_argument("--out", default=None, help="output folder (default: the run folder for one run, "
+                   "./report for several)")
+    return parser
+
+
+def _to_toml(cfg: Config) -> str:
+    lines = []
+    for f in dataclasses.fields(Config):
+        v = getattr(cfg, f.name)
+        lines.append(f"{f.name} = {str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else v}")
+    return "\n".join(lines).replace("'", '"') + "\n"
+
+
+def _cmd_train(args) -> int:
+    from fastcnc.train import train
+
+    cfg = load_config(args.preset, args.config, _collect_overrides(args))
+    if args.print_config:
+        print(_to_toml(cfg), end="")
+        return 0
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") == "0" and Path(cfg.out, "report.md").is_file():  # one print under torchrun
+        print(Path(cfg.out, "report.md").read_text())
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import torch
+
+    from fastcnc.checkpoint import load_checkpoint
+    from fastcnc.data import load_dataset
+    from fastcnc.evaluate import evaluate_run
+    from fastcnc.models import build_model
+    from fastcnc.report import write_report
+    from fastcnc.train import CHECKPOINT_NAME, build_regularizer, resolve_device
+
+    path = Path(args.run)
+    ckpt = path / CHECKPOINT_NAME if path.is_dir() else path
+    state = load_checkpoint(ckpt)
+    known = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in state["config"].items() if k in known})
+    overrides = _collect_overrides(args)
+    bad = sorted(set(k.replace("-", "_") for k in overrides) - set(EVAL_FIELDS))
+    if bad:
+        raise ValueError(f"fastcnc eval can only change {', '.join(EVAL_FIELDS)}; got {', '.join(bad)}")
+    cfg = apply_overrides(cfg, overrides, "command line")
+    validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.stem, cfg.width)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    reg = build_regularizer(cfg, model)
+    if reg is not None and state.get("regularizer") is not None:
+        reg.to(device)
+        reg.load_state_dict(state["regularizer"])
+    use_cuda = device.type == "cuda"
+    amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (use_cuda and cfg.amp) else None
+    kwargs = {"amp_ctx": amp_ctx} if amp_ctx else {}
+    if use_cuda and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+        kwargs["memory_format"] = torch.channels_last
+    result = evaluate_run(cfg, model, data.x_test.to(device), data.y_test.to(device), reg=reg, **kwargs)
+    out = Path(args.eval_out) if args.eval_out else ckpt.parent
+    out.mkdir(parents=True, exist_ok=True)
+    paths = write_report(out, result, stem="eval")
+    print(paths[1].read_text())
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from fastcnc.report import compare_runs, load_result, write_report
+
+    if len(args.runs) == 1:
+        result = load_result(args.runs[0])
+        run = Path(args.runs[0])
+        out = Path(args.out) if args.out else (run if run.is_dir() else run.parent)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = write_report(out, result)
+    else:
+        paths = compare_runs(args.runs, args.out or "report")
+    print(paths[1].read_text() if len(args.runs) == 1 else paths[0].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastcnc.checkpoint import CheckpointError
+    from fastcnc.train import NonFiniteLossError, OutputDirError
+
+    args = build_parser().parse_args(argv)
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report}[args.command]
+    try:
+        return handler(args)
+    except (CheckpointError, NonFiniteLossError, OutputDirError, ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"fastcnc {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Run configuration: one dataclass, TOML presets in ``fastcnc/presets/``, and ``field=value`` overrides.
+
+Precedence (later wins): dataclass defaults < ``--preset NAME`` < ``--config FILE.toml`` < ``--set field=value`` /
+``--field value``. Values are parsed against the field's declared type; nothing is evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).with_name("presets")
+
+
+@dataclass
+class Config:
+    # ---- data
+    dataset: str = "digits"  # digits (embedded in scikit-learn, offline) | cifar10 | cifar100
+    data_dir: str = ""  # folder holding cifar-10-batches-py / cifar-100-python (CIFAR only; never downloaded)
+    augment: bool = False  # random crop (pad 4) + horizontal flip on the training batches (use for CIFAR)
+    # ---- model
+    model: str = "resnet18"  # resnet18 | resnet34 | resnet50 | wrn-28-10 | vgg16
+    stem: str = "cifar"  # cifar (3x3 conv) | imagenet (7x7/2 conv + max-pool)
+    width: int = 0  # base channel count; 0 = the architecture's standard width (64, WideResNet 16)
+    # ---- optimisation
+    epochs: int = 10  # total epochs: dense training, pruning stage and fine-tuning together
+    batch_size: int = 128  # global batch (split across processes under torchrun)
+    lr: float = 0.1  # peak learning rate of SGD
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum
+    weight_decay: float = 5e-4  # L2 weight decay (SGD's, on every parameter)
+    schedule: str = "cosine"  # cosine | step (learning-rate schedule over all steps)
+    milestones: str = "0.5,0.75"  # step schedule: fractions of the run at which the lr is multiplied by gamma
+    gamma: float = 0.1  # step schedule: lr factor at each milestone
+    warmup_epochs: float = 0.0  # linear lr warm-up from 0 over this many epochs
+    # ---- adversarial training
+    adv: str = "pgd"  # none | pgd (Madry) | trades
+    eps: float = 8 / 255  # L-infinity radius for training and evaluation
+    step_size: float = 2 / 255  # PGD / TRADES step
+    attack_steps: int = 10  # PGD / TRADES steps during training
+    trades_beta: float = 6.0  # TRADES robustness weight
+    # ---- pruning
+    prune: str = "gradual"  # none | oneshot (at prune_start_epoch) | gradual (cubic schedule, start -> end epoch)
+    sparsity: float = 0.9  # final fraction of zero weights in the pruned layers
+    prune_scope: str = "global"  # global | layer (magnitude ranking across all layers or within each layer)
+    prune_block: str = ""  # "" for unstructured, or "BHxBW" (e.g. "4x4") for block pruning
+    keep_first_last: bool = False  # leave the first conv and the classifier dense
+    prune_start_epoch: float = 2.0  # epoch at which pruning starts (one-shot: the epoch at which it happens)
+    prune_end_epoch: float = 6.0  # epoch at which the gradual schedule reaches `sparsity`; fine-tuning follows
+    prune_frequency: int = 10  # steps between two gradual mask updates
+    # ---- TSCNC regulariser (transformed-L1 sparsity + condition-number penalty)
+    tscnc: bool = False  # add fastcnc.TSCNC(model)() to the loss
+    lambda_tsc: float = 1e-5  # weight of the transformed-L1 sparsity term
+    lambda_cnc: float = 1e-3  # weight of the condition-number term
+    cnc: str = "log"  # log | hinge (form of the condition-number penalty)
+    kappa_target: float = 10.0  # hinge form: condition numbers below this are not penalised
+    tsc_a: float = 100.0  # transformed-L1 shape parameter a
+    power_iters: int = 1  # spectral-engine restarts per step (warm-started block Krylov, depth 1: 4 weight passes each)
+    # ---- evaluation
+    eval_pgd_steps: int = 20  # PGD-k steps at evaluation (random start, step_size)
+    eval_cw_steps: int = 30  # PGD steps on the CW margin loss at evaluation
+    eval_batch_size: int = 256  # evaluation batch size
+    eval_max_examples: int = 0  # evaluate on the first N test images only; 0 = the whole test set
+    # ---- run control
+    seed: int = 0  # seeds torch, numpy, python and the data order
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # CPU intra-op threads (torch.set_num_threads); 0 = torch's default. 1 is best on a busy machine
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps; 0 = only at epoch ends
+    log_every: int = 10  # write a metrics line every N steps
+    progress: bool = True  # tqdm progress bars
+    out: str = "runs/default"  # output folder: checkpoint.pt, metrics.jsonl, report.md/json, plots
+
+
+# fields that may differ between a run and its resumption (they do not change the trained weights)
+RUN_CONTROL_FIELDS = frozenset({"out", "progress", "data_dir", "device", "threads", "checkpoint_every", "log_every",
+                                "eval_batch_size", "eval_pgd_steps", "eval_cw_steps", "eval_max_examples"})
+
+
+def field_help() -> dict[str, str]:
+    """Each field's trailing comment (the dataclass source is the single place fields are documented)."""
+    import inspect
+
+    out = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, sep, rest = line.strip().partition(":")
+        if sep and "  # " in rest and name.isidentifier():
+            out[name] = rest.split("  # ", 1)[1].strip()
+    return out
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def _coerce(field: dataclasses.Field, value, source: str):
+    """Convert ``value`` (a TOML value or a command-line string) to the field's type, or raise naming the field."""
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return _parse_float(value)
+            except ValueError:
+                pass
+    elif kind == "str":
+        if isinstance(value, str):
+            return value
+    raise ValueError(f"{source}: field {field.name!r} expects {kind}, got {value!r}")
+
+
+def _parse_float(text: str) -> float:
+    """A float, or a fraction such as ``8/255`` (the usual way to write attack radii)."""
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
+
+
+def apply_overrides(cfg: Config, values: dict, source: str) -> Config:
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    changes = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ValueError(f"{source}: unknown config field {key!r} (known: {', '.join(sorted(fields))})")
+        changes[name] = _coerce(fields[name], value, source)
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """``["lr=0.05", "adv=trades"]`` -> ``{"lr": "0.05", "adv": "trades"}``."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects field=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config(preset: str | None = None, toml_path: str | Path | None = None,
+                overrides: dict | None = None) -> Config:
+    """Defaults, then the preset, then a TOML file, then ``overrides`` (strings or typed values)."""
+    cfg = Config()
+    if preset:
+        path = PRESET_DIR / f"{preset}.toml"
+        if not path.is_file():
+            raise ValueError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
+        cfg = apply_overrides(cfg, tomllib.loads(path.read_text()), f"preset {preset}")
+    if toml_path:
+        cfg = apply_overrides(cfg, tomllib.loads(Path(toml_path).read_text()), str(toml_path))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject inconsistent settings before any work starts."""
+    from fastcnc.data import DATASETS
+    from fastcnc.models import MODELS, STEMS
+
+    def choice(name, allowed):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"config field {name!r} must be one of {sorted(allowed)}, got {getattr(cfg, name)!r}")
+
+    choice("dataset", DATASETS)
+    choice("model", MODELS)
+    choice("stem", STEMS)
+    choice("schedule", ("cosine", "step"))
+    choice("adv", ("none", "pgd", "trades"))
+    choice("prune", ("none", "oneshot", "gradual"))
+    choice("prune_scope", ("global", "layer"))
+    choice("cnc", ("log", "hinge"))
+    for name in ("epochs", "batch_size", "attack_steps", "eval_batch_size", "log_every", "prune_frequency"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"config field {name!r} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("eval_pgd_steps", "eval_cw_steps", "eval_max_examples", "checkpoint_every", "width", "threads"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"config field {name!r} must be >= 0, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.sparsity < 1.0:
+        raise ValueError(f"config field 'sparsity' must be in [0, 1), got {cfg.sparsity}")
+    if cfg.prune != "none" and not 0 <= cfg.prune_start_epoch <= cfg.prune_end_epoch <= cfg.epochs:
+        raise ValueError("pruning needs 0 <= prune_start_epoch <= prune_end_epoch <= epochs, got "
+                         f"{cfg.prune_start_epoch}, {cfg.prune_end_epoch}, {cfg.epochs}")
+    parse_block(cfg.prune_block)
+    parse_milestones(cfg.milestones)
+
+
+def parse_block(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        bh, bw = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"config field 'prune_block' must be '' or 'BHxBW' such as '4x4', got {text!r}") from None
+    if bh < 1 or bw < 1:
+        raise ValueError(f"config field 'prune_block' must have positive sizes, got {text!r}")
+    return bh, bw
+
+
+def parse_milestones(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"config field 'milestones' must be comma-separated fractions, got {text!r}") from None
+    if any(not 0 < v < 1 for v in values):
+        raise ValueError(f"config field 'milestones' must be fractions in (0, 1), got {text!r}")
+    return values
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

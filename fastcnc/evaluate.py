@@ -1,0 +1,130 @@
+"""Evaluation: clean and robust accuracy (FGSM, PGD-k, CW-Linf at the config's eps) and per-layer spectra.
+
+The spectra are exact: singular values of every masked layer's effective weight ``W * M`` viewed as the matrix
+``[C_out, C_in * kh * kw]`` (the view the regulariser and the pruners use), from ``torch.linalg.svdvals`` in float64.
+``sigma_min`` is the smallest of the ``min(rows, cols)`` singular values; a numerically singular layer (for instance
+one whose pruning left more all-zero rows than ``rows - cols``) gets ``kappa = inf``; ``dead_rows`` / ``dead_cols``
+count the all-zero rows / columns of ``W * M``. When the run used TSCNC, the regulariser's own estimates
+(``reg.report()``) are stored beside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+
+import torch
+from torch import nn
+
+from fastcnc.attacks import fgsm, pgd
+from fastcnc.config import Config, config_to_dict
+from fastcnc.pruning import masked_layers, sparsity_report
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
+                   amp_ctx=contextlib.nullcontext, memory_format=torch.contiguous_format) -> float:
+    correct = 0
+    with eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].contiguous(memory_format=memory_format)
+            with amp_ctx():
+                correct += int((model(xb).argmax(1) == y[i:i + batch_size]).sum())
+    return correct / max(len(x), 1)
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
+                    pgd_steps: int, cw_steps: int, batch_size: int = 256, seed: int = 0,
+                    amp_ctx=contextlib.nullcontext, memory_format=torch.contiguous_format,
+                    progress: bool = False) -> dict:
+    """Accuracy on clean inputs and under FGSM, PGD-``pgd_steps`` (random start) and CW-Linf (PGD on the CW margin,
+    random start). Random starts come from a generator seeded with ``seed``, so the numbers are reproducible."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = {"clean": 0, "fgsm": 0, "pgd": 0, "cw": 0}
+    batches = range(0, len(x), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="eval", unit="batch", file=sys.stderr, dynamic_ncols=True)
+    with eval_mode(model):
+        for i in batches:
+            xb = x[i:i + batch_size].contiguous(memory_format=memory_format)
+            yb = y[i:i + batch_size]
+            with amp_ctx():
+                adversarial = {
+                    "clean": xb,
+                    "fgsm": fgsm(model, xb, yb, eps),
+                    "pgd": pgd(model, xb, yb, eps=eps, step_size=step_size, steps=pgd_steps, generator=generator),
+                    "cw": pgd(model, xb, yb, eps=eps, step_size=step_size, steps=cw_steps, loss="cw",
+                              generator=generator),
+                }
+                with torch.no_grad():
+                    for key, xa in adversarial.items():
+                        counts[key] += int((model(xa).argmax(1) == yb).sum())
+    n = max(len(x), 1)
+    return {f"{k}_acc": v / n for k, v in counts.items()}
+
+
+@torch.no_grad()
+def layer_spectra(model: nn.Module) -> list[dict]:
+    """Exact ``sigma_max``, ``sigma_min``, ``kappa`` and sparsity of every masked layer (float64 SVD on CPU)."""
+    rows = []
+    for name, m in masked_layers(model):
+        w = (m.weight.detach() * m.mask).double().cpu().reshape(m.weight.shape[0], -1)
+        s = torch.linalg.svdvals(w)
+        s_max, s_min = float(s[0]), float(s[-1])
+        # numerically singular (numpy.linalg.matrix_rank's tolerance): report kappa = inf, not 1e16
+        singular = s_min <= s_max * max(w.shape) * torch.finfo(torch.float64).eps
+        rows.append({"name": name, "shape": list(m.weight.shape), "sigma_max": s_max, "sigma_min": s_min,
+                     "kappa": math.inf if singular else s_max / s_min,
+                     "sparsity": 1.0 - float(m.mask.count_nonzero()) / m.mask.numel(),
+                     "dead_rows": int((w.abs().sum(1) == 0).sum()), "dead_cols": int((w.abs().sum(0) == 0).sum())})
+    return rows
+
+
+def _json_safe(value):
+    """inf/nan are not JSON: write them as strings the report reader turns back into floats."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def evaluate_run(cfg: Config, model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, *, reg=None,
+                 amp_ctx=contextlib.nullcontext, memory_format=torch.contiguous_format) -> dict:
+    """Everything ``report.json`` holds: config, accuracies, sparsity, per-layer spectra (exact and, with TSCNC,
+    the regulariser's estimates)."""
+    if cfg.eval_max_examples:
+        x_test, y_test = x_test[:cfg.eval_max_examples], y_test[:cfg.eval_max_examples]
+    result: dict = {"config": config_to_dict(cfg), "n_eval": len(x_test), "eps": cfg.eps}
+    result.update(robust_accuracy(model, x_test, y_test, eps=cfg.eps, step_size=cfg.step_size,
+                                  pgd_steps=cfg.eval_pgd_steps, cw_steps=cfg.eval_cw_steps,
+                                  batch_size=cfg.eval_batch_size, seed=cfg.seed, amp_ctx=amp_ctx,
+                                  memory_format=memory_format, progress=cfg.progress))
+    sparsity = sparsity_report(model)
+    result["sparsity"] = sparsity[-1]["sparsity"]
+    result["layers"] = layer_spectra(model)
+    finite = [r["kappa"] for r in result["layers"] if math.isfinite(r["kappa"])]
+    result["kappa_max"] = max(r["kappa"] for r in result["layers"])
+    result["kappa_median"] = float(torch.tensor(finite).median()) if finite else math.inf
+    result["n_layers_kappa_inf"] = len(result["layers"]) - len(finite)
+    if reg is not None:
+        result["regularizer_report"] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()}
+                                        for row in reg.report()]
+    return _json_safe(result)

@@ -1,0 +1,424 @@
+"""The training loop: adversarial training (PGD or TRADES), magnitude pruning then fine-tuning, optional TSCNC.
+
+One function, ``train(cfg) -> dict``, runs a whole job: dense adversarial training, a pruning stage (one-shot or
+gradual, from ``fastcnc.pruning``), fine-tuning at the final sparsity, then the robustness evaluation and the report.
+It writes ``metrics.jsonl``, ``checkpoint.pt`` (atomically, every ``checkpoint_every`` steps and at epoch ends) and
+``report.{md,json}`` plus plots to ``cfg.out``. ``train(cfg, resume=True)`` continues from the checkpoint and on CPU
+ends bit-identical to an uninterrupted run. Under ``torchrun`` it trains with DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fastcnc.attacks import pgd, trades_adversary, trades_loss
+from fastcnc.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastcnc.config import RUN_CONTROL_FIELDS, Config, config_to_dict, parse_block, parse_milestones, validate
+from fastcnc.data import TensorLoader, augment_crop_flip, load_dataset
+from fastcnc.models import build_model
+from fastcnc.pruning import GradualPruner, masked_layers, prune_magnitude, sparsity_report
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class OutputDirError(RuntimeError):
+    """The output folder cannot be created or written."""
+
+
+# ---------------------------------------------------------------- setup helpers
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def check_output_dir(out: str | Path) -> Path:
+    """Create ``out`` and prove it is writable before any training starts."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputDirError(f"output folder {str(path)!r} is not writable: {exc.strerror or exc}") from exc
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def model_sparsity(model: nn.Module) -> float:
+    """Fraction of pruned entries over all masked layers."""
+    return sparsity_report(model)[-1]["sparsity"]
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module) -> None:
+    """Zero the stored pruned weights after an optimizer step: momentum and weight decay would otherwise let them
+    drift (they are masked in the forward anyway, but magnitude ranking and TSC should see exact zeros)."""
+    for _, m in masked_layers(model):
+        m.weight.mul_(m.mask)
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, milestones: list[float],
+              gamma: float) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return gamma ** sum(step >= round(m * total_steps) for m in milestones)
+
+
+def build_regularizer(cfg: Config, model: nn.Module):
+    """``fastcnc.TSCNC`` on the unwrapped model, or None when ``cfg.tscnc`` is off."""
+    if not cfg.tscnc:
+        return None
+    from fastcnc.regularizer import TSCNC
+
+    return TSCNC(model, lambda_tsc=cfg.lambda_tsc, lambda_cnc=cfg.lambda_cnc, cnc=cfg.cnc,
+                 kappa_target=cfg.kappa_target, a=cfg.tsc_a, iters=cfg.power_iters)
+
+
+class _Pruning:
+    """The pruning stage, in optimizer steps: one-shot ``prune_magnitude`` or a ``GradualPruner``."""
+
+    def __init__(self, cfg: Config, model: nn.Module, steps_per_epoch: int):
+        self.cfg, self.model = cfg, model
+        # optimizer steps run 0 .. total-1: clamp so that the final sparsity is always reached inside the run
+        last = cfg.epochs * steps_per_epoch - 1
+        self.start = min(round(cfg.prune_start_epoch * steps_per_epoch), last)
+        self.end = min(round(cfg.prune_end_epoch * steps_per_epoch), last)
+        self.kwargs = {"scope": cfg.prune_scope, "block": parse_block(cfg.prune_block),
+                       "keep_first_last": cfg.keep_first_last}
+        self.gradual = None
+        if cfg.prune == "gradual" and self.end > self.start:
+            self.gradual = GradualPruner(model, cfg.sparsity, self.start, self.end, cfg.prune_frequency,
+                                         **self.kwargs)
+
+    def step(self, step: int) -> None:
+        """Called before the forward of optimizer step ``step``."""
+        if self.cfg.prune == "none":
+            return
+        if self.gradual is not None:
+            self.gradual.step(step)
+        elif step == self.start:
+            prune_magnitude(self.model, self.cfg.sparsity, **self.kwargs)
+
+    def state_dict(self) -> dict | None:
+        return self.gradual.state_dict() if self.gradual is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.gradual is not None and state is not None:
+            self.gradual.load_state_dict(state)
+
+
+def _metrics_writer(path: Path, keep_until_step: int | None):
+    """Open ``metrics.jsonl``: truncated for a fresh run; on resume, lines written after the checkpoint are dropped,
+    so the file ends up exactly as an uninterrupted run would have written it."""
+    lines = []
+    if keep_until_step is not None and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+            if record.get("step", 0) <= keep_until_step and record.get("event") != "final":
+                lines.append(line)
+    f = open(path, "w")
+    for line in lines:
+        f.write(line + "\n")
+    f.flush()
+    return f
+
+
+def _compatible(saved: dict, cfg: Config) -> list[str]:
+    current = config_to_dict(cfg)
+    return [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in current.items()
+            if k not in RUN_CONTROL_FIELDS and saved.get(k) != v]
+
+
+# ---------------------------------------------------------------- main loop
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the job described by ``cfg``; return the final evaluation (the content of ``report.json``; empty on
+    ranks other than 0).
+
+    Args:
+        resume: continue from ``cfg.out/checkpoint.pt`` when it exists (start fresh when it does not).
+        overwrite: start fresh even if ``cfg.out`` already holds a checkpoint.
+    """
+    return fit(cfg, resume=resume, overwrite=overwrite)[0]
+
+
+def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False):
+    """``train`` that also returns the trained (unwrapped) model and the regulariser: ``(result, model, reg)``."""
+    validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    distributed = world_size > 1
+    device = resolve_device(cfg.device, local_rank)
+    owns_group = False
+    if distributed and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        owns_group = True
+    is_main = rank == 0
+    try:
+        return _train(cfg, resume, overwrite, device, rank, world_size, is_main)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, resume: bool, overwrite: bool, device: torch.device, rank: int, world_size: int,
+           is_main: bool) -> tuple[dict, nn.Module, nn.Module | None]:
+    from fastcnc.evaluate import clean_accuracy, evaluate_run
+    from fastcnc.report import write_report
+
+    distributed = world_size > 1
+    out = check_output_dir(cfg.out)  # every rank checks, so a bad path fails everywhere before any work
+    ckpt_path = out / CHECKPOINT_NAME
+    state = None
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        mismatch = _compatible(state["config"], cfg)
+        if mismatch:
+            raise CheckpointError(f"{ckpt_path} was written by a different configuration; refusing to resume:\n  "
+                                  + "\n  ".join(mismatch))
+        if state["world_size"] != world_size:
+            raise CheckpointError(f"{ckpt_path} was written with {state['world_size']} processes, now {world_size}")
+    elif ckpt_path.exists() and not overwrite and not resume:
+        raise OutputDirError(f"{str(out)!r} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it, "
+                             "--overwrite to start again, or choose another --out")
+
+    use_cuda = device.type == "cuda"
+    amp_ctx = contextlib.nullcontext
+    if use_cuda and cfg.amp:
+        amp_ctx = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    memory_format = torch.channels_last if (use_cuda and cfg.channels_last) else torch.contiguous_format
+
+    # ---- data and model (the model is initialised identically on every rank; DDP also broadcasts rank 0's)
+    seed_everything(cfg.seed)
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    loader = TensorLoader(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank,
+                          world_size=world_size)
+    raw_model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.stem, cfg.width)
+    raw_model = raw_model.to(device=device, memory_format=memory_format)
+    model: nn.Module = raw_model
+    if distributed:
+        model = nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if use_cuda else None)
+    seed_everything(cfg.seed + 1 + rank)  # per-rank streams for PGD random starts and augmentation
+
+    steps_per_epoch = len(loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = torch.optim.SGD(raw_model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    milestones = parse_milestones(cfg.milestones)
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, total_steps=total_steps, warmup_steps=warmup_steps, schedule=cfg.schedule, milestones=milestones,
+        gamma=cfg.gamma))
+    scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 autocast needs no loss scaling; kept for fp16 users
+    pruning = _Pruning(cfg, raw_model, steps_per_epoch)
+    reg = build_regularizer(cfg, raw_model)
+    if reg is not None:
+        reg.to(device)
+
+    step = start_epoch = start_batch = 0
+    if state is not None:
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        pruning.load_state_dict(state["pruner"])
+        if reg is not None:
+            reg.load_state_dict(state["regularizer"])
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"][rank])
+        step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
+    metrics = _metrics_writer(out / METRICS_NAME, step if state is not None else None) if is_main else None
+
+    def log(record: dict) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    def checkpoint(epoch: int, batch: int, loader_state: dict) -> None:
+        rngs = [rng_state()]
+        if distributed:
+            rngs = [None] * world_size
+            dist.all_gather_object(rngs, rng_state())
+        if not is_main:
+            return
+        save_checkpoint(ckpt_path, {
+            "config": config_to_dict(cfg), "world_size": world_size, "step": step, "epoch": epoch, "batch": batch,
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "pruner": pruning.state_dict(),
+            "regularizer": reg.state_dict() if reg is not None else None, "loader": loader_state, "rng": rngs,
+        })
+
+    if is_main:
+        what = f"resumed at step {step}/{total_steps}" if state is not None else f"{total_steps} steps"
+        print(f"fastcnc: {cfg.model} on {cfg.dataset} ({len(x_train)} train / {len(x_test)} test), {cfg.epochs} "
+              f"epochs x {steps_per_epoch} steps = {what}; adv={cfg.adv} prune={cfg.prune}->{cfg.sparsity:.0%} "
+              f"tscnc={'on' if reg is not None else 'off'}; device={device} world={world_size}; out={out}",
+              file=sys.stderr, flush=True)
+
+    # ---- epochs
+    progress = None
+    if cfg.progress and is_main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                        file=sys.stderr)
+    t_start = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            loader.begin_epoch()
+            raw_model.train()
+            first = start_batch if epoch == start_epoch else 0
+            for batch, (xb, yb) in enumerate(loader.batches(start=first), start=first):
+                pruning.step(step)
+                if cfg.augment:
+                    xb = augment_crop_flip(xb)
+                xb = xb.contiguous(memory_format=memory_format)
+                loss, correct = _train_step(cfg, model, raw_model, xb, yb, amp_ctx)
+                penalty = reg() if reg is not None else None
+                total = loss if penalty is None else loss + penalty
+                finite = torch.isfinite(total.detach()).float()
+                if distributed:  # every rank must stop at the same step
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if finite.item() < 1:
+                    raise NonFiniteLossError(
+                        f"training loss is {float(total.detach()):.4g} at step {step} (epoch {epoch}); stopping. The "
+                        f"last good checkpoint is kept at {ckpt_path}"
+                        + ("" if ckpt_path.exists() else " (none written yet)")
+                        + ". Lower lr or the regulariser weights and restart.")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                apply_masks(raw_model)
+                step += 1
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+                if step % cfg.log_every == 0:
+                    log({"event": "step", "step": step, "epoch": epoch, "loss": float(loss.detach()),
+                         "penalty": None if penalty is None else float(penalty.detach()),
+                         "train_adv_acc": correct / len(yb),
+                         "lr": scheduler.get_last_lr()[0], "sparsity": model_sparsity(raw_model),
+                         "time_s": time.perf_counter() - t_start})
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch + 1 < steps_per_epoch:
+                    checkpoint(epoch, batch + 1, loader.state_dict())
+            # epoch end: the next epoch draws its permutation from the generator's current state
+            if is_main:
+                acc = clean_accuracy(raw_model, x_test, y_test, cfg.eval_batch_size, amp_ctx, memory_format)
+                log({"event": "epoch", "step": step, "epoch": epoch, "test_clean_acc": acc,
+                     "sparsity": model_sparsity(raw_model), "time_s": time.perf_counter() - t_start})
+            checkpoint(epoch + 1, 0, {"generator": loader.generator.get_state()})
+            if distributed:
+                dist.barrier()
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+
+    if distributed:
+        # DDP syncs buffers (batch-norm statistics, masks) from rank 0 at every forward, so after the last one the
+        # other ranks hold their own shard's statistics: give every rank rank 0's, the ones the checkpoint holds
+        with torch.no_grad():
+            for buffer in raw_model.buffers():
+                dist.broadcast(buffer, 0)
+
+    # ---- evaluation and report (rank 0; the others wait)
+    result: dict = {}
+    if is_main:
+        result = evaluate_run(cfg, raw_model, x_test, y_test, reg=reg, amp_ctx=amp_ctx, memory_format=memory_format)
+        result["train_time_s"] = time.perf_counter() - t_start
+        result["steps"] = step
+        log({"event": "final", "step": step, **{k: v for k, v in result.items() if not isinstance(v, (list, dict))}})
+        metrics.close()
+        write_report(out, result)
+        print(f"fastcnc: clean {result['clean_acc']:.4f}  FGSM {result['fgsm_acc']:.4f}  "
+              f"PGD-{cfg.eval_pgd_steps} {result['pgd_acc']:.4f}  CW {result['cw_acc']:.4f}  sparsity "
+              f"{result['sparsity']:.4f}; report: {out / 'report.md'}", file=sys.stderr, flush=True)
+    if distributed:
+        dist.barrier()
+    return result, raw_model, reg
+
+
+def _train_step(cfg: Config, model: nn.Module, raw_model: nn.Module, xb, yb, amp_ctx) -> tuple[torch.Tensor, int]:
+    """Craft the adversarial batch (on the unwrapped model in eval mode, so DDP sees one forward per step and
+    batch-norm statistics only see training forwards) and return the task loss and the number of correct
+    predictions on the batch the loss was computed on."""
+    if cfg.adv == "none":
+        with amp_ctx():
+            logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+        return loss, int((logits.argmax(1) == yb).sum())
+    raw_model.eval()
+    with amp_ctx():
+        if cfg.adv == "pgd":
+            x_adv = pgd(raw_model, xb, yb, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps)
+        else:
+            x_adv = trades_adversary(raw_model, xb, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps)
+    raw_model.train()
+    with amp_ctx():
+        if cfg.adv == "pgd":
+            logits = model(x_adv)
+            loss = F.cross_entropy(logits.float(), yb)
+        else:
+            # two forwards, as in the TRADES reference (separate batch-norm statistics); DDP allows several
+            # forwards before one backward when every parameter is used
+            logits_clean, logits = model(xb), model(x_adv)
+            loss = trades_loss(logits_clean, logits, yb, cfg.trades_beta)
+    return loss, int((logits.argmax(1) == yb).sum())
+
+
+def config_from_checkpoint(path: str | Path) -> Config:
+    state = load_checkpoint(path)
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in state["config"].items() if k in known})

@@ -1,0 +1,319 @@
+"""The training loop end to end: config, data, schedule, the quick preset, kill -9 + resume, failure modes, CLI."""
+
+import dataclasses
+import inspect
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastcnc.train as train_module
+from fastcnc.checkpoint import CheckpointError, load_checkpoint
+from fastcnc.cli import main as cli_main
+from fastcnc.config import Config, list_presets, load_config
+from fastcnc.data import TensorLoader, augment_crop_flip, load_dataset
+from fastcnc.train import NonFiniteLossError, OutputDirError, fit, lr_factor, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """These tests run many small ops: with other processes on a 2-core runner, OpenMP spin-waiting made them 10-50x
+    slower with 2 threads (measured here), while 1 thread keeps them at seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(out, **overrides) -> Config:
+    """A shrunken ``quick`` preset: the same pipeline (PGD training, gradual pruning, TSCNC, evaluation) in seconds."""
+    values = {"width": 4, "epochs": 3, "batch_size": 128, "attack_steps": 2, "eval_pgd_steps": 3, "eval_cw_steps": 3,
+              "eval_max_examples": 64, "prune_start_epoch": 1, "prune_end_epoch": 2, "prune_frequency": 2,
+              "checkpoint_every": 4, "log_every": 2, "progress": False, "out": str(out)}
+    values.update(overrides)
+    return load_config("quick", overrides=values)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_presets_load_and_validate():
+    assert {"quick", "cifar-resnet18", "paper-wrn"} <= set(list_presets())
+    quick = load_config("quick")
+    assert quick.dataset == "digits" and quick.sparsity >= 0.9 and quick.out == "runs/quick"
+    assert load_config("paper-wrn").model == "wrn-28-10"
+
+
+def test_every_config_field_has_a_trailing_comment():
+    source = inspect.getsource(Config)
+    for f in dataclasses.fields(Config):
+        line = next(ln for ln in source.splitlines() if ln.strip().startswith(f"{f.name}:"))
+        assert "  # " in line, f"field {f.name} has no trailing comment"
+
+
+def test_overrides_are_parsed_against_the_field_types(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('lr = 0.2\nadv = "trades"\n')
+    cfg = load_config("quick", toml, {"eps": "8/255", "tscnc": "false", "epochs": "13", "lr": "0.3"})
+    assert cfg.eps == pytest.approx(8 / 255) and cfg.tscnc is False and cfg.epochs == 13
+    assert cfg.lr == 0.3 and cfg.adv == "trades"  # command line beats the file, the file beats the preset
+    with pytest.raises(ValueError, match="unknown config field 'lrr'"):
+        load_config(overrides={"lrr": "1"})
+    with pytest.raises(ValueError, match="field 'epochs' expects int"):
+        load_config(overrides={"epochs": "2.5"})
+    with pytest.raises(ValueError, match="'adv' must be one of"):
+        load_config(overrides={"adv": "fgsm"})
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config("nope")
+    with pytest.raises(ValueError, match="prune_start_epoch <= prune_end_epoch"):
+        load_config(overrides={"prune_start_epoch": "5", "prune_end_epoch": "3"})
+
+
+def test_cli_field_flags_and_set(capsys):
+    assert cli_main(["train", "--preset", "quick", "--lr", "0.01", "--set", "adv=none", "--tscnc", "false",
+                     "--prune-frequency", "3", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert 'adv = "none"' in printed and "lr = 0.01" in printed and "tscnc = false" in printed
+    assert "prune_frequency = 3" in printed
+
+
+def test_lr_schedules():
+    kw = dict(total_steps=100, warmup_steps=0, milestones=[0.5, 0.75], gamma=0.1)
+    assert lr_factor(0, schedule="cosine", **kw) == 1.0
+    assert lr_factor(50, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_factor(100, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
+    assert [lr_factor(s, schedule="step", **kw) for s in (49, 50, 74, 75)] == pytest.approx([1, 0.1, 0.1, 0.01])
+    assert lr_factor(4, schedule="step", **{**kw, "warmup_steps": 10}) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- data
+
+
+def _write_fake_cifar(root: Path, hundred: bool, n_per_file: int = 6) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    folder.mkdir(parents=True)
+    key = b"fine_labels" if hundred else b"labels"
+    names = ["train", "test"] if hundred else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    first = None
+    for name in names:
+        data = rng.integers(0, 256, (n_per_file, 3072), dtype=np.uint8)
+        first = data if first is None else first
+        labels = rng.integers(0, 100 if hundred else 10, n_per_file).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, key: labels, b"batch_label": b"x"}, f)
+    return first
+
+
+@pytest.mark.parametrize("hundred", [False, True])
+def test_cifar_pickle_loader(tmp_path, hundred):
+    first = _write_fake_cifar(tmp_path, hundred)
+    data = load_dataset("cifar100" if hundred else "cifar10", tmp_path)
+    assert data.x_train.shape == ((6 if hundred else 30), 3, 32, 32) and data.x_test.shape == (6, 3, 32, 32)
+    assert data.num_classes == (100 if hundred else 10) and data.y_train.dtype == torch.int64
+    # channel-major rows of 1024 pixels, scaled to [0, 1]
+    np.testing.assert_allclose(data.x_train[0].numpy(), first[0].reshape(3, 32, 32) / 255.0, rtol=0, atol=1e-7)
+
+
+def test_cifar_loader_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs data_dir"):
+        load_dataset("cifar10")
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load_dataset("cifar10", tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(pickle.dumps(os.system))  # a pickle that would call a function
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_digits_dataset_is_embedded_and_fixed():
+    data = load_dataset("digits")
+    assert data.x_train.shape == (1437, 1, 8, 8) and data.x_test.shape == (360, 1, 8, 8)
+    assert 0 <= float(data.x_train.min()) and float(data.x_train.max()) <= 1
+    assert torch.equal(load_dataset("digits").y_test, data.y_test)
+
+
+def test_loader_resumes_mid_epoch_and_shards_by_rank():
+    x, y = torch.arange(50.0)[:, None], torch.arange(50)
+    loader = TensorLoader(x, y, 8, seed=4)
+    loader.begin_epoch()
+    epoch0 = [b[1] for b in loader.batches()]
+    loader.begin_epoch()
+    saved = loader.state_dict()
+    epoch1 = [b[1] for b in loader.batches()]
+    assert len(epoch0) == 6 and not torch.equal(torch.cat(epoch0), torch.cat(epoch1))
+    again = TensorLoader(x, y, 8, seed=999)
+    again.load_state_dict(saved)
+    again.begin_epoch()
+    assert all(torch.equal(a[1], b) for a, b in zip(again.batches(start=2), epoch1[2:], strict=True))
+    ranks = [TensorLoader(x, y, 8, seed=4, rank=r, world_size=2) for r in range(2)]
+    for r in ranks:
+        r.begin_epoch()
+    shards = [list(r.batches()) for r in ranks]
+    for b in range(6):
+        assert sorted(torch.cat([shards[0][b][1], shards[1][b][1]]).tolist()) == sorted(epoch0[b].tolist())
+    with pytest.raises(ValueError, match="divisible"):
+        TensorLoader(x, y, 7, world_size=2)
+
+
+def test_augmentation_is_a_shifted_crop_or_flip():
+    x = torch.rand(16, 3, 6, 6)
+    out = augment_crop_flip(x, pad=2)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(16):
+        crops = [padded[i, :, dy:dy + 6, dx:dx + 6] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(2)) for c in crops)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_quick_preset_end_to_end_trains_prunes_and_evaluates(tmp_path, capsys):
+    """The README's main job, shrunken: PGD training, gradual pruning to 95% (>= 90%), TSCNC on, evaluation."""
+    out = tmp_path / "quick"
+    rc = cli_main(["train", "--preset", "quick", "--out", str(out), "--set", "width=8", "--set", "epochs=6",
+                   "--attack_steps", "3", "--prune_end_epoch", "4", "--eval_pgd_steps", "5", "--eval_cw_steps", "5",
+                   "--eval_max_examples", "200", "--progress", "false"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["tscnc"] is True
+    assert report["sparsity"] >= 0.9
+    assert report["sparsity"] == pytest.approx(0.95, abs=1e-3)
+    assert report["clean_acc"] > 0.5  # 10 classes: chance is 0.1
+    assert report["pgd_acc"] <= report["fgsm_acc"] + 0.05 and report["pgd_acc"] <= report["clean_acc"]
+    assert len(report["layers"]) == 21 and len(report["regularizer_report"]) == 21
+    assert all(r["sparsity"] > 0 for r in report["layers"])
+    for name in ("report.md", "kappa.png", "metrics.jsonl", "checkpoint.pt"):
+        assert (out / name).is_file()
+    assert "PGD-5 accuracy" in capsys.readouterr().out  # the report is printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == list(range(6))
+    assert records[-1]["event"] == "final" and records[-1]["pgd_acc"] == report["pgd_acc"]
+    assert all(r["penalty"] is not None and r["penalty"] > 0 for r in records if r["event"] == "step")
+
+    # `fastcnc eval` on the finished run reproduces the report's accuracies; `fastcnc report` compares runs
+    assert cli_main(["eval", str(out), "--set", "progress=false"]) == 0
+    again = json.loads((out / "eval.json").read_text())
+    for key in ("clean_acc", "fgsm_acc", "pgd_acc", "cw_acc", "sparsity"):
+        assert again[key] == report[key]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report.json").write_text(json.dumps({**report, "sparsity": 0.5}))
+    assert cli_main(["report", str(out), str(other), "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "accuracy_vs_sparsity.png").is_file()
+    assert (tmp_path / "cmp" / "comparison.md").read_text().count("\n") == 4
+
+
+def test_trades_and_oneshot_pruning_and_block_pruning(tmp_path):
+    result, model, reg = fit(tiny(tmp_path / "t", adv="trades", prune="oneshot", prune_block="2x2",
+                                  sparsity=0.9, tscnc=False))
+    assert reg is None and result["sparsity"] >= 0.9
+    mask = model.stages[1][0].conv1.mask.reshape(8, -1)
+    tiles = mask.view(4, 2, 18, 2).sum(dim=(1, 3))  # 2x2 tiles are all pruned or all kept
+    assert bool(((tiles == 0) | (tiles == 4)).all())
+
+
+def _strip_times(text: str) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "train_time_s")}
+            for line in text.splitlines()]
+
+
+def _cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "fastcnc", "train", "--preset", "quick", "--out", str(out), "--width", "8",
+            "--epochs", "5", "--batch_size", "64", "--attack_steps", "2", "--prune_start_epoch", "1",
+            "--prune_end_epoch", "3", "--eval_pgd_steps", "3", "--eval_cw_steps", "3", "--eval_max_examples", "64",
+            "--checkpoint_every", "7", "--log_every", "3", "--progress", "false", *extra]
+
+
+def test_kill_dash_9_then_resume_is_bit_exact(tmp_path):
+    """A run killed by SIGKILL after a checkpoint and resumed with --resume ends exactly as an uninterrupted run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(_cmd(ref), check=True, env=env, cwd=REPO, capture_output=True)
+    proc = subprocess.Popen(_cmd(killed), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = killed / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = load_checkpoint(ckpt)["step"]
+    total = 5 * (1437 // 64)
+    assert 0 < killed_at < total
+    done = subprocess.run(_cmd(killed, "--resume"), env=env, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed at step {killed_at}/{total}" in done.stderr
+
+    a, b = load_checkpoint(ref / "checkpoint.pt"), load_checkpoint(ckpt)
+    assert a["step"] == b["step"] == total
+    for key in ("model", "regularizer"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            if isinstance(a[key][name], torch.Tensor):
+                assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    for (ka, va), (kb, vb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items(), strict=True):
+        assert ka == kb and torch.equal(va["momentum_buffer"], vb["momentum_buffer"])
+    assert a["pruner"] == b["pruner"]
+    report_a, report_b = (json.loads((d / "report.json").read_text()) for d in (ref, killed))
+    report_a.pop("train_time_s"), report_b.pop("train_time_s")
+    report_a["config"].pop("out"), report_b["config"].pop("out")
+    assert report_a == report_b
+    assert _strip_times((ref / "metrics.jsonl").read_text()) == _strip_times((killed / "metrics.jsonl").read_text())
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_step, calls = train_module._train_step, []
+
+    def poisoned(*args):
+        loss, correct = real_step(*args)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 10 else loss), correct
+
+    monkeypatch.setattr(train_module, "_train_step", poisoned)
+    cfg = tiny(tmp_path / "nan", checkpoint_every=4)
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at step 9 .*last good checkpoint is kept"):
+        train(cfg)
+    state = load_checkpoint(tmp_path / "nan" / "checkpoint.pt")
+    assert state["step"] == 8  # the checkpoint before the NaN step, untouched
+    assert all(bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "nan" / "report.json").exists()
+
+
+def test_unwritable_output_dir_is_reported_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(OutputDirError, match="is not writable"):
+        train(tiny(blocker / "run"))
+    assert cli_main(["train", "--preset", "quick", "--out", str(blocker / "run")]) == 1
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_existing_run_foreign_checkpoint_and_changed_config_are_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(OutputDirError, match="already holds a run"):
+        train(tiny(out))
+    args = ["train", "--preset", "quick", "--out", str(out), "--resume"]
+    assert cli_main(args) == 1
+    assert "not a readable fastcnc checkpoint" in capsys.readouterr().err
+    torch.save({"model": {}}, out / "checkpoint.pt")
+    assert cli_main(args) == 1
+    assert "not a fastcnc checkpoint" in capsys.readouterr().err
+
+    train(tiny(out, epochs=2, eval_pgd_steps=1, eval_cw_steps=1), overwrite=True)
+    with pytest.raises(CheckpointError, match=r"(?s)different configuration.*lr: checkpoint 0.05 vs now 0.5"):
+        train(tiny(out, epochs=2, lr=0.5), resume=True)
