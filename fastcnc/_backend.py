@@ -44,7 +44,8 @@ def use_triton(t: torch.Tensor) -> bool:
     """True when ``t`` should be processed by a Triton kernel (see the module docstring for the rule)."""
     if _forced is not None:
         if _forced == "triton" and not (t.is_cuda or INTERPRET):
-            raise RuntimeError("backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 set before triton is imported")
+            raise RuntimeError("backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 set before triton is "
+                               "imported")
         return _forced == "triton"
     return HAS_TRITON and t.is_cuda
 

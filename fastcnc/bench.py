@@ -172,7 +172,8 @@ def to_markdown(res: dict) -> str:
         ms = r["ms"]
         lines.append(f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.1f}M | {ms['fastcnc']:.1f} | "
                      f"{ms['eigvalsh-gram']:.1f} | {ms['svdvals']:.1f} | {r['speedup_vs_svdvals']:.1f} | "
-                     f"{r['speedup_vs_eigvalsh']:.2f} | {r['kappa_rel_err_max']:.2e} ({r['kappa_rel_err_median']:.1e}) |")
+                     f"{r['speedup_vs_eigvalsh']:.2f} | {r['kappa_rel_err_max']:.2e} "
+                     f"({r['kappa_rel_err_median']:.1e}) |")
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from fastcnc._checks import check_choice, check_positive, check_tensor
-from fastcnc.spectral import SpectralEstimate, SpectralState, extreme_singular_values
+from fastcnc.spectral import SpectralEstimate, SpectralState, _as_list, extreme_singular_values
 
 __all__ = ["ExtremeSigmasFunction", "cnc_from_sigmas", "cnc_penalty"]
 
@@ -40,7 +40,8 @@ class ExtremeSigmasFunction(torch.autograd.Function):
         u_max, v_max, u_min, v_min = vectors
         if values is None:
             values = torch.stack([
-                torch.stack([u_max[i] @ (m.to(u_max[i].dtype) @ v_max[i]), u_min[i] @ (m.to(u_min[i].dtype) @ v_min[i])])
+                torch.stack([u_max[i] @ (m.to(u_max[i].dtype) @ v_max[i]),
+                             u_min[i] @ (m.to(u_min[i].dtype) @ v_min[i])])
                 for i, m in enumerate(mats)
             ]).to(torch.float64)
         ctx.vectors = vectors
@@ -87,6 +88,7 @@ def cnc_penalty(
     reduction: str = "sum",
     state: SpectralState | None = None,
     estimate: SpectralEstimate | None = None,
+    check_finite: bool = True,
     **engine_kwargs,
 ) -> torch.Tensor:
     """Condition-number penalty of one or more weight matrices, with exact gradients of the estimate.
@@ -95,36 +97,46 @@ def cnc_penalty(
         weights: a 2-D tensor or list of 2-D tensors (``fastcnc.spectral.as_matrices`` turns conv weights into them).
         kind: ``"log"`` (log kappa), ``"kappa"`` or ``"hinge"`` (max(kappa - kappa_target, 0)^2); see module doc.
         kappa_target: target condition number of the hinge.
-        eps: relative floor of sigma_min (kappa <= 1/eps): rank-deficient layers get a finite penalty.
+        eps: relative floor of sigma_min (kappa <= 1/eps), 0 < eps < 1: rank-deficient layers get a finite penalty.
         reduction: ``"sum"``, ``"mean"`` or ``"none"`` ([L]).
         state: warm-start state of the spectral engine (updated in place).
         estimate: reuse the singular vectors of an earlier estimate (skips the engine); the penalty is then the exact
             function sigma_hat(W) = u^T W v of these weights with those vectors frozen.
+        check_finite: with ``estimate``, raise if the weights give NaN/Inf values (one device sync; the engine
+            checks the weights itself when ``estimate`` is None). Pass False when ``estimate`` came from these weights.
         **engine_kwargs: passed to ``extreme_singular_values`` (iters, depth, block, refresh, tol, compute_dtype).
 
     Returns:
         float64 penalty (0-dim, or [L] with ``reduction="none"``).
     """
-    mats = [weights] if isinstance(weights, torch.Tensor) else list(weights)
-    if not mats:
-        raise ValueError("weights must be a tensor or a non-empty list of tensors")
+    mats = _as_list("weights", weights)
     for i, m in enumerate(mats):
         check_tensor(f"weights[{i}]", m, ndim=2, floating=True, nonempty=True)
     check_choice("kind", kind, CNC_KINDS)
     check_choice("reduction", reduction, {"sum", "mean", "none"})
     check_positive("kappa_target", kappa_target)
-    check_positive("eps", eps)
+    if check_positive("eps", eps) >= 1:
+        raise ValueError(f"eps must be < 1 (kappa is capped at 1/eps), got {eps}")
     if estimate is None:
         with torch.no_grad():
             estimate = extreme_singular_values([m.detach() for m in mats], state=state, **engine_kwargs)
         # Ritz values are u^T W v for these very weights: no need to recompute the bilinear forms
         values = torch.stack([estimate.sigma_max, estimate.sigma_min], 1)
     else:
+        if not isinstance(estimate, SpectralEstimate):
+            raise TypeError(f"estimate must be None or a fastcnc.SpectralEstimate, got {type(estimate).__name__}")
         if len(estimate.u_max) != len(mats):
             raise ValueError(f"estimate covers {len(estimate.u_max)} matrices, weights has {len(mats)}")
+        for i, m in enumerate(mats):
+            if (estimate.u_max[i].shape[0], estimate.v_max[i].shape[0]) != tuple(m.shape):
+                raise ValueError(f"estimate's vectors for matrix {i} fit a {estimate.u_max[i].shape[0]}x"
+                                 f"{estimate.v_max[i].shape[0]} matrix, weights[{i}] has shape {tuple(m.shape)}")
         values = None  # the caller's weights may differ from the estimate's: evaluate u^T W v exactly
     vectors = (estimate.u_max, estimate.v_max, estimate.u_min, estimate.v_min)
     sigmas = ExtremeSigmasFunction.apply(values, vectors, *mats)
+    if values is None and check_finite and not bool(torch.isfinite(sigmas).all()):
+        bad = int((~torch.isfinite(sigmas)).any(1).nonzero()[0, 0])
+        raise ValueError(f"weights[{bad}] contains NaN or Inf; expected finite values")
     per_layer = cnc_from_sigmas(sigmas, kind=kind, kappa_target=kappa_target, eps=eps)
     if reduction == "none":
         return per_layer

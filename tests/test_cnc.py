@@ -108,7 +108,7 @@ def test_tscnc_regulariser_value_gradient_and_report():
     assert all(m.weight.grad is not None and torch.isfinite(m.weight.grad).all() for m in layers)
     rep = reg.report()
     assert [r["name"] for r in rep] == ["0", "2", "4", "6"]
-    for r, m in zip(rep, layers):
+    for r, m in zip(rep, layers, strict=True):
         s = torch.linalg.svdvals(m.weight.detach().reshape(m.weight.shape[0], -1)) if r["name"] != "2" else None
         if s is not None:
             assert abs(r["kappa"] - (s[0] / s[-1]).item()) < 1e-6 * r["kappa"]
@@ -142,7 +142,7 @@ def test_tscnc_warm_calls_track_kappa_during_training():
         loss.backward()
         opt.step()
     reg()
-    for r, m in zip(reg.report(), [model[0], model[2]]):
+    for r, m in zip(reg.report(), [model[0], model[2]], strict=True):
         smax, smin = sigma_extremes_ref(m.weight)
         assert abs(r["kappa"] / (smax / smin) - 1) < 1e-2
 
