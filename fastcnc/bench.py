@@ -199,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         tag = "gpu" if args.device.startswith("cuda") else "cpu"
-        stem = args.out / f"penalty-{tag}-{res['date']}-drift{args.drift:g}"
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=2))
-        stem.with_suffix(".md").write_text(md)
-        print(f"wrote {stem}.json and {stem}.md")
+        stem = f"penalty-{tag}-{res['date']}-{'-'.join(args.models)}-drift{args.drift:g}"
+        (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+        (args.out / f"{stem}.md").write_text(md)
+        print(f"wrote {args.out / stem}.json and .md")
     return 0
 
 
