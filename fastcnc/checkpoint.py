@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,19 @@ class CheckpointError(RuntimeError):
     """The file is not a usable fastcnc checkpoint (corrupt, foreign, or from an incompatible run)."""
 
 
+def _save_with_crc(payload: dict, f) -> None:
+    # load_checkpoint verifies the per-record CRC-32 of the zip: make sure torch computed them
+    get, put = (getattr(torch.serialization, n, None) for n in ("get_crc32_options", "set_crc32_options"))
+    old = get() if get is not None else True
+    if not old:
+        put(True)
+    try:
+        torch.save(payload, f)
+    finally:
+        if not old:
+            put(False)
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Write ``state`` (plus the format tag) to ``path`` atomically."""
     path = Path(path)
@@ -31,13 +45,18 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            _save_with_crc(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        # a full disk surfaces from torch's zip writer as a RuntimeError whose context holds the OSError: report that
+        os_error = _os_error_in(exc)
+        if os_error is not None:
+            raise OSError(os_error.errno, f"could not write checkpoint {path}: {os_error.strerror or os_error}; the "
+                                          "previous checkpoint is kept") from exc
         raise
     # make the rename itself durable
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -47,11 +66,29 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         os.close(dir_fd)
 
 
+def _os_error_in(exc: BaseException) -> OSError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load and validate a checkpoint written by ``save_checkpoint``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    try:  # torch.save writes a zip with a CRC-32 per record, which torch.load does not check: bit rot would load
+        with zipfile.ZipFile(path) as archive:
+            bad_record = archive.testzip()
+    except Exception:  # not a zip at all: let torch.load below give its reason
+        bad_record = None
+    if bad_record is not None:
+        raise CheckpointError(f"{path} is corrupt: record {bad_record!r} fails its CRC-32 check (bit rot or a damaged "
+                              "copy); restore it from a backup or start again")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for truncated/foreign files

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -64,8 +65,10 @@ def check_output_dir(out: str | Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        try:
+            probe.write_bytes(b"ok")
+        finally:  # a full disk creates the file, then fails the write: leave no debris
+            probe.unlink(missing_ok=True)
     except OSError as exc:
         raise OutputDirError(f"output folder {str(path)!r} is not writable: {exc.strerror or exc}") from exc
     return path
@@ -262,6 +265,14 @@ def _train(cfg: Config, resume: bool, overwrite: bool, device: torch.device, ran
     if reg is not None:
         reg.to(device)
 
+    # a checkpoint (weights, masks, optimizer state) must fit next to the previous one: check before training (on
+    # every rank, like check_output_dir, so that all fail together)
+    weight_bytes = sum(t.numel() * t.element_size() for t in raw_model.state_dict().values())
+    need, free = 3 * weight_bytes + (1 << 20), shutil.disk_usage(out).free
+    if free < need:
+        raise OutputDirError(f"output folder {str(out)!r} has {free / 2**20:.1f} MiB free; a checkpoint of this run "
+                             f"needs about {need / 2**20:.1f} MiB")
+
     step = start_epoch = start_batch = 0
     if state is not None:
         raw_model.load_state_dict(state["model"])
@@ -282,6 +293,15 @@ def _train(cfg: Config, resume: bool, overwrite: bool, device: torch.device, ran
             metrics.flush()
 
     def checkpoint(epoch: int, batch: int, loader_state: dict) -> None:
+        # a finite loss can still have an inf/NaN gradient: never let the weights it produced replace a good checkpoint
+        names, params = zip(*raw_model.named_parameters(), strict=True)
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).cpu()  # one device sync
+        if not bool(finite.all()):
+            bad = names[int((~finite).nonzero()[0, 0])]
+            raise NonFiniteLossError(
+                f"weights became NaN/Inf at step {step} (first: {bad}) although the loss was finite (a non-finite "
+                f"gradient); stopping without saving them. The last good checkpoint is kept at {ckpt_path}"
+                + ("" if ckpt_path.exists() else " (none written yet)") + ". Lower lr and restart.")
         rngs = [rng_state()]
         if distributed:
             rngs = [None] * world_size
