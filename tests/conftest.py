@@ -35,3 +35,13 @@ def backend(request):
 def kernel_device():
     """Where the Triton kernels run in tests: the GPU when there is one, else the CPU under TRITON_INTERPRET=1."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """Tests of many small ops: with other processes on a 2-core runner, OpenMP spin-waiting made them 10-50x slower
+    with 2 threads (measured), while 1 thread keeps them at seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

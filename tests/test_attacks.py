@@ -14,15 +14,7 @@ from torch import nn
 from fastcnc.attacks import cw_margin_loss, fgsm, pgd, trades_adversary, trades_loss
 from fastcnc.evaluate import clean_accuracy, robust_accuracy
 
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """These tests run many small ops: with other processes on a 2-core runner, OpenMP spin-waiting made them 10-50x
-    slower with 2 threads (measured here), while 1 thread keeps them at seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def reference_pgd(model, x, y, eps, step_size, steps, start, loss="ce"):

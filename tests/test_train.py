@@ -25,14 +25,7 @@ from fastcnc.train import NonFiniteLossError, OutputDirError, fit, lr_factor, tr
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """These tests run many small ops: with other processes on a 2-core runner, OpenMP spin-waiting made them 10-50x
-    slower with 2 threads (measured here), while 1 thread keeps them at seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def tiny(out, **overrides) -> Config:
