@@ -106,7 +106,7 @@ def as_matrices(weight: torch.Tensor, groups: int = 1) -> list[torch.Tensor]:
 # batched products: one Triton launch for all layers (CUDA), or one mm per matrix (CPU)
 
 
-class _Packed:
+class _LayerProducts:
     """The matrices in tall orientation, ready for the block products: views of the weights (no copy) for the torch
     path; the weights themselves plus a device pointer table for the Triton path."""
 
@@ -115,8 +115,6 @@ class _Packed:
         self.rows = [t.shape[0] for t in self.tall]
         self.cols = [t.shape[1] for t in self.tall]
         self.m_max, self.n_max = max(self.rows), max(self.cols)
-        self.device = mats[0].device
-        self.dtype = compute_dtype
         self.use_triton = _backend.use_triton(mats[0])
         if self.use_triton:
             from fastcnc.kernels import spectral as k
@@ -253,36 +251,36 @@ def extreme_singular_values(
 
     if n_est:
         idx = [i for i in range(len(mats)) if not small[i]]
-        packed = _Packed([mats[i] for i in idx], compute_dtype)
-        L, n_max = len(idx), packed.n_max
-        cols = torch.tensor(packed.cols, device=device)
-        rows = torch.tensor(packed.rows, device=device)
+        ops = _LayerProducts([mats[i] for i in idx], compute_dtype)
+        L, n_max = len(idx), ops.n_max
+        cols = torch.tensor(ops.cols, device=device)
+        rows = torch.tensor(ops.rows, device=device)
         col_mask = (torch.arange(n_max, device=device)[None, :] < cols[:, None]).to(compute_dtype)[:, :, None]
-        row_mask = (torch.arange(packed.m_max, device=device)[None, :] < rows[:, None]).to(compute_dtype)[:, :, None]
+        row_mask = (torch.arange(ops.m_max, device=device)[None, :] < rows[:, None]).to(compute_dtype)[:, :, None]
         X = torch.zeros(L, n_max, block, dtype=compute_dtype, device=device)
         gen = torch.Generator().manual_seed(seed)
         # a state saved with another ``block`` (or a damaged one) cannot warm-start: start cold instead
         warm = state is not None and state.matches(shapes) and len(state.blocks) == len(mats) and all(
-            isinstance(state.blocks[i], torch.Tensor) and tuple(state.blocks[i].shape) == (packed.cols[j], block)
+            isinstance(state.blocks[i], torch.Tensor) and tuple(state.blocks[i].shape) == (ops.cols[j], block)
             for j, i in enumerate(idx))
         for j, i in enumerate(idx):
-            n = packed.cols[j]
+            n = ops.cols[j]
             X[j, :n] = state.blocks[i].to(device=device, dtype=compute_dtype) if warm else _random_block(
                 n, block, gen, compute_dtype, device)
         X = _orthonormalize(X, None, col_mask)
         tiny = torch.finfo(compute_dtype).tiny
         for _ in range(max(iters, 1)):
-            Q_blocks, AQ_blocks = [X], [packed.matmul(X, trans=False)]
+            Q_blocks, AQ_blocks = [X], [ops.matmul(X, trans=False)]
             for _d in range(depth):
                 # scale each layer's block by a power of two (exact) to max |.| ~ 1 first: only span(A^T A Q) matters,
                 # and A^T A would under/overflow fp32 for weights of magnitude <~1e-19 or >~1e19 (a torn Krylov
                 # basis then breaks the bracketing). One scale per layer keeps the columns' relative sizes.
                 AQ_last = AQ_blocks[-1]
                 exponent = torch.frexp(AQ_last.abs().amax(dim=(1, 2), keepdim=True)).exponent
-                Z = packed.matmul(torch.ldexp(AQ_last, -exponent.to(AQ_last.dtype)), trans=True)
+                Z = ops.matmul(torch.ldexp(AQ_last, -exponent.to(AQ_last.dtype)), trans=True)
                 Qn = _orthonormalize(Z, torch.cat(Q_blocks, 2), col_mask)
                 Q_blocks.append(Qn)
-                AQ_blocks.append(packed.matmul(Qn, trans=False))
+                AQ_blocks.append(ops.matmul(Qn, trans=False))
             Q, AQ = torch.cat(Q_blocks, 2), torch.cat(AQ_blocks, 2)
             if not bool(torch.isfinite(AQ).all()):
                 # NaN/Inf weights propagate into the products: find the culprit only then (a full check is a pass)
@@ -306,10 +304,10 @@ def extreme_singular_values(
         # (norms taken relative to sigma_max: squares of tiny or huge residuals would under/overflow)
         scale = smax.clamp_min(tiny)[:, None, None]
         res_fwd = ((AQ @ Vh.transpose(1, 2)[:, :, [0, -1]] - u2 * s2) / scale).norm(dim=1)
-        res_bwd = ((packed.matmul(u2, trans=True) - v2 * s2) / scale).norm(dim=1)
+        res_bwd = ((ops.matmul(u2, trans=True) - v2 * s2) / scale).norm(dim=1)
         err = torch.maximum(res_fwd, res_bwd) * scale[:, 0]
         for j, i in enumerate(idx):
-            m_l, n_l = packed.rows[j], packed.cols[j]
+            m_l, n_l = ops.rows[j], ops.cols[j]
             vmax, vmin, umax, umin = v2[j, :n_l, 0], v2[j, :n_l, 1], u2[j, :m_l, 0], u2[j, :m_l, 1]
             if mats[i].shape[0] < mats[i].shape[1]:  # back to the matrix's own orientation: W = A^T
                 vmax, umax, vmin, umin = umax, vmax, umin, vmin
