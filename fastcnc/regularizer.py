@@ -103,11 +103,15 @@ class TSCNC(nn.Module):
         return tuple((id(m.mask), m.mask._version) for _, m in self._layers if isinstance(
             getattr(m, "mask", None), torch.Tensor))
 
-    def _matrices(self) -> tuple[list[torch.Tensor], list[int]]:
+    def _matrices(self, weights: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[int]]:
+        """The CNC matrices of every layer (one per conv group) and the layer index each belongs to.
+
+        ``weights``: the layers' effective weights when the caller already formed them (W*M costs a pass)."""
+        if weights is None:
+            weights = [_effective_weight(layer) for _, layer in self._layers]
         mats, owner = [], []
-        for j, (_, layer) in enumerate(self._layers):
-            groups = getattr(layer, "groups", 1)
-            for m in as_matrices(_effective_weight(layer), groups):
+        for j, ((_, layer), w) in enumerate(zip(self._layers, weights, strict=True)):
+            for m in as_matrices(w, getattr(layer, "groups", 1)):
                 mats.append(m)
                 owner.append(j)
         return mats, owner
@@ -119,7 +123,7 @@ class TSCNC(nn.Module):
             # with CNC on, the spectral engine below rejects NaN/Inf weights anyway: check here only without it
             total = total + self.lambda_tsc * tsc_penalty(weights, a=self.a, check_finite=self.lambda_cnc == 0).float()
         if self.lambda_cnc > 0 or self.last_estimate is None:
-            mats, _ = self._matrices()
+            mats, _ = self._matrices(weights)
             masks = self._mask_signature_now()
             refresh = self.calls == 0 or not self.state.matches([tuple(m.shape) for m in mats]) or (
                 self.refresh_every > 0 and self.calls % self.refresh_every == 0) or masks != self._mask_signature
