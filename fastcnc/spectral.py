@@ -215,19 +215,26 @@ class _Group:
     def __init__(self, index: list[int], mats: list[torch.Tensor]) -> None:
         self.index = index
         self.wide = [w.shape[0] < w.shape[1] for w in mats]
-        A = torch.stack([(w.detach().T if wd else w.detach()).to(_F64) for w, wd in zip(mats, self.wide, strict=True)])
+        # scale by powers of two (exact) read from the stored dtype, so one float64 pass makes the stack
+        amax = torch.stack([w.detach().abs().amax() for w in mats]).to(_F64)
+        self.exp = torch.frexp(amax).exponent.to(_F64)  # A_true = 2^exp * A
+        rows, cols = max(mats[0].shape), min(mats[0].shape)
+        A = torch.empty(len(mats), rows, cols, dtype=_F64, device=mats[0].device)
+        for j, (w, wd) in enumerate(zip(mats, self.wide, strict=True)):
+            A[j].copy_(w.detach().T if wd else w.detach())  # cast and (for wide matrices) transpose in one pass
+        self.A = A.mul_(torch.pow(2.0, -self.exp)[:, None, None])
         self.B, self.m, self.n = A.shape
-        self.exp = torch.frexp(A.abs().amax(dim=(1, 2))).exponent.to(_F64)  # A_true = 2^exp * A
-        self.A = torch.ldexp(A, -self.exp[:, None, None])
-        self.finite = torch.isfinite(self.A).flatten(1).all(1)
-        nz = self.A != 0
-        # rank(A) < n when a column is empty or fewer than n rows hold a nonzero: sigma_min = 0 exactly
-        self.structural = (~nz.any(1)).any(1) | (nz.any(2).sum(1) < self.n)
         self.G = self.A.mT @ self.A
         absA = self.A.abs()
-        row_sums = (absA.mT @ absA.sum(2, keepdim=True)).squeeze(-1)  # (|A|^T |A|) 1, [B, n]
-        self.gram_err = _gamma(self.m) * row_sums.amax(1) * (1 + 2 * _gamma(self.m + self.n))
+        row_abs = absA.sum(2)  # [B, m]
+        # (|A|^T |A|) 1 and the column sums of |A| in one product
+        prods = absA.mT @ torch.stack([row_abs, torch.ones_like(row_abs)], 2)  # [B, n, 2]
+        self.gram_err = _gamma(self.m) * prods[..., 0].amax(1) * (1 + 2 * _gamma(self.m + self.n))
+        # rank(A) < n when a column is empty or fewer than n rows hold a nonzero: sigma_min = 0 exactly
+        # (sums of |a| are 0 exactly when every term is)
+        self.structural = (prods[..., 1] == 0).any(1) | ((row_abs > 0).sum(1) < self.n)
         diag = self.G.diagonal(dim1=1, dim2=2)
+        self.finite = torch.isfinite(diag).all(1)  # any NaN/Inf entry reaches its column's squared norm
         self.trace = diag.sum(1) * (1 + _gamma(self.n))
         self.fro = self.trace.sqrt()
         self.zero = self.trace == 0
@@ -250,18 +257,22 @@ def _chol(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return L, (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
 
 
-def _orth(X: torch.Tensor) -> torch.Tensor:
-    """Cholesky QR twice ([B, n, r] -> orthonormal columns spanning the same space). A tiny diagonal term keeps the
-    factorization defined when columns are (nearly) dependent; every value computed later is a Rayleigh quotient
-    evaluated directly, so orthonormality affects only the quality of the block, never the validity of a bound."""
+def _orth(X: torch.Tensor, passes: int = 2) -> torch.Tensor:
+    """Cholesky QR ([B, n, r] -> orthonormal columns spanning the same space; twice by default). A tiny diagonal term
+    keeps the factorization defined when columns are (nearly) dependent; every value computed later is a Rayleigh
+    quotient evaluated directly, so orthonormality affects only the quality of the block, never a bound's validity."""
     r = X.shape[-1]
     eye = torch.eye(r, dtype=X.dtype, device=X.device)
-    for _ in range(2):
+    for _ in range(passes):
         S = X.mT @ X
         S = S + (1e-14 * S.diagonal(dim1=1, dim2=2).sum(1) + 1e-300)[:, None, None] * eye
         L, _ = torch.linalg.cholesky_ex(S, check_errors=False)
         X = torch.linalg.solve_triangular(L, X.mT, upper=False).mT
     return X
+
+
+def _normalize(X: torch.Tensor) -> torch.Tensor:
+    return X / X.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 
 def _dominant(K: torch.Tensor, squarings: int = 12) -> torch.Tensor:
@@ -327,7 +338,7 @@ def _values(g: _Group, rows, x: torch.Tensor, y: torch.Tensor):
     return s[:, 0], s[:, 1], u[..., 0], u[..., 1], err[:, 0], err[:, 1]
 
 
-def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions, extra_lower: int = 2):
+def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions, extra_lower: int = 1):
     """One batched Cholesky call: the target lower shift (and looser ones, whose factors seed the next round) and the
     target upper shift. Returns certified bounds (squared, scaled units) and the best lower factor."""
     G = g.G[rows]
@@ -336,10 +347,13 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
     smax_hi_t = t.sqrt()
     # the lowest sigma_min that still keeps kappa_floor within the budget, given the other three bracket ends
     need = smax_hi_t * ((smin_hi / smax_lo.clamp_min(1e-300) + opt.floor) / budget**0.95 - opt.floor)
-    taus = [need.clamp_min(0) ** 2] + [(smin * f) ** 2 for f in (0.8, 0.4)[:extra_lower]]
-    H = [G - (tau + g.margin(tau, rows))[:, None, None] * g.eye for tau in taus]
-    H.append((t - g.margin(t, rows))[:, None, None] * g.eye - G)
-    L, ok = _chol(torch.stack(H, 1))  # [b, k, n, n]
+    taus = [need.clamp_min(0) ** 2] + [(smin * f) ** 2 for f in (0.8,)[:extra_lower]]
+    # the lower tests factor G - xi I, the upper one xi I - G: sign * (G - xi I) with sign -1 for the last
+    xi = torch.stack([tau + g.margin(tau, rows) for tau in taus] + [t - g.margin(t, rows)], 1)  # [b, k]
+    sign = torch.ones(xi.shape[1], dtype=_F64, device=G.device)
+    sign[-1] = -1
+    H = sign[:, None, None] * (G[:, None] - xi[:, :, None, None] * g.eye)
+    L, ok = _chol(H)  # [b, k, n, n]
     lower_sq = torch.zeros_like(smin)
     best = torch.full_like(smin, -1.0)
     for k, tau in enumerate(taus):
@@ -351,18 +365,22 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
     for k, tau in enumerate(taus):
         pick = torch.where(ok[:, k] & (tau == best), torch.full_like(pick, k), pick)
     next_L = L.gather(1, pick[:, None, None, None].expand(-1, 1, g.n, g.n)).squeeze(1)
-    return lower_sq, ok[:, -1], t, next_L, best >= 0, len(H)
+    return lower_sq, ok[:, -1], t, next_L, best >= 0, xi.shape[1]
 
 
 def _round(g: _Group, rows, X, Y, L_it, iters: int, opt: SpectralOptions) -> _Round:
     G = g.G[rows]
-    for _ in range(iters):  # shifted inverse iteration for the bottom
+    for _ in range(iters):  # shifted inverse iteration for the bottom (one Cholesky-QR pass per step suffices)
         X = torch.linalg.solve_triangular(L_it, X, upper=False)
-        X = _orth(torch.linalg.solve_triangular(L_it.mT, X, upper=True))
+        X = _orth(torch.linalg.solve_triangular(L_it.mT, X, upper=True), passes=1)
+    X = _orth(X, passes=1)
     # power steps for the top: n^2 r_top flops each (next to the Gram's m n^2), and the top of a random-like
-    # spectrum is clustered (Marchenko-Pastur edge), so they are given TOP_STEPS times as many
-    for _ in range(_TOP_STEPS * iters):
-        Y = _orth(G @ Y)
+    # spectrum is clustered (Marchenko-Pastur edge), so they are given TOP_STEPS times as many; the block is
+    # re-orthogonalised every 4th step (column scaling in between keeps it in range)
+    for k in range(1, _TOP_STEPS * iters + 1):
+        Y = G @ Y
+        Y = _orth(Y, passes=1) if k % 4 == 0 else _normalize(Y)
+    Y = _orth(Y, passes=1)
     x, y = _bottom_ritz(G, X), _top_ritz(G, Y)
     x = x / x.norm(dim=1, keepdim=True)
     y = y / y.norm(dim=1, keepdim=True)
