@@ -363,7 +363,8 @@ def markdown(result: dict) -> str:
                      f"| {e['eigh64']:.1e} | {e['eigh32']:.1e} | {e['svdvals']:.1e} | {t['fastcnc'] * 1e3:.1f} | "
                      f"{t['eigh64'] * 1e3:.1f} | {t['eigh32'] * 1e3:.1f} | {t['svdvals'] * 1e3:.1f} | "
                      f"{x['eigh64']:.2f} | {x['eigh32']:.2f} | {x['svdvals']:.2f} |")
-    lines += ["", "Times are medians over the recorded steps. Per step and per layer: the JSON file next to this one.", ""]
+    lines += ["", "Times are medians over the recorded steps. Per step and per layer: the JSON file next to this one.",
+              ""]
     for r in result["runs"]:
         lines += [f"## {r['run']['name']}", "", "| step | phase | sparsity | kappa_max | fastcnc err | certified | "
                   "fallbacks | rounds | fastcnc ms | eigh64 ms | eigh32 ms | svdvals ms | eigh32 err |",

@@ -43,6 +43,7 @@ _F64 = torch.float64
 
 
 _TOP_STEPS = 4
+_EIGH_MAX = 128  # on CPU, groups with n <= this take Rayleigh-Ritz on the whole space (eigh) instead of iterating
 
 
 def _gamma(k: int) -> float:
@@ -381,7 +382,19 @@ def _round(g: _Group, rows, X, Y, L_it, iters: int, opt: SpectralOptions) -> _Ro
         Y = G @ Y
         Y = _orth(Y, passes=1) if k % 4 == 0 else _normalize(Y)
     Y = _orth(Y, passes=1)
-    x, y = _bottom_ritz(G, X), _top_ritz(G, Y)
+    return _finish(g, rows, X, Y, _bottom_ritz(G, X), _top_ritz(G, Y), L_it, opt)
+
+
+def _round_eigh(g: _Group, rows, r: int, r_top: int, opt: SpectralOptions) -> _Round:
+    """Small matrices on CPU: Rayleigh-Ritz on the whole space (eigh of the float64 Gram) is cheaper than the
+    iteration's many small ops; the values and the certificate are the same as a round's."""
+    _, V = torch.linalg.eigh(g.G[rows])
+    X, Y = V[..., :r], V[..., V.shape[-1] - r_top:].flip(-1)
+    return _finish(g, rows, X, Y, V[..., 0], V[..., -1], torch.zeros_like(g.G[rows]), opt)
+
+
+def _finish(g: _Group, rows, X, Y, x, y, L_it, opt: SpectralOptions) -> _Round:
+    """Values |A x|, |A y| of the Ritz vectors, their certificates, and the structural / all-zero overrides."""
     x = x / x.norm(dim=1, keepdim=True)
     y = y / y.norm(dim=1, keepdim=True)
     smin, smax, u_min, u_max, e_min, e_max = _values(g, rows, x, y)
@@ -469,18 +482,24 @@ def _solve_group(g: _Group, opt: SpectralOptions, state_blocks, lower, refresh, 
     fallback = torch.zeros(g.B, dtype=torch.bool, device=g.A.device)
     todo = list(range(g.B)) if refresh is True else [i for i in range(g.B) if refresh is not False and refresh[i]]
     X, Y = _initial_blocks(g, state_blocks, r, r_top, gen)
+    small = sync and g.n <= _EIGH_MAX and not g.A.is_cuda
     if len(todo) < g.B:
-        L, nf = _first_factor(g, lower, sync)
-        work["factorizations"] += nf * g.B
         rows = torch.arange(g.B, device=g.A.device)
         iters = opt.iters
-        out = _round(g, rows, X, Y, L, iters, opt)
+        if small:
+            out = _round_eigh(g, rows, r, r_top, opt)
+        else:
+            L, nf = _first_factor(g, lower, sync)
+            work["factorizations"] += nf * g.B
+            out = _round(g, rows, X, Y, L, iters, opt)
+            work["inverse_steps"] += iters * g.B
         work["factorizations"] += out.factorizations * g.B
-        work["inverse_steps"] += iters * g.B
         work["rounds"] = max(work["rounds"], 1)
         res = {k: getattr(out, k) for k in _FIELDS}
         X, Y = out.X, out.Y
-        if sync:
+        if sync and small:  # the Ritz values are already exact for fl(G): only the SVD can do better
+            todo = sorted(set(todo) | set((~res["certified"]).nonzero().flatten().tolist()))
+        elif sync:
             L_next = out.next_L
             for round_no in range(2, opt.max_rounds + 1):
                 bad = (~res["certified"]).nonzero().flatten()
@@ -671,11 +690,11 @@ def _ritz_blocks(results, per) -> list:
     out = []
     for gi, j in per:
         g, res = results[gi]
-        r = min(res["blocks"].shape[-1] - min(2, g.n), g.n)
-        X = torch.cat([res["x"][j][:, None], res["blocks"][j][:, :r]], 1)
-        X = _orth(X[None])[0][:, :r] if r > 1 else res["x"][j][:, None]
+        r = res["blocks"].shape[-1] - min(2, g.n)
+        X = _orth(res["blocks"][j][None, :, :r])[0]  # the retained bottom block (it spans the Ritz vector x)
         _, W = torch.linalg.eigh(X.mT @ g.G[j] @ X)
         V = X @ W
+        V = V / V.norm(dim=0, keepdim=True)
         AV = g.A[j] @ V
         s = AV.norm(dim=0)
         U = AV / s.clamp_min(torch.finfo(_F64).tiny)
