@@ -117,14 +117,12 @@ class _LayerProducts:
         self.m_max, self.n_max = max(self.rows), max(self.cols)
         self.use_triton = _backend.use_triton(mats[0])
         if self.use_triton:
-            from fastcnc.kernels import spectral as k
-
-            self._kernels = k
+            self._kernels = _backend.kernels("spectral")
             # the kernel reads the weights in place; only mixed dtypes or strided views cost a copy
             same = all(m.dtype == mats[0].dtype for m in mats)
             self.weights = [m.detach().contiguous() if same else m.detach().to(compute_dtype).contiguous()
                             for m in mats]
-            self.table = k.layer_table(self.weights)
+            self.table = self._kernels.layer_table(self.weights)
         else:  # CPU: one mm per matrix on the original storage (a stacked copy costs more than the loop)
             self.mats = [t if t.dtype == compute_dtype else t.to(compute_dtype) for t in self.tall]
 
