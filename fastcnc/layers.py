@@ -46,7 +46,9 @@ class _MaskedMixin:
 
     @property
     def sparsity(self) -> float:
-        return 1.0 - float(self.mask.count_nonzero()) / max(self.mask.numel(), 1)
+        from fastcnc.pruning import tensor_sparsity  # pruning imports this module
+
+        return tensor_sparsity(self.mask)
 
     def _groups(self) -> int:
         return getattr(self, "groups", 1)

@@ -136,10 +136,19 @@ def _prune_layers(layers, sparsity, scope, block, block_score):
             _apply_block(g, sparsity, block, block_score)
 
 
+def zero_fraction(numel: int, nonzero: int) -> float:
+    """The sparsity of ``numel`` entries of which ``nonzero`` are live (0 for no entries): the one formula every
+    sparsity number of the package (layers, reports, the regulariser's stats) goes through."""
+    return 1.0 - nonzero / numel if numel else 0.0
+
+
+def tensor_sparsity(t: torch.Tensor) -> float:
+    """Fraction of zero entries of a mask or weight tensor."""
+    return zero_fraction(t.numel(), int(t.count_nonzero()))
+
+
 def _sparsity_of(layers) -> float:
-    total = sum(m.mask.numel() for m in layers)
-    zeros = sum(m.mask.numel() - int(m.mask.count_nonzero()) for m in layers)
-    return zeros / total if total else 0.0
+    return zero_fraction(sum(m.mask.numel() for m in layers), sum(int(m.mask.count_nonzero()) for m in layers))
 
 
 def prune_magnitude(model: nn.Module, sparsity: float, *, scope: str = "global", block=None,
@@ -275,9 +284,9 @@ def sparsity_report(model: nn.Module) -> list[dict]:
         numel = m.mask.numel()
         nonzero = int(m.mask.count_nonzero())
         rows.append({"name": name, "shape": tuple(m.weight.shape), "numel": numel, "nonzero": nonzero,
-                     "sparsity": 1.0 - nonzero / numel if numel else 0.0})
+                     "sparsity": zero_fraction(numel, nonzero)})
     numel = sum(r["numel"] for r in rows)
     nonzero = sum(r["nonzero"] for r in rows)
     rows.append({"name": "total", "shape": None, "numel": numel, "nonzero": nonzero,
-                 "sparsity": 1.0 - nonzero / numel if numel else 0.0})
+                 "sparsity": zero_fraction(numel, nonzero)})
     return rows

@@ -22,6 +22,7 @@ import torch
 
 from fastcnc import _backend
 from fastcnc._checks import check_int, check_tensor
+from fastcnc.spectral_math import kappa
 
 __all__ = ["SpectralEstimate", "SpectralState", "extreme_singular_values", "as_matrices"]
 
@@ -48,8 +49,7 @@ class SpectralEstimate:
     @property
     def kappa(self) -> torch.Tensor:
         """sigma_max / sigma_min (inf where sigma_min == 0 and sigma_max > 0, nan-free: 0/0 gives 1)."""
-        ratio = self.sigma_max / self.sigma_min
-        return torch.where((self.sigma_max == 0) & (self.sigma_min == 0), torch.ones_like(ratio), ratio)
+        return kappa(self.sigma_max, self.sigma_min)
 
 
 class SpectralState:
