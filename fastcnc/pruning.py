@@ -55,15 +55,16 @@ def _targets(model: nn.Module, keep_first_last: bool) -> list[nn.Module]:
 # ------------------------------------------------------------------------------------------------------------ scores
 
 
-def _matrix(layer: nn.Module, t: torch.Tensor) -> torch.Tensor:
+def _matrix(t: torch.Tensor) -> torch.Tensor:
+    """A weight or mask as the ``[C_out, fan_in]`` matrix that block pruning tiles."""
     return t.reshape(t.shape[0], -1)
 
 
 @torch.no_grad()
 def _block_scores(layer: nn.Module, block: tuple[int, int], block_score: str):
     """Per-tile (score, live-entry count, tile count) of ``layer``; pruned tiles score -1."""
-    w = _matrix(layer, layer.weight.detach() * layer.mask).float()
-    live = _matrix(layer, layer.mask != 0).float()
+    w = _matrix(layer.weight.detach() * layer.mask).float()
+    live = _matrix(layer.mask != 0).float()
     bh, bw = block
     r, c = w.shape
     rt, ct = -(-r // bh), -(-c // bw)
@@ -118,7 +119,7 @@ def _apply_block(layers: list[nn.Module], sparsity: float, block: tuple[int, int
     for m, (s, _, (rt, ct)) in zip(layers, per_layer, strict=True):
         k = keep[offset:offset + s.numel()].view(rt, ct)
         offset += s.numel()
-        r, c = _matrix(m, m.mask).shape
+        r, c = _matrix(m.mask).shape
         k = k.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:r, :c].reshape(m.mask.shape).to(m.mask.device)
         m.set_mask((m.mask != 0) & k)
 
