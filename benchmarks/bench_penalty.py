@@ -1,4 +1,5 @@
-"""pytest-benchmark: CNC penalty value+grad over the ResNet-18 layer set, fastcnc vs exact baselines.
+"""pytest-benchmark: CNC penalty value+grad over the ResNet-18 layer set, fastcnc vs exact baselines, on synthetic
+drift (the easy case; bench_trajectory.py runs on recorded training weights).
 
 Run: pytest benchmarks/bench_penalty.py --benchmark-enable [--benchmark-json out.json]
 (`--benchmark-disable` runs each target once: a smoke test.) Group `cnc-penalty-<model>` compares the impls.
@@ -6,8 +7,8 @@ Run: pytest benchmarks/bench_penalty.py --benchmark-enable [--benchmark-json out
 
 import pytest
 import torch
-
-from fastcnc.bench import IMPLS, _penalty_exact, device_name, drift, layer_matrices, make_step
+from common import device_name
+from penalty import IMPLS, drift, layer_matrices, make_step, penalty_exact
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -22,13 +23,13 @@ def resnet18_mats():
 def test_cnc_penalty_value_and_grad(benchmark, impl, resnet18_mats):
     prev, cur = resnet18_mats
     mats = [m.clone().requires_grad_(True) for m in cur]
-    step = make_step(impl, mats, iters=1, depth=1, block=4) if impl == "fastcnc" else make_step(impl, mats)
+    step = make_step(impl, mats) if impl == "fastcnc" else make_step(impl, mats)
     value = step()
     # never time a wrong answer: the penalty must agree with the exact float64 one
-    exact = _penalty_exact([m.detach().double() for m in mats], "svdvals")
+    exact = penalty_exact([m.detach().double() for m in mats], "svdvals")
     assert abs(value.item() - exact.item()) < 1e-3 * abs(exact.item())
     benchmark.group = "cnc-penalty-resnet18"
-    benchmark.extra_info.update(device=device_name(DEVICE), torch=torch.__version__, matrices=len(mats))
+    benchmark.extra_info.update(impl=impl, device=device_name(DEVICE), torch=torch.__version__, matrices=len(mats))
 
     def run():
         step()

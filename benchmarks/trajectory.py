@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import json
 import math
-import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import environment, write_result
 
 import fastcnc
 from fastcnc.cnc import penalty_from_estimate
@@ -84,11 +82,11 @@ PRESETS = {
         Run("resnet50", 64, 0.95, 2, 8, 2, 4, batch_size=8, tscnc=False),
         Run("resnet50", 64, 0.99, 2, 8, 2, 4, batch_size=8, tscnc=False),
     ],
-    # for the GPU session: the same runs, a little longer (sized to finish in < 3 min on an H100 with recording)
+    # for the GPU session (sized to finish in < 3 min on an H100, recording included)
     "gpu": [
-        Run("resnet18", 16, 0.95, 10, 30, 10, 5), Run("resnet18", 16, 0.99, 10, 30, 10, 5),
+        Run("resnet18", 16, 0.99, 10, 30, 10, 5),
         Run("resnet18", 64, 0.95, 10, 30, 10, 5), Run("resnet18", 64, 0.99, 10, 30, 10, 5),
-        Run("resnet50", 64, 0.95, 4, 16, 4, 4, batch_size=16), Run("resnet50", 64, 0.99, 4, 16, 4, 4, batch_size=16),
+        Run("resnet50", 64, 0.95, 4, 16, 4, 6, batch_size=16), Run("resnet50", 64, 0.99, 4, 16, 4, 6, batch_size=16),
     ],
     # seconds: the pytest-benchmark smoke test and CI
     "tiny": [Run("resnet18", 16, 0.95, 2, 4, 2, 2, batch_size=16)],
@@ -220,13 +218,16 @@ def _time_exact(mats, kind, device):
                 ((a.detach(), b.detach()) for a, b in sig)]
 
 
-def _time_fastcnc(mats, state: SpectralState, device):
+def _time_fastcnc(mats, state: SpectralState, device, refresh):
+    """What TSCNC does per step: synchronous certificates on CPU; on CUDA one sync-free round, and the matrices whose
+    certificate failed at the previous call recomputed exactly (``refresh``)."""
     leaves = [m.detach().clone().requires_grad_() for m in mats]
-    sync = device.type != "cuda"  # what TSCNC does: synchronous certificates on CPU, deferred flags on CUDA
+    sync = device.type != "cuda"
     _sync(device)
     t = time.perf_counter()
     with torch.no_grad():
-        est = extreme_singular_values([m.detach() for m in leaves], floor=EPS, state=state, sync=sync)
+        est = extreme_singular_values([m.detach() for m in leaves], floor=EPS, state=state, sync=sync,
+                                      refresh=refresh)
     p = penalty_from_estimate(leaves, est, eps=EPS, from_these_weights=True)
     p.backward()
     _sync(device)
@@ -238,7 +239,7 @@ def _time_fastcnc(mats, state: SpectralState, device):
 
 def evaluate(run: Run, snaps: list[dict], device: torch.device, *, repeats: int = 1, log=print) -> dict:
     state = SpectralState()
-    steps = []
+    steps, refresh = [], False
     for k, snap in enumerate(snaps):
         mats = _matrices(snap, device)
         ref = [torch.linalg.svdvals(m.double().cpu()) for m in mats]
@@ -262,9 +263,12 @@ def evaluate(run: Run, snaps: list[dict], device: torch.device, *, repeats: int 
         best, est = math.inf, None
         for _ in range(repeats):
             trial = copy.deepcopy(state)
-            dt, est = _time_fastcnc(mats, trial, device)
+            dt, est = _time_fastcnc(mats, trial, device, refresh)
             best = min(best, dt)
         state = trial
+        late = sum(refresh) if isinstance(refresh, list) else 0
+        flags = est.certified.tolist()  # read after the timed call (TSCNC reads them one step late on CUDA)
+        refresh = [not c for c in flags] if not all(flags) else False
         times["fastcnc"] = best
         smax, smin = est.sigma_max.tolist(), est.sigma_min.tolist()
         kfloor = [a / (b + EPS * a) if a > 0 else 1.0 for a, b in zip(smax, smin, strict=True)]
@@ -289,7 +293,8 @@ def evaluate(run: Run, snaps: list[dict], device: torch.device, *, repeats: int 
                "kappa_exact_max": max(ref_kappa), "times_s": times, "kappa_rel_err_max": kappa_err,
                "baseline_failures": failed,
                "certified": sum(certified), "brackets_contain_truth": sum(contains),
-               "fallbacks": est.work["fallbacks"], "rounds": est.work["rounds"],
+               "fallbacks": est.work["fallbacks"], "refreshed_after_failed_certificate": late,
+               "rounds": est.work["rounds"],
                "factorizations": est.work["factorizations"], "layers": layers}
         steps.append(row)
         log(f"  {run.name} step {snap['step']:4d} {snap['phase']:8s} sparsity {snap['sparsity']:.3f} "
@@ -328,24 +333,11 @@ def _summary(steps: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [f"# Trajectory benchmark: CNC value+grad along recorded training runs ({meta['device']})", "",
-             f"date {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, preset `{meta['preset']}`, "
+             f"date {meta['date']} {meta['time']}, commit {meta['commit']}, torch {meta['torch']}, "
+             f"preset `{meta['preset']}`, CPU threads {meta['threads']}, wall {meta['wall_s']:.0f} s, "
              f"repeats {meta['repeats']} (min). Times are for all layers of the model together (one value+grad).",
              "kappa error: relative error of kappa_eps = sigma_max / (sigma_min + 1e-6 sigma_max) (the quantity the "
              "penalty uses) vs float64 SVD, max over every layer and every recorded step; `inf` where the routine "
@@ -381,19 +373,22 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="trajectory", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/run.py trajectory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="run list (default: cpu or gpu by device)")
     p.add_argument("--runs", default="", help="comma-separated run names to keep (e.g. resnet18-w16-s95)")
     p.add_argument("--repeats", type=int, default=1, help="timed repetitions per method and step (min is kept)")
-    p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (1: stable on a shared machine)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default: 1 on CPU, stable on a shared machine; untouched on CUDA)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON and markdown")
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--rerecord", action="store_true", help="record the trajectories again (ignore the cache)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     runs = PRESETS[preset]
     if args.runs:
@@ -404,15 +399,15 @@ def main(argv: list[str] | None = None) -> dict:
     for run in runs:
         snaps = record(run, device, refresh=args.rerecord)
         results.append(evaluate(run, snaps, device, repeats=args.repeats))
-    meta = {"device": device_name(device), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": _commit(), "torch": torch.__version__, "fastcnc": fastcnc.__version__, "preset": preset,
-            "repeats": args.repeats, "threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t0}
+    meta = environment(device) | {
+        "time": _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M UTC"), "fastcnc": fastcnc.__version__,
+        "preset": preset, "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "wall_s": time.perf_counter() - t0}
     result = {"meta": meta, "runs": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"trajectory-{device.type}{('-' + args.tag) if args.tag else ''}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(result))
+    write_result(out, stem, result, markdown(result))
     print(markdown(result).split("\n\n## ")[0])
     print(f"wrote {out / stem}.json/.md in {meta['wall_s']:.0f} s")
     return result

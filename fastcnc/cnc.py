@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastcnc._checks import check_choice, check_positive, check_tensor
+from fastcnc._checks import check_choice, check_eps_floor, check_positive, check_tensor
 from fastcnc.spectral import SpectralEstimate, SpectralState, VectorGroup, extreme_singular_values, matrices_list
 
 __all__ = ["BilinearFormsFunction", "cnc_from_sigmas", "cnc_penalty", "penalty_from_estimate"]
@@ -95,8 +95,7 @@ def _check_options(kind, kappa_target, eps, reduction, smooth_min) -> None:
     check_choice("kind", kind, CNC_KINDS)
     check_choice("reduction", reduction, {"sum", "mean", "none"})
     check_positive("kappa_target", kappa_target)
-    if check_positive("eps", eps) >= 1:
-        raise ValueError(f"eps must be < 1 (kappa is capped at 1/eps), got {eps}")
+    check_eps_floor("eps", eps)
     check_positive("smooth_min", smooth_min, allow_zero=True)
 
 

@@ -7,9 +7,11 @@ import warnings
 import torch
 from torch import nn
 
-from fastcnc._checks import check_choice, check_int, check_positive
+from fastcnc._checks import check_choice, check_eps_floor, check_int, check_positive
 from fastcnc.cnc import CNC_KINDS, penalty_from_estimate
+from fastcnc.pruning import tensor_sparsity
 from fastcnc.spectral import SpectralEstimate, SpectralOptions, SpectralState, as_matrices, extreme_singular_values
+from fastcnc.spectral_math import kappa
 from fastcnc.tsc import tsc_penalty
 
 __all__ = ["TSCNC", "constrained_layers"]
@@ -67,9 +69,7 @@ class TSCNC(nn.Module):
         self.lambda_cnc = check_positive("lambda_cnc", lambda_cnc, allow_zero=True)
         self.cnc = check_choice("cnc", cnc, CNC_KINDS)
         self.kappa_target = check_positive("kappa_target", kappa_target)
-        self.eps = check_positive("eps", eps)
-        if self.eps >= 1:
-            raise ValueError(f"eps must be < 1 (kappa is capped at 1/eps), got {eps}")
+        self.eps = check_eps_floor("eps", eps)
         self.a = check_positive("a", a)
         check_positive("rtol", rtol)
         self.options = SpectralOptions(rtol=rtol, floor=self.eps, block=block, iters=iters, max_rounds=max_rounds)
@@ -219,11 +219,11 @@ class TSCNC(nn.Module):
             # a grouped conv is block-diagonal over its groups: extremes over the groups
             smax, smin = max(vals["sigma_max"][i] for i in idx), min(vals["sigma_min"][i] for i in idx)
             emax, emin = max(float(exact_s[i][0]) for i in idx), min(float(exact_s[i][-1]) for i in idx)
-            kappa, kappa_exact = _kappa(smax, smin), _kappa(emax, emin)
+            k_est, k_exact = kappa(smax, smin), kappa(emax, emin)
             rows.append({
-                "name": name, "shape": list(w.shape), "sigma_max": smax, "sigma_min": smin, "kappa": kappa,
-                "kappa_exact": kappa_exact,
-                "kappa_rel_err": 0.0 if kappa == kappa_exact else abs(kappa / kappa_exact - 1),
+                "name": name, "shape": list(w.shape), "sigma_max": smax, "sigma_min": smin, "kappa": k_est,
+                "kappa_exact": k_exact,
+                "kappa_rel_err": 0.0 if k_est == k_exact else abs(k_est / k_exact - 1),
                 "sigma_max_bracket": [max(vals["sigma_max_lo"][i] for i in idx),
                                       max(vals["sigma_max_hi"][i] for i in idx)],
                 "sigma_min_bracket": [min(vals["sigma_min_lo"][i] for i in idx),
@@ -232,10 +232,6 @@ class TSCNC(nn.Module):
                 "err_min": max(vals["sigma_min_hi"][i] - vals["sigma_min_lo"][i] for i in idx),
                 "certified": all(vals["certified"][i] for i in idx),
                 "fallback": any(vals["fallback"][i] for i in idx),
-                "sparsity": float((w == 0).sum()) / w.numel(),
+                "sparsity": tensor_sparsity(w),
             })
         return rows
-
-
-def _kappa(smax: float, smin: float) -> float:
-    return 1.0 if smax == 0 else (smax / smin if smin > 0 else float("inf"))

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastcnc._checks import check_int, check_tensor
+from fastcnc.spectral_math import kappa
 
 __all__ = ["SpectralEstimate", "SpectralOptions", "SpectralState", "VectorGroup", "as_matrices",
            "extreme_singular_values", "matrices_list"]
@@ -93,8 +94,7 @@ class SpectralEstimate:
     @property
     def kappa(self) -> torch.Tensor:
         """sigma_max / sigma_min (inf where sigma_min == 0 < sigma_max; 1 for an all-zero matrix)."""
-        ratio = self.sigma_max / self.sigma_min
-        return torch.where((self.sigma_max == 0) & (self.sigma_min == 0), torch.ones_like(ratio), ratio)
+        return kappa(self.sigma_max, self.sigma_min)
 
     @property
     def err_max(self) -> torch.Tensor:
