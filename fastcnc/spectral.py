@@ -351,8 +351,8 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
     taus = [need.clamp_min(0) ** 2] + [(smin * f) ** 2 for f in (0.8,)[:extra_lower]]
     # the lower tests factor G - xi I, the upper one xi I - G: sign * (G - xi I) with sign -1 for the last
     xi = torch.stack([tau + g.margin(tau, rows) for tau in taus] + [t - g.margin(t, rows)], 1)  # [b, k]
-    sign = torch.ones(xi.shape[1], dtype=_F64, device=G.device)
-    sign[-1] = -1
+    k = xi.shape[1]
+    sign = 1 - 2 * (torch.arange(k, device=G.device) == k - 1).to(_F64)
     H = sign[:, None, None] * (G[:, None] - xi[:, :, None, None] * g.eye)
     L, ok = _chol(H)  # [b, k, n, n]
     lower_sq = torch.zeros_like(smin)
