@@ -239,7 +239,7 @@ def _time_fastcnc(mats, state: SpectralState, device, refresh):
 
 def evaluate(run: Run, snaps: list[dict], device: torch.device, *, repeats: int = 1, log=print) -> dict:
     state = SpectralState()
-    steps, refresh = [], False
+    steps, refresh, prev = [], False, None
     for k, snap in enumerate(snaps):
         mats = _matrices(snap, device)
         ref = [torch.linalg.svdvals(m.double().cpu()) for m in mats]
@@ -289,13 +289,15 @@ def evaluate(run: Run, snaps: list[dict], device: torch.device, *, repeats: int 
                            "bracket_contains_truth": ok, "sigma_min_bracket": [lo_min[i], hi_min[i]],
                            "sigma_max_bracket": [lo_max[i], hi_max[i]]})
         kappa_err["fastcnc"] = max(errs)
+        weyl = _weyl_carry(prev, mats, run.record_every, est.rtol) if prev is not None else None
+        prev = (mats, lo_min, hi_min, lo_max, hi_max)
         row = {"step": snap["step"], "phase": snap["phase"], "sparsity": snap["sparsity"], "matrices": len(mats),
                "kappa_exact_max": max(ref_kappa), "times_s": times, "kappa_rel_err_max": kappa_err,
                "baseline_failures": failed,
                "certified": sum(certified), "brackets_contain_truth": sum(contains),
                "fallbacks": est.work["fallbacks"], "refreshed_after_failed_certificate": late,
                "rounds": est.work["rounds"],
-               "factorizations": est.work["factorizations"], "layers": layers}
+               "factorizations": est.work["factorizations"], "weyl_carry_would_certify": weyl, "layers": layers}
         steps.append(row)
         log(f"  {run.name} step {snap['step']:4d} {snap['phase']:8s} sparsity {snap['sparsity']:.3f} "
             f"kappa_max {max(ref_kappa):9.3g} | fastcnc err {kappa_err['fastcnc']:.1e} cert {sum(certified)}/"
@@ -304,12 +306,33 @@ def evaluate(run: Run, snaps: list[dict], device: torch.device, *, repeats: int 
     return {"run": asdict(run) | {"name": run.name}, "steps": steps, "summary": _summary(steps)}
 
 
+def _weyl_carry(prev, mats, steps_between: int, rtol: float) -> float:
+    """Fraction of matrices whose previous certified bracket, widened by one training step's drift (Weyl:
+    |sigma_i(A + dA) - sigma_i(A)| <= |dA|_2 <= |dA|_F, with |dA|_F estimated as the drift between the two snapshots
+    divided by the steps between them), would still certify kappa_eps to rtol: how often a certificate carried from
+    step to step could skip the Gram."""
+    old, lo_min, hi_min, lo_max, hi_max = prev
+    ok = 0
+    for i, (a, b) in enumerate(zip(old, mats, strict=True)):
+        d = float((b.double() - a.double()).norm()) / steps_between
+        smin_lo, smin_hi = max(lo_min[i] - d, 0.0), hi_min[i] + d
+        smax_lo, smax_hi = max(lo_max[i] - d, 0.0), hi_max[i] + d
+        if smax_lo <= 0:
+            continue
+        ok += (smin_hi / smax_lo + EPS) <= (1 + rtol) * (smin_lo / smax_hi + EPS)
+    return ok / len(mats)
+
+
 def _rel(a: float, b: float) -> float:
     if a == b:
         return 0.0
     if not (math.isfinite(a) and math.isfinite(b)):
         return math.inf
     return abs(a / b - 1)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
 
 
 def _summary(steps: list[dict]) -> dict:
@@ -324,6 +347,7 @@ def _summary(steps: list[dict]) -> dict:
         "certified_fraction": sum(s["certified"] for s in steps) / n,
         "brackets_contain_truth_fraction": sum(s["brackets_contain_truth"] for s in steps) / n,
         "fallbacks": sum(s["fallbacks"] for s in steps),
+        "weyl_carry_would_certify": _mean([s["weyl_carry_would_certify"] for s in steps[1:]]),
         "median_time_s": med,
         "speedup_median": {k: med[k] / med["fastcnc"] for k in METHODS if k != "fastcnc"},
         "baseline_failures": {k: sum(k in s["baseline_failures"] for s in steps) for k in METHODS},
@@ -342,21 +366,23 @@ def markdown(result: dict) -> str:
              "kappa error: relative error of kappa_eps = sigma_max / (sigma_min + 1e-6 sigma_max) (the quantity the "
              "penalty uses) vs float64 SVD, max over every layer and every recorded step; `inf` where the routine "
              "failed (eigh not converging) at some step (count in the JSON, `baseline_failures`).", "",
-             "| run | snapshots | kappa_max (exact) | fastcnc err | certified | brackets hold | fallbacks | "
+             "| run | snapshots | kappa_max (exact) | fastcnc err | certified | brackets hold | fallbacks | Weyl carry | "
              "eigh64 err | eigh32 err | svdvals err | fastcnc ms | eigh64 ms | eigh32 ms | svdvals ms | "
              "x vs eigh64 | x vs eigh32 | x vs svdvals |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         s, e, t, x = r["summary"], r["summary"]["kappa_rel_err_max"], r["summary"]["median_time_s"], r[
             "summary"]["speedup_median"]
         kmax = max(st["kappa_exact_max"] for st in r["steps"])
         lines.append(f"| {r['run']['name']} | {s['snapshots']} | {kmax:.3g} | {e['fastcnc']:.1e} | "
                      f"{s['certified_fraction']:.1%} | {s['brackets_contain_truth_fraction']:.1%} | {s['fallbacks']} "
+                     f"| {s['weyl_carry_would_certify']:.1%} "
                      f"| {e['eigh64']:.1e} | {e['eigh32']:.1e} | {e['svdvals']:.1e} | {t['fastcnc'] * 1e3:.1f} | "
                      f"{t['eigh64'] * 1e3:.1f} | {t['eigh32'] * 1e3:.1f} | {t['svdvals'] * 1e3:.1f} | "
                      f"{x['eigh64']:.2f} | {x['eigh32']:.2f} | {x['svdvals']:.2f} |")
-    lines += ["", "Times are medians over the recorded steps. Per step and per layer: the JSON file next to this one.",
-              ""]
+    lines += ["", "Times are medians over the recorded steps. Per step and per layer: the JSON file next to this one. "
+              "Weyl carry: fraction of layers whose previous certified bracket, widened by one training step's drift, "
+              "would still certify (how often carrying a certificate could skip the Gram).", ""]
     for r in result["runs"]:
         lines += [f"## {r['run']['name']}", "", "| step | phase | sparsity | kappa_max | fastcnc err | certified | "
                   "fallbacks | rounds | fastcnc ms | eigh64 ms | eigh32 ms | svdvals ms | eigh32 err |",
