@@ -366,8 +366,8 @@ def markdown(result: dict) -> str:
              "kappa error: relative error of kappa_eps = sigma_max / (sigma_min + 1e-6 sigma_max) (the quantity the "
              "penalty uses) vs float64 SVD, max over every layer and every recorded step; `inf` where the routine "
              "failed (eigh not converging) at some step (count in the JSON, `baseline_failures`).", "",
-             "| run | snapshots | kappa_max (exact) | fastcnc err | certified | brackets hold | fallbacks | Weyl carry | "
-             "eigh64 err | eigh32 err | svdvals err | fastcnc ms | eigh64 ms | eigh32 ms | svdvals ms | "
+             "| run | snapshots | kappa_max (exact) | fastcnc err | certified | brackets hold | fallbacks | "
+             "Weyl carry | eigh64 err | eigh32 err | svdvals err | fastcnc ms | eigh64 ms | eigh32 ms | svdvals ms | "
              "x vs eigh64 | x vs eigh32 | x vs svdvals |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
