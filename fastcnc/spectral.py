@@ -339,37 +339,52 @@ def _values(g: _Group, rows, x: torch.Tensor, y: torch.Tensor):
     return s[:, 0], s[:, 1], u[..., 0], u[..., 1], err[:, 0], err[:, 1]
 
 
-def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions, extra_lower: int = 1):
-    """One batched Cholesky call: the target lower shift (and looser ones, whose factors seed the next round) and the
-    target upper shift. Returns certified bounds (squared, scaled units) and the best lower factor."""
+def _shifted(G: torch.Tensor, xi: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """[b, k, n, n] stack of sign_k * (G - xi_k I), written in one pass plus an in-place diagonal update."""
+    H = G[:, None] * sign[None, :, None, None]
+    H.diagonal(dim1=-2, dim2=-1).sub_((sign[None, :] * xi)[..., None])
+    return H
+
+
+def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions, sync: bool, loose: bool = True):
+    """Cholesky certificates: the target lower shift tau and the target upper shift t in one batched call, and a
+    looser lower shift (0.8 sigma_min) whose factor drives the next round where tau fails (sync: factored only for
+    those rows; sync-free: for every row, in the same call). Returns the certified lower bound of lambda_min (squared,
+    scaled units; 0 if none), whether t is proven, t, the best lower factor, whether there is one, and the count of
+    factorizations."""
     G = g.G[rows]
     budget = 1 + opt.rtol
     t = (smax * budget**0.3) ** 2
-    smax_hi_t = t.sqrt()
     # the lowest sigma_min that still keeps kappa_floor within the budget, given the other three bracket ends
-    need = smax_hi_t * ((smin_hi / smax_lo.clamp_min(1e-300) + opt.floor) / budget**0.95 - opt.floor)
-    taus = [need.clamp_min(0) ** 2] + [(smin * f) ** 2 for f in (0.8,)[:extra_lower]]
-    # the lower tests factor G - xi I, the upper one xi I - G: sign * (G - xi I) with sign -1 for the last
-    xi = torch.stack([tau + g.margin(tau, rows) for tau in taus] + [t - g.margin(t, rows)], 1)  # [b, k]
-    k = xi.shape[1]
-    sign = 1 - 2 * (torch.arange(k, device=G.device) == k - 1).to(_F64)
-    H = sign[:, None, None] * (G[:, None] - xi[:, :, None, None] * g.eye)
-    L, ok = _chol(H)  # [b, k, n, n]
-    lower_sq = torch.zeros_like(smin)
-    best = torch.full_like(smin, -1.0)
-    for k, tau in enumerate(taus):
-        good = ok[:, k] & (tau > best)
-        best = torch.where(good, tau, best)
-        lower_sq = torch.where(good, tau, lower_sq)
-    # the factor of the largest certified shift (or none: -1) drives the next round
-    pick = torch.zeros_like(smin, dtype=torch.long)
-    for k, tau in enumerate(taus):
-        pick = torch.where(ok[:, k] & (tau == best), torch.full_like(pick, k), pick)
-    next_L = L.gather(1, pick[:, None, None, None].expand(-1, 1, g.n, g.n)).squeeze(1)
-    return lower_sq, ok[:, -1], t, next_L, best >= 0, xi.shape[1]
+    need = t.sqrt() * ((smin_hi / smax_lo.clamp_min(1e-300) + opt.floor) / budget**0.95 - opt.floor)
+    tau = need.clamp_min(0) ** 2
+    tau_loose = (0.8 * smin) ** 2
+    xi_tau, xi_loose, xi_t = tau + g.margin(tau, rows), tau_loose + g.margin(tau_loose, rows), t - g.margin(t, rows)
+    both = loose and not sync
+    xi = torch.stack([xi_tau, xi_t] + ([xi_loose] if both else []), 1)
+    sign = 1 - 2 * (torch.arange(xi.shape[1], device=G.device) == 1).to(_F64)  # [1, -1, (1)]
+    L, ok = _chol(_shifted(G, xi, sign))  # lower test: G - xi I; upper test: xi I - G
+    count = xi.shape[1] * G.shape[0]
+    ok_tau, ok_t, L_tau = ok[:, 0], ok[:, 1], L[:, 0]
+    if both:
+        ok_loose, L_loose = ok[:, 2], L[:, 2]
+    elif loose:  # sync: the host can see which rows failed, so only those pay for the looser factor
+        ok_loose = torch.zeros_like(ok_tau)
+        L_loose = L_tau.clone()
+        bad = (~ok_tau).nonzero().flatten()
+        if bad.numel():
+            sub = _shifted(G[bad], xi_loose[bad, None], sign[:1])
+            Lb, okb = _chol(sub)
+            L_loose[bad], ok_loose[bad] = Lb[:, 0], okb[:, 0]
+            count += bad.numel()
+    else:
+        ok_loose, L_loose = torch.zeros_like(ok_tau), L_tau
+    lower_sq = torch.where(ok_tau, tau, torch.where(ok_loose, tau_loose, torch.zeros_like(tau)))
+    next_L = torch.where(ok_tau[:, None, None], L_tau, L_loose)
+    return lower_sq, ok_t, t, next_L, ok_tau | ok_loose, count
 
 
-def _round(g: _Group, rows, X, Y, L_it, iters: int, opt: SpectralOptions) -> _Round:
+def _round(g: _Group, rows, X, Y, L_it, iters: int, opt: SpectralOptions, sync: bool) -> _Round:
     G = g.G[rows]
     for _ in range(iters):  # shifted inverse iteration for the bottom (one Cholesky-QR pass per step suffices)
         X = torch.linalg.solve_triangular(L_it, X, upper=False)
@@ -382,7 +397,7 @@ def _round(g: _Group, rows, X, Y, L_it, iters: int, opt: SpectralOptions) -> _Ro
         Y = G @ Y
         Y = _orth(Y, passes=1) if k % 4 == 0 else _normalize(Y)
     Y = _orth(Y, passes=1)
-    return _finish(g, rows, X, Y, _bottom_ritz(G, X), _top_ritz(G, Y), L_it, opt)
+    return _finish(g, rows, X, Y, _bottom_ritz(G, X), _top_ritz(G, Y), L_it, opt, sync)
 
 
 def _round_eigh(g: _Group, rows, r: int, r_top: int, opt: SpectralOptions) -> _Round:
@@ -390,16 +405,16 @@ def _round_eigh(g: _Group, rows, r: int, r_top: int, opt: SpectralOptions) -> _R
     iteration's many small ops; the values and the certificate are the same as a round's."""
     _, V = torch.linalg.eigh(g.G[rows])
     X, Y = V[..., :r], V[..., V.shape[-1] - r_top:].flip(-1)
-    return _finish(g, rows, X, Y, V[..., 0], V[..., -1], torch.zeros_like(g.G[rows]), opt)
+    return _finish(g, rows, X, Y, V[..., 0], V[..., -1], torch.zeros_like(g.G[rows]), opt, sync=True)
 
 
-def _finish(g: _Group, rows, X, Y, x, y, L_it, opt: SpectralOptions) -> _Round:
+def _finish(g: _Group, rows, X, Y, x, y, L_it, opt: SpectralOptions, sync: bool) -> _Round:
     """Values |A x|, |A y| of the Ritz vectors, their certificates, and the structural / all-zero overrides."""
     x = x / x.norm(dim=1, keepdim=True)
     y = y / y.norm(dim=1, keepdim=True)
     smin, smax, u_min, u_max, e_min, e_max = _values(g, rows, x, y)
     smin_hi, smax_lo = smin + e_min, (smax - e_max).clamp_min(0)
-    lower_sq, upper_ok, t, next_L, has_next, nf = _certify(g, rows, smin, smax, smin_hi, smax_lo, opt)
+    lower_sq, upper_ok, t, next_L, has_next, nf = _certify(g, rows, smin, smax, smin_hi, smax_lo, opt, sync)
     structural, zero = g.structural[rows], g.zero[rows]
     smin_lo = torch.where(structural, torch.zeros_like(smin), lower_sq.sqrt())
     smin = torch.where(structural, torch.zeros_like(smin), smin)
@@ -431,20 +446,38 @@ def _initial_blocks(g: _Group, state_blocks, r: int, r_top: int, gen: torch.Gene
     return _orth(Z[..., :r]), _orth(Z[..., r:])
 
 
+_FIRST_SHIFTS = (0.99, 0.7, 0.3)  # fractions of the previous certified lower bound of sigma_min tried as shifts
+
+
 def _first_factor(g: _Group, lower, sync: bool):
-    """Factor for the first round: at the state's certified lower bound (shrunk by 1%) where it still factors, else at
-    a small negative shift that always does. Sync mode factors the fallback only for rows that need it."""
+    """Factor for the first round: G - s I at the largest of the shifts (0.99, 0.7, 0.3) x the state's certified lower
+    bound of sigma_min (squared) that still factors (pruning or a large step can move sigma_min below it), else at a
+    small negative shift that always does. Sync mode tries them in turn on the rows that still need one; sync-free
+    mode factors all of them in one batched call and picks per row."""
     zero = torch.zeros(g.B, dtype=_F64, device=g.A.device)
     safe = -g.margin(zero)
     if lower is None:
         L, _ = _chol(g.G - safe[:, None, None] * g.eye)
-        return L, 1
-    s = (0.99 * torch.ldexp(lower, -g.exp)) ** 2
-    L1, ok1 = _chol(g.G - s[:, None, None] * g.eye)
-    if sync and bool(ok1.all()):
-        return L1, 1
-    L2, _ = _chol(g.G - safe[:, None, None] * g.eye)
-    return torch.where(ok1[:, None, None], L1, L2), 2
+        return L, g.B
+    base = torch.ldexp(lower, -g.exp) ** 2
+    shifts = [base * f**2 for f in _FIRST_SHIFTS] + [safe]
+    if not sync:
+        xi = torch.stack(shifts, 1)
+        L, ok = _chol(_shifted(g.G, xi, torch.ones(xi.shape[1], dtype=_F64, device=g.A.device)))
+        ok[:, -1] = True  # the safe shift: taken when nothing else factors
+        pick = ok.to(torch.int8).argmax(1)  # first (largest) shift that factored
+        return L.gather(1, pick[:, None, None, None].expand(-1, 1, g.n, g.n)).squeeze(1), xi.numel()
+    L, ok = _chol(g.G - shifts[0][:, None, None] * g.eye)
+    count = g.B
+    for s in shifts[1:]:
+        bad = (~ok).nonzero().flatten()
+        if bad.numel() == 0:
+            break
+        Lb, okb = _chol(g.G[bad] - s[bad][:, None, None] * g.eye)
+        L[bad] = Lb
+        ok[bad] = okb | (s is shifts[-1])
+        count += bad.numel()
+    return L, count
 
 
 def _exact(g: _Group, rows, opt: SpectralOptions):
@@ -454,7 +487,8 @@ def _exact(g: _Group, rows, opt: SpectralOptions):
     x, y = Vh[:, -1], Vh[:, 0]
     u_min, u_max = U[:, :, -1], U[:, :, 0]
     delta = 4 * (g.m + g.n) * _U * g.fro[rows]  # backward-stable SVD: |sigma_i - computed| <~ p(m,n) u |A|
-    lower_sq, upper_ok, t, *_ = _certify(g, rows, smin, smax, smin + delta, (smax - delta).clamp_min(0), opt, 0)
+    lower_sq, upper_ok, t, *_ = _certify(g, rows, smin, smax, smin + delta, (smax - delta).clamp_min(0), opt, True,
+                                         loose=False)
     structural, zero = g.structural[rows], g.zero[rows]
     proven_lo = lower_sq.sqrt()
     cert_lo = torch.where(proven_lo > 0, proven_lo, (smin - delta).clamp_min(0))
@@ -490,10 +524,10 @@ def _solve_group(g: _Group, opt: SpectralOptions, state_blocks, lower, refresh, 
             out = _round_eigh(g, rows, r, r_top, opt)
         else:
             L, nf = _first_factor(g, lower, sync)
-            work["factorizations"] += nf * g.B
-            out = _round(g, rows, X, Y, L, iters, opt)
+            work["factorizations"] += nf
+            out = _round(g, rows, X, Y, L, iters, opt, sync)
             work["inverse_steps"] += iters * g.B
-        work["factorizations"] += out.factorizations * g.B
+        work["factorizations"] += out.factorizations
         work["rounds"] = max(work["rounds"], 1)
         res = {k: getattr(out, k) for k in _FIELDS}
         X, Y = out.X, out.Y
@@ -506,8 +540,8 @@ def _solve_group(g: _Group, opt: SpectralOptions, state_blocks, lower, refresh, 
                 if bad.numel() == 0:
                     break
                 iters *= 2
-                sub = _round(g, bad, X[bad], Y[bad], L_next[bad], iters, opt)
-                work["factorizations"] += sub.factorizations * bad.numel()
+                sub = _round(g, bad, X[bad], Y[bad], L_next[bad], iters, opt, sync)
+                work["factorizations"] += sub.factorizations
                 work["inverse_steps"] += iters * bad.numel()
                 work["rounds"] = max(work["rounds"], round_no)
                 for k in _FIELDS:
