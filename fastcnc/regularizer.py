@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -207,7 +208,9 @@ class TSCNC(nn.Module):
     @torch.no_grad()
     def report(self, exact: bool = False) -> list[dict]:
         """Per-layer sigma_max, sigma_min, kappa (the engine's), their certified brackets and flags, the exact kappa
-        (float64 svdvals, computed here) with the relative error, and sparsity (a grouped conv as a whole).
+        (float64 svdvals, computed here; inf where numerically singular), kappa_eps = sigma_max / (sigma_min + eps
+        sigma_max) estimated and exact with ``kappa_rel_err`` between them (the certified quantity), and sparsity (a
+        grouped conv as a whole).
 
         ``exact=True`` (or no estimate yet) recomputes the estimate exactly first.
         """
@@ -223,11 +226,15 @@ class TSCNC(nn.Module):
             # a grouped conv is block-diagonal over its groups: extremes over the groups
             smax, smin = max(vals["sigma_max"][i] for i in idx), min(vals["sigma_min"][i] for i in idx)
             emax, emin = max(float(exact_s[i][0]) for i in idx), min(float(exact_s[i][-1]) for i in idx)
-            k_est, k_exact = kappa(smax, smin), kappa(emax, emin)
+            # numerically singular in float64 (numpy's matrix_rank tolerance): the exact kappa is inf, as evaluate.py
+            singular = emin <= max(w.reshape(w.shape[0], -1).shape) * torch.finfo(torch.float64).eps * emax
+            k_exact = math.inf if singular and emax > 0 else kappa(emax, emin)
+            # the certified quantity: kappa_eps = sigma_max / (sigma_min + eps sigma_max), the penalty's
+            keps, keps_exact = _kappa_eps(smax, smin, self.eps), _kappa_eps(emax, emin, self.eps)
             rows.append({
-                "name": name, "shape": list(w.shape), "sigma_max": smax, "sigma_min": smin, "kappa": k_est,
-                "kappa_exact": k_exact,
-                "kappa_rel_err": 0.0 if k_est == k_exact else abs(k_est / k_exact - 1),
+                "name": name, "shape": list(w.shape), "sigma_max": smax, "sigma_min": smin, "kappa": kappa(smax, smin),
+                "kappa_exact": k_exact, "kappa_eps": keps, "kappa_eps_exact": keps_exact,
+                "kappa_rel_err": abs(keps / keps_exact - 1),
                 "sigma_max_bracket": [max(vals["sigma_max_lo"][i] for i in idx),
                                       max(vals["sigma_max_hi"][i] for i in idx)],
                 "sigma_min_bracket": [min(vals["sigma_min_lo"][i] for i in idx),
@@ -239,3 +246,7 @@ class TSCNC(nn.Module):
                 "sparsity": tensor_sparsity(w),
             })
         return rows
+
+
+def _kappa_eps(smax: float, smin: float, eps: float) -> float:
+    return 1.0 if smax == 0 else smax / (max(smin, 0.0) + eps * smax)
