@@ -246,7 +246,7 @@ def evaluate(run: Run, snaps: list[dict], device: torch.device, *, repeats: int 
         mats = _matrices(snap, device)
         ref = [torch.linalg.svdvals(m.double().cpu()) for m in mats]
         ref_kappa = [float(s[0] / s[-1]) if float(s[-1]) > 0 else math.inf for s in ref]
-        ref_kfloor = [float(s[0] / (s[-1] + EPS * s[0])) for s in ref]
+        ref_kfloor = [float(s[0] / (s[-1] + EPS * s[0])) if float(s[0]) > 0 else 1.0 for s in ref]  # 1: all-zero
         times, kappa_err = {}, {}
         failed = []
         for kind in ("eigh64", "eigh32", "svdvals"):
