@@ -7,6 +7,7 @@ environment variable ``FASTCNC_BACKEND=triton``) sends CPU tensors to the kernel
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -21,6 +22,7 @@ except ImportError:  # pragma: no cover - exercised only without triton installe
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _forced: str | None = None
+_cuda_code_path = False
 
 
 def force_backend(name: str | None) -> None:
@@ -40,8 +42,30 @@ def current_backend() -> str | None:
 force_backend(os.environ.get("FASTCNC_BACKEND") or None)
 
 
+@contextlib.contextmanager
+def cuda_code_path():
+    """Inside, CPU tensors take every branch CUDA tensors take (``use_triton`` and ``on_cuda`` are True), so the
+    host-sync tests (tests/sync_count.py) can run the CUDA code path on CPU; needs TRITON_INTERPRET=1."""
+    global _cuda_code_path
+    if not INTERPRET:
+        raise RuntimeError("cuda_code_path() runs the kernels on CPU tensors: it needs TRITON_INTERPRET=1 set before "
+                           "triton is imported")
+    previous, _cuda_code_path = _cuda_code_path, True
+    try:
+        yield
+    finally:
+        _cuda_code_path = previous
+
+
+def on_cuda(t: torch.Tensor) -> bool:
+    """True for CUDA tensors, and for every tensor inside ``cuda_code_path()``: the test for CUDA-only branches."""
+    return t.is_cuda or _cuda_code_path
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """True when ``t`` should be processed by a Triton kernel (see the module docstring for the rule)."""
+    if _cuda_code_path:
+        return True
     if _forced is not None:
         if _forced == "triton" and not (t.is_cuda or INTERPRET):
             raise RuntimeError("backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 set before triton is "
