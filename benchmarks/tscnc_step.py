@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import fastcnc
-from fastcnc.spectral import as_matrices
+from fastcnc import as_matrices
 
 LAMBDA_TSC, LAMBDA_CNC, EPS = 1e-4, 1e-3, 1e-6  # TSCNC's defaults (cnc="log", a=100)
 

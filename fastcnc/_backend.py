@@ -1,4 +1,5 @@
-"""The one place that decides whether a tensor goes to the Triton kernels or to the pure-torch reference path.
+"""The one place that imports ``fastcnc.kernels`` and decides whether a tensor goes to the Triton kernels or to the
+pure-torch path.
 
 Rule: CUDA tensors -> compiled Triton kernels; CPU tensors -> pure torch. ``force_backend("triton")`` (or the
 environment variable ``FASTCNC_BACKEND=triton``) sends CPU tensors to the kernels too, which only works under
@@ -8,18 +9,21 @@ environment variable ``FASTCNC_BACKEND=triton``) sends CPU tensors to the kernel
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+from types import ModuleType
 
 import torch
 
 try:  # triton is optional for CPU users
-    import triton  # noqa: F401
+    # kernels/_common.py reads TRITON_INTERPRET itself (kernels must not import fastcnc); taking the flag from there
+    # keeps a single definition that the launchers and this dispatch both see
+    from fastcnc.kernels._common import INTERPRET
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only without triton installed
     HAS_TRITON = False
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    INTERPRET = False  # the interpreter is part of triton: without triton there is nothing to interpret
 
 _forced: str | None = None
 _cuda_code_path = False
@@ -33,10 +37,6 @@ def force_backend(name: str | None) -> None:
     if name == "triton" and not HAS_TRITON:
         raise RuntimeError("backend 'triton' requested but triton is not installed (pip install 'fastcnc[triton]')")
     _forced = name
-
-
-def current_backend() -> str | None:
-    return _forced
 
 
 force_backend(os.environ.get("FASTCNC_BACKEND") or None)
@@ -74,8 +74,10 @@ def use_triton(t: torch.Tensor) -> bool:
     return HAS_TRITON and t.is_cuda
 
 
-def kernels():
-    """Import the Triton launchers lazily, so CPU-only users never pay for (or need) triton."""
-    from fastcnc import kernels as k
+def kernels(name: str) -> ModuleType:
+    """The launcher module ``fastcnc.kernels.<name>`` (``"masked_matmul"``, ``"spectral"`` or ``"tsc"``).
 
-    return k
+    Op modules reach the kernels only through this call (tests patch it to count launches); it is only called
+    once ``use_triton`` said yes, so CPU-only users never compile anything.
+    """
+    return importlib.import_module(f"fastcnc.kernels.{name}")

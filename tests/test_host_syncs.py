@@ -138,14 +138,14 @@ def test_masked_linear_step_has_no_host_syncs(keep, one_intra_op_thread):
 
     counter = _count(step)
     assert not counter.syncs, f"MaskedLinear forward+backward on the CUDA path syncs:\n{format_syncs(counter.syncs)}"
-    if keep < 1.0 and SIMULATE:
-        assert counter.launches == 3, "the block-sparse layer must run the fwd, dX and dW kernels"
+    if SIMULATE:  # the CUDA dispatch rule: kernels for a block-sparse mask, W*M + cuBLAS for a dense one
+        assert counter.launches == (3 if keep < 1.0 else 0), counter.launches
 
 
 @pytest.mark.parametrize("groups", [1, 2])
 def test_masked_conv2d_step_has_no_host_syncs(groups, one_intra_op_thread):
-    layer = MaskedConv2d(8, 16, 3, padding=1, stride=2, groups=groups, device=DEVICE)
-    layer.set_mask(_block_mask(16, 8 // groups * 9, 16, 0.5).reshape(layer.weight.shape))
+    layer = MaskedConv2d(8, 32, 3, padding=1, stride=2, groups=groups, device=DEVICE)
+    layer.set_mask(_block_mask(32, 8 // groups * 9, 16, 0.2).reshape(layer.weight.shape))
     x = torch.randn(2, 8, 7, 7, device=DEVICE, requires_grad=True)
 
     def step():
