@@ -116,11 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=None, help="fastcnc repeats (default 30 on CUDA, 3 on CPU)")
     p.add_argument("--baseline-repeats", type=int, default=None, help="exact baselines (default 5 on CUDA, 1 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed fastcnc steps first, the exact refresh included "
+                   "(default 3 on CUDA, 1 on CPU)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     device = a.device
     repeats = a.repeats or (30 if device == "cuda" else 3)
     baseline_repeats = a.baseline_repeats or (5 if device == "cuda" else 1)
+    warmup = a.warmup or (3 if device == "cuda" else 1)
     torch.manual_seed(0)
     model = fastcnc.build_model(a.model, num_classes=1000 if a.model == "resnet50" else 10,
                                 stem="imagenet" if a.model == "resnet50" else "cifar").to(device)
@@ -128,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     n_mats = sum(len(as_matrices(m.weight, getattr(m, "groups", 1))) for m in _layers(model))
 
     step, reg = fastcnc_step(model)
-    times = {"fastcnc": _time_ms(step, device, repeats, warmup=3)}  # the first call is the exact refresh
+    times = {"fastcnc": _time_ms(step, device, repeats, warmup=warmup)}  # the first call is the exact refresh
     syncs = count_syncs(step) if device == "cuda" else None
     for how in ("eigvalsh-gram", "svdvals"):
-        times[how] = _time_ms(exact_step(model, how), device, baseline_repeats, warmup=1)
+        times[how] = _time_ms(exact_step(model, how), device, baseline_repeats, warmup=1 if device == "cuda" else 0)
     med = {k: statistics.median(v) for k, v in times.items()}
     bandwidth = copy_bandwidth(device, 1 << 30 if device == "cuda" else 1 << 26)
     floor_bytes = 2 * 4 * params

@@ -60,7 +60,7 @@ PLANTED = {
     "tolist": lambda: _x.tolist(),
     "cpu": lambda: _x.cpu(),
     "to-cpu-string": lambda: _x.to("cpu"),
-    "numpy": lambda: _x.numpy(),
+    "numpy": lambda: _x.numpy(force=True),
     "upload-python-list": lambda: torch.tensor([1, 2, 3], device=_x.device),
     "upload-host-tensor": lambda: torch.tensor([1, 2, 3]).to(_x.device),
     "host-index-on-device-tensor": lambda: _x[torch.tensor([0, 2])],
