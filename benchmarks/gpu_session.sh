@@ -94,7 +94,7 @@ fi
 if ((DRY)); then
   run_step kernel-tests 240 "TRITON_INTERPRET=1 python3 -m pytest -q -p no:cacheprovider -m 'cuda or interpret' tests/test_masked_matmul.py tests/test_tsc.py tests/test_spectral.py tests/test_host_syncs.py"
 else
-  run_step kernel-tests 150 "FASTCNC_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m 'cuda or interpret' tests && FASTCNC_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider tests/test_host_syncs.py"
+  run_step kernel-tests 150 "export FASTCNC_AUTOTUNE=0; python3 -m pytest -q -p no:cacheprovider -m 'cuda or interpret' tests; r=\$?; python3 -m pytest -q -p no:cacheprovider tests/test_host_syncs.py || r=1; exit \$r"
 fi
 
 # -- 4. masked layers: ResNet-18 im2col shapes, 0% / 90% block sparsity, fwd+bwd vs dense cuBLAS in one run
