@@ -200,7 +200,6 @@ def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, 
     """Fixed small set for one GPU session: ResNet-18 im2col shapes x block-32 masks at ``sparsities`` x dtypes,
     forward + backward of dense ``W*M`` (cuBLAS), ``fastcnc`` (dispatch rule) and ``triton`` (kernels forced, GPU
     only), each checked against float64 before it is timed. Ratios are to ``dense`` measured in the same run."""
-    import os
 
     layers = [(name, batch * (m // BATCH), n, k) for name, m, n, k in LAYERS]
     impls = ["dense", "fastcnc"] + (["triton"] if CUDA else [])
@@ -241,20 +240,28 @@ def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, 
                 base = row["ms"].get("dense")
                 row["ratio"] = {i: (t / base if t and base else None) for i, t in row["ms"].items() if i != "dense"}
                 rows.append(row)
+                _quick_result(rows, batch, repeats, out_dir)
                 cells = "  ".join(f"{i} {t:.3f} ms" if t else f"{i} FAILED" for i, t in row["ms"].items())
                 print(f"{dtype_name:9s} {name:16s} M={m:<7d} s={sparsity:.0%}  {cells}", flush=True)
+    md = render_quick(_quick_result(rows, batch, repeats, out_dir))
+    print(md)
+    return 1 if failures else 0
+
+
+def _quick_result(rows: list[dict], batch: int, repeats: int, out_dir: str | None) -> dict:
+    """The result so far; written after every row, so a run stopped by a timeout keeps what it measured."""
+    import os
+
     res = {"benchmark": "masked layer fwd+bwd, quick set", **environment(DEVICE), "batch": batch, "repeats": repeats,
            "rows": rows}
-    md = render_quick(res)
-    print(md)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         tag = "gpu" if CUDA else "cpu"
         with open(os.path.join(out_dir, f"masked-quick-{tag}.json"), "w") as f:
             json.dump(res, f, indent=2)
         with open(os.path.join(out_dir, f"masked-quick-{tag}.md"), "w") as f:
-            f.write(md)
-    return 1 if failures else 0
+            f.write(render_quick(res))
+    return res
 
 
 def render_quick(res: dict) -> str:
