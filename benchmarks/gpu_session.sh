@@ -76,15 +76,15 @@ print(\"python\", platform.python_version(), \"torch\", torch.__version__, \"tri
 print(\"cuda available\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\")
 '; python3 -m pip --version; python3 -c 'import setuptools; print(\"setuptools\", setuptools.__version__)'; git rev-parse HEAD 2>/dev/null || true"
 
-# -- 2. install: editable, offline, no build isolation (setuptools >= 64 from the environment). If that fails, a copy
-# of the tree with kernels/ placed at fastcnc/kernels goes on PYTHONPATH (the package-dir mapping of pyproject.toml).
+# -- 2. install: editable, offline, no build isolation (setuptools >= 64 from the environment). If that fails, this
+# disposable copy of the repo gets kernels/ copied to fastcnc/kernels (the package-dir mapping of pyproject.toml) and
+# goes on PYTHONPATH; `python3 -m pytest` and `python3 -c` also find it first through the working directory.
 run_step install 90 "python3 -m pip install --no-deps --no-build-isolation --no-index -e . && python3 -c 'import fastcnc.kernels.masked_matmul as m; print(\"fastcnc.kernels from\", m.__file__)'"
 if ! python3 -c 'import fastcnc.kernels.masked_matmul' >/dev/null 2>&1; then
-  mkdir -p "$WORK/shim"
-  cp -r fastcnc "$WORK/shim/fastcnc"
-  cp -r kernels "$WORK/shim/fastcnc/kernels"
-  export PYTHONPATH="$WORK/shim${PYTHONPATH:+:$PYTHONPATH}"
-  run_step install-fallback 20 "python3 -c 'import fastcnc.kernels.masked_matmul as m; print(\"fastcnc.kernels from\", m.__file__)'"
+  rm -rf fastcnc/kernels
+  cp -r kernels fastcnc/kernels
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  run_step install-fallback 20 "cd benchmarks && python3 -c 'import fastcnc.kernels.masked_matmul as m; print(\"fastcnc.kernels from\", m.__file__)'"
 fi
 
 # -- 3. compiled-kernel tests: the cuda tests, the kernel tests that run on kernel_device, the host-sync tests (on the

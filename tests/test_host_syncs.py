@@ -19,7 +19,7 @@ from fastcnc.tsc import tsc_penalty
 
 # Without a GPU the CUDA code path runs on CPU tensors (TRITON_INTERPRET=1, set by conftest.py); with one, on the GPU.
 SIMULATE = _backend.INTERPRET
-DEVICE = "cpu" if SIMULATE else "cuda"
+DEVICE = "cuda" if not SIMULATE and torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not SIMULATE and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 (CPU) or a CUDA device")
 
