@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description="quick masked-layer benchmark (fixed shapes, ratios to dense)")
     p.add_argument("--batch", type=int, default=128 if CUDA else 2)
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"] if CUDA else ["float32"])
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"] if CUDA else ["float32"])
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.9])
     p.add_argument("--repeats", type=int, default=20 if CUDA else 3)
     p.add_argument("--out", default=None, help="directory for masked-quick-<gpu|cpu>.json/.md")

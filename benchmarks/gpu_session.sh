@@ -97,11 +97,12 @@ else
   run_step kernel-tests 150 "export FASTCNC_AUTOTUNE=0; python3 -m pytest -q -p no:cacheprovider -m 'cuda or interpret' tests; r=\$?; python3 -m pytest -q -p no:cacheprovider tests/test_host_syncs.py || r=1; exit \$r"
 fi
 
-# -- 4. masked layers: ResNet-18 im2col shapes, 0% / 90% block sparsity, fwd+bwd vs dense cuBLAS in one run
+# -- 4. masked layers: ResNet-18 im2col shapes, 0% / 90% block sparsity, fwd+bwd vs dense cuBLAS in one run (bf16
+# first, then fp32; autotuning compiles every surviving config once per shape; rows are saved as they are measured)
 if ((DRY)); then
   run_step masked-layers 120 "python3 benchmarks/bench_masked_matmul.py --batch 1 --repeats 2 --out '$RESULTS'"
 else
-  run_step masked-layers 150 "python3 benchmarks/bench_masked_matmul.py --out '$RESULTS'"
+  run_step masked-layers 200 "python3 benchmarks/bench_masked_matmul.py --out '$RESULTS'"
 fi
 
 # -- 5. one whole TSCNC step on ResNet-50 vs svdvals / eigvalsh-of-Gram / memory floor (ResNet-18 in the dry run)
