@@ -19,7 +19,7 @@ from fastcnc.tsc import tsc_penalty
 
 # Without a GPU the CUDA code path runs on CPU tensors (TRITON_INTERPRET=1, set by conftest.py); with one, on the GPU.
 SIMULATE = _backend.INTERPRET
-DEVICE = "cpu" if SIMULATE else "cuda"
+DEVICE = "cuda" if not SIMULATE and torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not SIMULATE and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 (CPU) or a CUDA device")
 
@@ -60,7 +60,7 @@ PLANTED = {
     "tolist": lambda: _x.tolist(),
     "cpu": lambda: _x.cpu(),
     "to-cpu-string": lambda: _x.to("cpu"),
-    "numpy": lambda: _x.numpy(),
+    "numpy": lambda: _x.numpy(force=True),
     "upload-python-list": lambda: torch.tensor([1, 2, 3], device=_x.device),
     "upload-host-tensor": lambda: torch.tensor([1, 2, 3]).to(_x.device),
     "host-index-on-device-tensor": lambda: _x[torch.tensor([0, 2])],
@@ -138,14 +138,14 @@ def test_masked_linear_step_has_no_host_syncs(keep, one_intra_op_thread):
 
     counter = _count(step)
     assert not counter.syncs, f"MaskedLinear forward+backward on the CUDA path syncs:\n{format_syncs(counter.syncs)}"
-    if keep < 1.0 and SIMULATE:
-        assert counter.launches == 3, "the block-sparse layer must run the fwd, dX and dW kernels"
+    if SIMULATE:  # the CUDA dispatch rule: kernels for a block-sparse mask, W*M + cuBLAS for a dense one
+        assert counter.launches == (3 if keep < 1.0 else 0), counter.launches
 
 
 @pytest.mark.parametrize("groups", [1, 2])
 def test_masked_conv2d_step_has_no_host_syncs(groups, one_intra_op_thread):
-    layer = MaskedConv2d(8, 16, 3, padding=1, stride=2, groups=groups, device=DEVICE)
-    layer.set_mask(_block_mask(16, 8 // groups * 9, 16, 0.5).reshape(layer.weight.shape))
+    layer = MaskedConv2d(8, 32, 3, padding=1, stride=2, groups=groups, device=DEVICE)
+    layer.set_mask(_block_mask(32, 8 // groups * 9, 16, 0.2).reshape(layer.weight.shape))
     x = torch.randn(2, 8, 7, 7, device=DEVICE, requires_grad=True)
 
     def step():
