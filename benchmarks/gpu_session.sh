@@ -122,7 +122,7 @@ fi
 # -- 7. trajectory benchmark (benchmarks/run.py trajectory), reported as skipped while the subcommand does not exist
 TRAJ_CHECK="[[ -f benchmarks/run.py ]] && python3 benchmarks/run.py trajectory --help >/dev/null 2>&1 || { echo 'not available'; exit 99; }"
 if ((DRY)); then
-  run_step trajectory 120 "$TRAJ_CHECK; python3 benchmarks/run.py trajectory --device cpu --out '$RESULTS'"
+  run_step trajectory 120 "$TRAJ_CHECK; python3 benchmarks/run.py trajectory --device cpu --preset tiny --out '$RESULTS'"
 else
   run_step trajectory 60 "$TRAJ_CHECK; python3 benchmarks/run.py trajectory --device cuda --out '$RESULTS'"
 fi
