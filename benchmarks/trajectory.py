@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -99,8 +100,8 @@ PRESETS = {
 
 
 def _cache_path(run: Run, device: str) -> Path:
-    key = "-".join(f"{v}" for v in asdict(run).values())
-    return CACHE / f"{run.name}-{device}-{abs(hash(key)) % 10**8:08d}.pt"
+    key = "-".join(f"{v}" for v in asdict(run).values())  # (hashlib: str hashes are salted per process)
+    return CACHE / f"{run.name}-{device}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
 
 
 def record(run: Run, device: torch.device, *, refresh: bool = False, log=print) -> list[dict]:

@@ -21,7 +21,7 @@ deficiency (an empty column of A, or fewer non-empty rows than columns) gives si
 
 No host synchronisation is needed by the rounds themselves (``cholesky_ex``, triangular solves, matmuls, and a
 repeated-squaring Rayleigh-Ritz pick instead of ``eigh``, which checks its status on the host): with ``sync=False``
-one round runs for every matrix and the certification flags stay on the device for the caller to read later.
+two fixed rounds run for every matrix and the certification flags stay on the device for the caller to read later.
 See docs/spectral.md for the measurements behind each choice.
 """
 
@@ -44,6 +44,7 @@ _F64 = torch.float64
 
 
 _TOP_STEPS = 4
+_SYNC_FREE_ROUNDS = 2  # rounds a sync-free call (TSCNC on CUDA) runs for every matrix: measured in docs/spectral.md
 _EIGH_MAX = 128  # on CPU, groups with n <= this take Rayleigh-Ritz on the whole space (eigh) instead of iterating
 
 
@@ -549,6 +550,18 @@ def _solve_group(g: _Group, opt: SpectralOptions, state_blocks, lower, refresh, 
                 X, Y = X.index_copy(0, bad, sub.X), Y.index_copy(0, bad, sub.Y)
                 L_next = L_next.index_copy(0, bad, sub.next_L)
             todo = sorted(set(todo) | set((~res["certified"]).nonzero().flatten().tolist()))
+        else:  # sync-free: a fixed second round for every row (no host branching); certified rows keep round 1's
+            for round_no in range(2, min(opt.max_rounds, _SYNC_FREE_ROUNDS) + 1):
+                iters *= 2
+                sub = _round(g, rows, X, Y, out.next_L, iters, opt, sync)
+                work["factorizations"] += sub.factorizations
+                work["inverse_steps"] += iters * g.B
+                work["rounds"] = max(work["rounds"], round_no)
+                keep = res["certified"]
+                for k in _FIELDS:
+                    v = getattr(sub, k)
+                    res[k] = torch.where(keep.view(-1, *([1] * (v.dim() - 1))), res[k], v)
+                X, Y, out = sub.X, sub.Y, sub
     if res:
         res["resolved"] = res["certified"].clone()
     if todo:
@@ -602,7 +615,7 @@ def extreme_singular_values(
             ignored (cold start); one holding NaN/Inf raises ValueError.
         refresh: True (or one bool per matrix): compute those matrices by float64 SVD and reset their warm state.
         sync: True (default): read the certification flags on the host, run more rounds / the fallback where needed
-            and raise on NaN/Inf weights or unresolvable matrices. False: exactly one round, no host sync; the flags in
+            and raise on NaN/Inf weights or unresolvable matrices. False: two fixed rounds, no host sync; the flags in
             ``certified`` are left on the device for the caller to check (TSCNC does, one step later, on CUDA).
         ritz_block: also return the bottom Ritz block (``estimate.bottom``) for a soft-min over it (uses ``eigh``,
             which synchronises on CUDA).
