@@ -423,20 +423,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.runs:
         keep = set(args.runs.split(","))
         runs = [r for r in runs if r.name in keep]
+        if not runs:
+            p.error(f"--runs {args.runs!r} names none of the preset's runs: {[r.name for r in PRESETS[preset]]}")
     t0 = time.perf_counter()
     results = []
-    for run in runs:
-        snaps = record(run, device, refresh=args.rerecord)
-        results.append(evaluate(run, snaps, device, repeats=args.repeats))
-    meta = environment(device) | {
-        "time": _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M UTC"), "fastcnc": fastcnc.__version__,
-        "preset": preset, "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "wall_s": time.perf_counter() - t0}
-    result = {"meta": meta, "runs": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"trajectory-{device.type}{('-' + args.tag) if args.tag else ''}"
-    write_result(out, stem, result, markdown(result))
+    for run in runs:
+        snaps = record(run, device, refresh=args.rerecord)
+        results.append(evaluate(run, snaps, device, repeats=args.repeats))
+        # written after every run, so a time limit keeps what was measured
+        meta = environment(device) | {
+            "time": _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M UTC"), "fastcnc": fastcnc.__version__,
+            "preset": preset, "repeats": args.repeats, "threads": torch.get_num_threads(),
+            "wall_s": time.perf_counter() - t0}
+        result = {"meta": meta, "runs": results}
+        write_result(out, stem, result, markdown(result))
     print(markdown(result).split("\n\n## ")[0])
     print(f"wrote {out / stem}.json/.md in {meta['wall_s']:.0f} s")
     return result
