@@ -40,9 +40,10 @@ class TSCNC(nn.Module):
     What is guaranteed where: on CPU every call checks the certificates synchronously, so each layer's kappa_eps
     (kappa with sigma_min floored at ``eps * sigma_max``) is proven within ``rtol`` of the truth, or the layer is
     recomputed by float64 SVD in the same call. On CUDA the step runs two fixed rounds with no host sync; the
-    certification flags are copied to pinned memory without blocking and read at the next call: a layer that did not certify is
-    named in a RuntimeWarning and recomputed exactly at that next call (so a value may be uncertified for one step,
-    never silently), and NaN/Inf weights raise ValueError one call late.
+    certification flags are copied to pinned memory without blocking and read at the next call: a layer that did
+    not certify is named in a RuntimeWarning and recomputed exactly at that next call (so a value may be uncertified
+    for one step, never silently; it is still finite and one-sided: sigma_min from above, sigma_max from below, even
+    where a factorization broke down), and NaN/Inf weights raise ValueError one call late.
 
     Args:
         model: the network (pass the unwrapped module, not a DDP wrapper).

@@ -273,6 +273,13 @@ def _orth(X: torch.Tensor, passes: int = 2) -> torch.Tensor:
     return X
 
 
+def _keep_finite(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Rows (matrices) of ``new`` with a NaN/Inf entry replaced by ``old``'s: a failed factorization leaves a
+    garbage factor (NaN-filled on CUDA) whose solves must not reach the values, the vectors or the warm state."""
+    ok = torch.isfinite(new).flatten(1).all(1)
+    return torch.where(ok.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
 def _normalize(X: torch.Tensor) -> torch.Tensor:
     return X / X.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
@@ -387,6 +394,7 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
 
 def _round(g: _Group, rows, X, Y, L_it, iters: int, opt: SpectralOptions, sync: bool) -> _Round:
     G = g.G[rows]
+    X0, Y0 = X, Y
     for _ in range(iters):  # shifted inverse iteration for the bottom (one Cholesky-QR pass per step suffices)
         X = torch.linalg.solve_triangular(L_it, X, upper=False)
         X = _orth(torch.linalg.solve_triangular(L_it.mT, X, upper=True), passes=1)
@@ -398,6 +406,7 @@ def _round(g: _Group, rows, X, Y, L_it, iters: int, opt: SpectralOptions, sync: 
         Y = G @ Y
         Y = _orth(Y, passes=1) if k % 4 == 0 else _normalize(Y)
     Y = _orth(Y, passes=1)
+    X, Y = _keep_finite(X, X0), _keep_finite(Y, Y0)
     return _finish(g, rows, X, Y, _bottom_ritz(G, X), _top_ritz(G, Y), L_it, opt, sync)
 
 
@@ -411,8 +420,7 @@ def _round_eigh(g: _Group, rows, r: int, r_top: int, opt: SpectralOptions) -> _R
 
 def _finish(g: _Group, rows, X, Y, x, y, L_it, opt: SpectralOptions, sync: bool) -> _Round:
     """Values |A x|, |A y| of the Ritz vectors, their certificates, and the structural / all-zero overrides."""
-    x = x / x.norm(dim=1, keepdim=True)
-    y = y / y.norm(dim=1, keepdim=True)
+    x, y = _unit_or(x, X[..., 0]), _unit_or(y, Y[..., 0])
     smin, smax, u_min, u_max, e_min, e_max = _values(g, rows, x, y)
     smin_hi, smax_lo = smin + e_min, (smax - e_max).clamp_min(0)
     lower_sq, upper_ok, t, next_L, has_next, nf = _certify(g, rows, smin, smax, smin_hi, smax_lo, opt, sync)
@@ -427,6 +435,14 @@ def _finish(g: _Group, rows, X, Y, x, y, L_it, opt: SpectralOptions, sync: bool)
     # rows without a certified shift keep their old factor for the next round
     next_L = torch.where(has_next[:, None, None], next_L, L_it)
     return _Round(X, Y, x, y, smin, smax, u_min, u_max, smin_lo, smin_hi, smax_lo, smax_hi, certified, next_L, nf)
+
+
+def _unit_or(z: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """z / |z|, or the (unit, finite) fallback where z is zero or not finite: any unit vector gives valid one-sided
+    values |A z| (sigma_min <= |A x|, |A y| <= sigma_max), so a failed Ritz pick costs accuracy, never soundness."""
+    nz = z.norm(dim=1, keepdim=True)
+    ok = torch.isfinite(nz) & (nz > 0)
+    return torch.where(ok, z / torch.where(ok, nz, torch.ones_like(nz)), fallback)
 
 
 def _meets(smin_lo, smin_hi, smax_lo, smax_hi, opt: SpectralOptions) -> torch.Tensor:
@@ -458,16 +474,17 @@ def _first_factor(g: _Group, lower, sync: bool):
     zero = torch.zeros(g.B, dtype=_F64, device=g.A.device)
     safe = -g.margin(zero)
     if lower is None:
-        L, _ = _chol(g.G - safe[:, None, None] * g.eye)
-        return L, g.B
+        L, ok = _chol(g.G - safe[:, None, None] * g.eye)
+        return _factor_or_identity(L, ok, g.eye), g.B
     base = torch.ldexp(lower, -g.exp) ** 2
     shifts = [base * f**2 for f in _FIRST_SHIFTS] + [safe]
     if not sync:
         xi = torch.stack(shifts, 1)
         L, ok = _chol(_shifted(g.G, xi, torch.ones(xi.shape[1], dtype=_F64, device=g.A.device)))
-        ok[:, -1] = True  # the safe shift: taken when nothing else factors
-        pick = ok.to(torch.int8).argmax(1)  # first (largest) shift that factored
-        return L.gather(1, pick[:, None, None, None].expand(-1, 1, g.n, g.n)).squeeze(1), xi.numel()
+        found = ok.any(1)
+        pick = ok.to(torch.int8).argmax(1)  # first (largest) shift that factored (all False: index 0)
+        L = L.gather(1, pick[:, None, None, None].expand(-1, 1, g.n, g.n)).squeeze(1)
+        return _factor_or_identity(L, found, g.eye), xi.numel()
     L, ok = _chol(g.G - shifts[0][:, None, None] * g.eye)
     count = g.B
     for s in shifts[1:]:
@@ -476,9 +493,15 @@ def _first_factor(g: _Group, lower, sync: bool):
             break
         Lb, okb = _chol(g.G[bad] - s[bad][:, None, None] * g.eye)
         L[bad] = Lb
-        ok[bad] = okb | (s is shifts[-1])
+        ok[bad] = okb
         count += bad.numel()
-    return L, count
+    return _factor_or_identity(L, ok, g.eye), count
+
+
+def _factor_or_identity(L: torch.Tensor, ok: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
+    """The factor where it exists, else I: inverse iteration with I leaves the block as it is (the safe shift fails
+    only when rounding defeats the margin, e.g. on a NaN/Inf matrix)."""
+    return torch.where(ok[:, None, None], L, eye)
 
 
 def _exact(g: _Group, rows, opt: SpectralOptions):

@@ -1,0 +1,121 @@
+"""TSCNC's sync-free mode (the CUDA path) stays finite and sync-free when a certificate or a factorization fails.
+
+On CUDA a Cholesky that breaks down (info > 0) leaves a NaN-filled factor, and the flags that say so are read only at
+the next call, after the step's gradient has been applied. These tests emulate that (failed factors are NaN-filled)
+on the CUDA code path (``fastcnc._backend.cuda_code_path()`` on CPU tensors, see tests/test_host_syncs.py), plant
+factorizations that must fail, and train a small pruned model with an ill-conditioned layer for a few steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+from sync_count import count_host_syncs, format_syncs
+from torch import nn
+
+from fastcnc import _backend
+from fastcnc.layers import MaskedLinear
+from fastcnc.reference import matrix_with_spectrum
+from fastcnc.regularizer import TSCNC
+
+SIMULATE = _backend.INTERPRET
+DEVICE = "cuda" if not SIMULATE and torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not SIMULATE and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 (CPU) or a CUDA device")
+
+_real_cholesky_ex = torch.linalg.cholesky_ex
+
+
+class _PlantedCholesky:
+    """torch.linalg.cholesky_ex as cuSOLVER behaves on a breakdown (NaN factor, info > 0), plus planted breakdowns of
+    every factorization of an ``fail_n`` x ``fail_n`` matrix while ``fail_n`` is set."""
+
+    def __init__(self) -> None:
+        self.fail_n: int | None = None
+        self.planted = 0
+
+    def __call__(self, A, *, upper=False, check_errors=False, out=None):
+        L, info = _real_cholesky_ex(A, upper=upper, check_errors=check_errors)
+        if self.fail_n is not None and A.shape[-1] == self.fail_n:
+            info = torch.ones_like(info)
+            self.planted += info.numel()
+        failed = (info > 0)[..., None, None]
+        return torch.where(failed, torch.full_like(L, torch.nan), L), info
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskedLinear(96, 64), nn.ReLU(), MaskedLinear(64, 10)).to(DEVICE)
+    with torch.no_grad():  # kappa 1e3, graded, clustered at the bottom: an ill-conditioned layer
+        s = torch.cat([torch.logspace(0, -2.5, 60, dtype=torch.float64), torch.full((4,), 1e-3, dtype=torch.float64)])
+        w = matrix_with_spectrum(64, 96, s, generator=torch.Generator().manual_seed(1))
+        model[0].weight.copy_(w.to(device=DEVICE, dtype=torch.float32))
+    model[2].set_mask((torch.rand(10, 64, generator=torch.Generator().manual_seed(2)) > 0.9).float().to(DEVICE))
+    return model
+
+
+def _assert_finite(model, reg) -> None:
+    est = reg.last_estimate
+    for name in ("sigma_max", "sigma_min", "sigma_max_lo", "sigma_max_hi", "sigma_min_lo", "sigma_min_hi"):
+        assert torch.isfinite(getattr(est, name)).all(), f"estimate.{name} is not finite: {getattr(est, name)}"
+    for vec in (*est.u_max, *est.v_max, *est.u_min, *est.v_min):
+        assert torch.isfinite(vec).all()
+    for blk in reg.state.blocks:
+        assert torch.isfinite(blk).all(), "a failed factorization reached the warm state"
+    for p in model.parameters():
+        assert torch.isfinite(p).all() and (p.grad is None or torch.isfinite(p.grad).all())
+
+
+def test_failed_factorizations_never_reach_values_gradients_or_weights(monkeypatch, one_intra_op_thread):
+    planted = _PlantedCholesky()
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", planted)
+    model = _model()
+    reg = TSCNC(model, lambda_tsc=0.0, lambda_cnc=1e-2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 96, generator=gen).to(DEVICE), torch.randint(0, 10, (32,), generator=gen).to(DEVICE)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y) + reg()
+        loss.backward()
+        return loss
+
+    with _backend.cuda_code_path() if SIMULATE else contextlib.nullcontext():
+        for _ in range(3):  # the exact refresh, then warm sync-free calls that certify every layer
+            step()
+            opt.step()
+            _assert_finite(model, reg)
+        assert reg.last_estimate.certified.all() and reg.last_estimate.work["fallbacks"] == 0
+
+        planted.fail_n = 64  # every factorization of the ill-conditioned layer's Gram breaks down (NaN factor)
+        with count_host_syncs(simulate=SIMULATE) as counter:
+            loss = step()
+        planted.fail_n = None
+        syncs = [s for s in counter.syncs if not (SIMULATE and "_read_pending" in s.where)]
+        assert not syncs, f"a sync-free step with failed factorizations syncs:\n{format_syncs(syncs)}"
+        assert planted.planted > 0 and torch.isfinite(loss)
+        assert reg.last_estimate.certified.tolist() == [False, True]  # never certified on a failed factorization
+        _assert_finite(model, reg)
+        est = reg.last_estimate
+        exact = torch.linalg.svdvals(model[0].effective_weight().detach().double())
+        # uncertified but sound: sigma_min = |A x| >= the true one, sigma_max = |A y| <= the true one
+        assert est.sigma_min[0] >= exact[-1] * (1 - 1e-12) and est.sigma_max[0] <= exact[0] * (1 + 1e-12)
+        opt.step()
+        _assert_finite(model, reg)
+
+        with pytest.warns(RuntimeWarning, match=r"certificate of matrices \[0\] failed"):
+            step()  # the late flags name the layer; it is recomputed exactly in this call
+        assert reg.last_estimate.fallback.tolist() == [True, False]
+        opt.step()
+        _assert_finite(model, reg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for _ in range(2):  # and the warm calls after the refresh certify again
+                step()
+                opt.step()
+                _assert_finite(model, reg)
+        assert reg.last_estimate.certified.all()
