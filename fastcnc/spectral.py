@@ -364,19 +364,39 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
     factorizations."""
     G = g.G[rows]
     budget = 1 + opt.rtol
-    t = (smax * budget**0.3) ** 2
-    # the lowest sigma_min that still keeps kappa_floor within the budget, given the other three bracket ends
-    need = t.sqrt() * ((smin_hi / smax_lo.clamp_min(1e-300) + opt.floor) / budget**0.95 - opt.floor)
-    tau = need.clamp_min(0) ** 2
+
+    def pair(top_share: float):
+        """Upper shift t with ``top_share`` of the budget, and the lowest sigma_min (squared) that still keeps
+        kappa_floor within the budget given t and the other two bracket ends."""
+        t = (smax * budget**top_share) ** 2
+        need = t.sqrt() * ((smin_hi / smax_lo.clamp_min(1e-300) + opt.floor) / budget**0.95 - opt.floor)
+        return need.clamp_min(0) ** 2, t
+
+    tau, t = pair(0.3)
     tau_loose = (0.8 * smin) ** 2
     xi_tau, xi_loose, xi_t = tau + g.margin(tau, rows), tau_loose + g.margin(tau_loose, rows), t - g.margin(t, rows)
     both = loose and not sync
-    xi = torch.stack([xi_tau, xi_t] + ([xi_loose] if both else []), 1)
-    sign = 1 - 2 * (torch.arange(xi.shape[1], device=G.device) == 1).to(_F64)  # [1, -1, (1)]
+    shifts = [xi_tau, xi_t]
+    if both:
+        # sync-free: no later round can fix a sigma_max that the fixed power steps left a little low (a clustered
+        # top after a large step), so a second pair that gives the top most of the budget is tested in the same
+        # batched call (no extra launch); the Ritz sigma_min is usually accurate to far better than its share
+        tau2, t2 = pair(0.8)
+        shifts += [xi_loose, tau2 + g.margin(tau2, rows), t2 - g.margin(t2, rows)]
+    xi = torch.stack(shifts, 1)
+    col = torch.arange(xi.shape[1], device=G.device)
+    sign = 1 - 2 * ((col == 1) | (col == 4)).to(_F64)  # [1, -1] or [1, -1, 1, 1, -1]
     L, ok = _chol(_shifted(G, xi, sign))  # lower test: G - xi I; upper test: xi I - G
     count = xi.shape[1] * G.shape[0]
     ok_tau, ok_t, L_tau = ok[:, 0], ok[:, 1], L[:, 0]
     if both:
+        # the best proven end on each side (_meets then judges the bracket they make)
+        ok_tau2, ok_t2 = ok[:, 3], ok[:, 4]
+        tau = torch.where(ok_tau2, tau2, tau)
+        L_tau = torch.where(ok_tau2[:, None, None], L[:, 3], L_tau)
+        ok_tau = ok_tau | ok_tau2
+        t = torch.where(ok_t, t, t2)
+        ok_t = ok_t | ok_t2
         ok_loose, L_loose = ok[:, 2], L[:, 2]
     elif loose:  # sync: the host can see which rows failed, so only those pay for the looser factor
         ok_loose = torch.zeros_like(ok_tau)
