@@ -24,7 +24,7 @@ def test_term_does_not_see_kappa():
     q2, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
     for c in (1.0, 10.0, 1e3):
         w = q1 @ torch.diag(torch.tensor([c, 1 / c], dtype=torch.float64)) * math.sqrt(2) @ q2[:2]
-        assert float(paper_cnc_term(w)) == pytest.approx(0.0, abs=1e-12)
+        assert float(paper_cnc_term(w)) == pytest.approx(0.0, abs=1e-8)  # 0 up to the rounding of kappa^2 ~ 1e12
 
 
 def test_gradcheck_and_penalty_over_fc_layers():
