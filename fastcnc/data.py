@@ -77,7 +77,9 @@ def _read_mnist_csv() -> np.ndarray:
 def mnist_split(labels: torch.Tensor, test_per_class: int = MNIST_TEST_PER_CLASS,
                 seed: int = MNIST_SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified fixed split: per class, the first ``test_per_class`` of a seeded permutation go to the test set.
-    Returns sorted ``(train_index, test_index)``."""
+
+    Returns ``(train_index, test_index)``, each in a seeded shuffled order: the file is sorted by class, so without
+    it a prefix of the test set (``eval_max_examples``) would hold one class only."""
     generator = torch.Generator().manual_seed(seed)
     train, test = [], []
     for c in range(int(labels.max()) + 1):
@@ -85,7 +87,8 @@ def mnist_split(labels: torch.Tensor, test_per_class: int = MNIST_TEST_PER_CLASS
         idx = idx[torch.randperm(len(idx), generator=generator)]
         test.append(idx[:test_per_class])
         train.append(idx[test_per_class:])
-    return torch.cat(train).sort().values, torch.cat(test).sort().values
+    train, test = torch.cat(train), torch.cat(test)
+    return train[torch.randperm(len(train), generator=generator)], test[torch.randperm(len(test), generator=generator)]
 
 
 def _load_mnist() -> ImageData:

@@ -37,6 +37,12 @@ def test_mnist_is_the_packaged_file_split_4000_1000_stratified():
     assert len(set(train.tolist()) | set(test.tolist())) == 5000 and not set(train.tolist()) & set(test.tolist())
 
 
+def test_mnist_test_prefixes_hold_every_class():
+    """The file is sorted by class: the split shuffles, so eval_max_examples=100 still sees all ten classes."""
+    data = load_dataset("mnist")
+    assert torch.all(data.y_test[:100].bincount(minlength=10) >= 4)
+
+
 def test_mnist_split_is_fixed_and_independent_of_the_global_rng():
     torch.manual_seed(123)
     a = load_dataset("mnist")
