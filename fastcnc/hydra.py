@@ -167,3 +167,63 @@ def _scored_forward(layer: nn.Module, pruner: HydraPruner, scores: nn.Parameter)
         raise TypeError(f"HYDRA scores only MaskedLinear / MaskedConv2d, got {type(layer).__name__}")
 
     return forward
+
+
+class HydraSchedule:
+    """HYDRA's three stages on a training loop's optimizer-step counter.
+
+    Steps ``[0, score_start)`` pre-train the dense network (the loop's own optimizer), ``[score_start, score_end)``
+    optimise the scores only (``self.optimizer``: SGD with momentum, cosine lr over the stage; the network's
+    parameters are frozen, so the loop's weight optimizer has nothing to update), and from ``score_end`` on the masks
+    are fixed and the loop fine-tunes the weights. Call ``step(step)`` before the forward of every optimizer step
+    and ``optimizer_step()`` after the backward (it does nothing outside the score stage).
+    """
+
+    def __init__(self, pruner: HydraPruner, score_start: int, score_end: int, *, lr: float = 0.1,
+                 momentum: float = 0.9, weight_decay: float = 1e-4):
+        if not 0 <= score_start < score_end:
+            raise ValueError(f"HYDRA needs 0 <= score_start < score_end, got {score_start}, {score_end}")
+        if lr <= 0:
+            raise ValueError(f"score lr must be > 0, got {lr}")
+        self.pruner, self.start, self.end = pruner, int(score_start), int(score_end)
+        self.optimizer = torch.optim.SGD(pruner.scores.parameters(), lr=lr, momentum=momentum,
+                                         weight_decay=weight_decay)
+        self.base_lr = lr
+        self.done = False
+
+    def stage(self, step: int) -> str:
+        return "pretrain" if step < self.start else ("score" if step < self.end else "finetune")
+
+    @property
+    def scoring(self) -> bool:
+        return self.pruner.scoring
+
+    def step(self, step: int) -> None:
+        """Enter or leave the score stage as ``step`` requires (idempotent; resumes land in the right stage)."""
+        stage = self.stage(step)
+        if stage == "score" and not self.pruner.scoring and not self.done:
+            self.pruner.begin_scoring(reset=step == self.start)
+        if stage == "finetune" and not self.done:
+            if not self.pruner.scoring:  # a run that starts (or resumes) past the stage still gets HYDRA's masks
+                self.pruner.begin_scoring(reset=False)
+            self.pruner.end_scoring()
+            self.done = True
+        if self.pruner.scoring:
+            progress = (step - self.start) / (self.end - self.start)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def optimizer_step(self) -> None:
+        if self.pruner.scoring:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"pruner": self.pruner.state_dict(), "optimizer": self.optimizer.state_dict(), "done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or not {"pruner", "optimizer", "done"} <= set(state):
+            raise ValueError("HydraSchedule state must be a dict with 'pruner', 'optimizer', 'done'")
+        self.pruner.load_state_dict(state["pruner"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.done = bool(state["done"])

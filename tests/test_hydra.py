@@ -1,5 +1,7 @@
 """HYDRA score-based pruning: exact kept fraction, gradients reach the scores, the fine-tune mask stays fixed."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,3 +145,41 @@ def test_bad_arguments():
     pruner = HydraPruner(_net(), 0.5)
     with pytest.raises(RuntimeError, match="without begin_scoring"):
         pruner.end_scoring()
+
+
+def test_schedule_runs_the_three_stages_and_learns_scores():
+    from fastcnc.hydra import HydraSchedule
+
+    model = _net()
+    pruner = HydraPruner(model, 0.8)
+    schedule = HydraSchedule(pruner, 2, 5, lr=0.1)
+    weights = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.rand(16, 1, 5, 5), torch.randint(0, 3, (16,))
+    stages, score_history = [], []
+    for step in range(8):
+        schedule.step(step)
+        stages.append(schedule.stage(step))
+        weights.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        weights.step()
+        schedule.optimizer_step()
+        score_history.append(pruner.scores[0].detach().clone())
+        if step == 3:
+            mid_state = copy.deepcopy(schedule.state_dict())
+            assert all(not p.requires_grad for p in model.parameters())
+    assert stages == ["pretrain"] * 2 + ["score"] * 3 + ["finetune"] * 3
+    assert torch.equal(score_history[0], score_history[1])  # not trained while pre-training
+    assert not torch.equal(score_history[2], score_history[4])  # trained while scoring
+    assert torch.equal(score_history[5], score_history[7])  # frozen while fine-tuning
+    for _, layer in pruner._layers:
+        assert int(layer.mask.sum()) == layer.mask.numel() - round(0.8 * layer.mask.numel())
+    assert all(p.requires_grad for p in model.parameters()) and schedule.done
+    # a resumed schedule in the middle of the score stage continues scoring from the saved scores
+    other_model = _net()
+    other = HydraSchedule(HydraPruner(other_model, 0.8), 2, 5)
+    other.load_state_dict(mid_state)
+    assert other.scoring and torch.equal(other.pruner.scores[0], mid_state["pruner"]["scores.0"])
+    other.step(4)
+    assert other.scoring
+    other.step(5)
+    assert not other.scoring and other.done
