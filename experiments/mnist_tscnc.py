@@ -6,12 +6,14 @@ Grid (each cell for every seed):
 Model: ResNet-18 at width 16 with the ImageNet stem (7x7/2 conv + max-pool: the 28x28 input is at 7x7 after the
 stem, which makes a PGD-AT step 5.4x cheaper on CPU than the CIFAR stem; measured 29 vs 157 ms per forward+backward
 of 64 images, 1 thread). Training: gradual global magnitude pruning (cubic schedule) during training, then
-fine-tuning at the final mask; every setting is in SETTINGS and is written into the results files.
+fine-tuning at the final mask; every setting is in SETTINGS and is written into the results files. The budget: a
+2-core machine shared with other jobs, on which a run gets a fraction of one core; 5 epochs of PGD-3 training (step
+2.5 eps / 3) keep a run at about 1-2 CPU-minutes.
 
 Evaluation at the training eps: clean accuracy and PGD-50 (random start, step 2.5 eps / 50) on the 1,000 test images;
 APGD-CE + APGD-T through pyautoattack (100 iterations each, 9 target classes, the standard AutoAttack settings of
-these two attacks) on the first 200 of them (APGD-T's 900 iterations per robust image dominate the CPU budget), the
-per-image worst case over PGD-50 and the APGD pair on those 200, and the exact per-layer condition
+these two attacks) on the first 100 of them (APGD-T's 900 iterations per robust image dominate the CPU budget), the
+per-image worst case over PGD-50 and the APGD pair on those 100, and the exact per-layer condition
 numbers of ``W * M`` (float64 SVD; ``inf`` when numerically singular). Training time is wall time of the training
 loop (CUDA-synchronised on GPU).
 
@@ -49,17 +51,17 @@ ROOT = HERE.parent
 
 SETTINGS = {
     "dataset": "mnist", "model": "resnet18", "stem": "imagenet", "width": 16,
-    "epochs": 6, "batch_size": 128, "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+    "epochs": 5, "batch_size": 128, "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
     "schedule": "cosine",
-    "eps": 0.1, "attack_steps": 5, "step_size": 0.05,  # 2.5 * eps / steps
+    "eps": 0.1, "attack_steps": 3, "step_size": 0.25 / 3,  # 2.5 * eps / steps
     "trades_beta": 6.0,
-    "prune": "gradual (global magnitude, cubic)", "prune_start_epoch": 1.0, "prune_end_epoch": 4.0,
+    "prune": "gradual (global magnitude, cubic)", "prune_start_epoch": 1.0, "prune_end_epoch": 3.5,
     "prune_frequency": 5,
     "lambda_tsc": 1e-5, "tsc_a": 100.0, "lambda_cnc": 1e-2, "cnc_form": "log",
     "eval_pgd_steps": 50, "eval_pgd_step_size": 0.005,  # 2.5 * eps / 50
     "autoattack": "apgd (APGD-CE + APGD-T, pyautoattack 0.2.0)",
     "n_eval": 1000,  # test images for clean and PGD-50 accuracy (the first n of the fixed, class-shuffled split)
-    "n_eval_autoattack": 200,  # the first n of those for APGD-CE + APGD-T and the worst case (CPU budget)
+    "n_eval_autoattack": 100,  # the first n of those for APGD-CE + APGD-T and the worst case (CPU budget)
 }
 
 # arm -> (adversarial training, lambda_tsc on?, lambda_cnc on?)
