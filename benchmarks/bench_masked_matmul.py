@@ -15,20 +15,18 @@ impls (one benchmark group per shape x mask x sparsity, ``dense`` is the baselin
 
 Run: ``pytest benchmarks/bench_masked_matmul.py --benchmark-json out.json`` (on a shared CPU, ``OMP_NUM_THREADS=1``
 gives far steadier numbers: a 2-thread GEMM stalls whenever a neighbour takes one of the cores) then
-``python benchmarks/bench_masked_matmul.py out.json > out.md`` for the ratio table. ``--benchmark-disable`` runs
+``python benchmarks/run.py masked-report out.json > out.md`` for the ratio table. ``--benchmark-disable`` runs
 each target once (a smoke test).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
-import platform
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from common import device_name, render_ratio_table
 
 from fastcnc import MaskedLinear, masked
 
@@ -48,18 +46,6 @@ IMPLS = ["dense", "fastcnc", pytest.param("triton", marks=pytest.mark.skipif(not
          "torch_csr", "torch_bsr"]
 TILE = 32
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
-
-
-def device_name() -> str:
-    if CUDA:
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    threads = torch.get_num_threads()
-    return f"{model} ({threads} torch thread{'s' if threads > 1 else ''})"
 
 
 def make_mask(n: int, k: int, kind: str, sparsity: float, gen: torch.Generator) -> torch.Tensor:
@@ -140,7 +126,7 @@ def test_masked_matmul_fwd_bwd(benchmark, monkeypatch, layer, kind, sparsity, im
     benchmark.group = f"{name}-{kind}-s{round(sparsity * 100)}"
     tiles = masked.build_tile_table(mask, block=TILE)
     benchmark.extra_info.update(layer=name, M=m, N=n, K=k, mask=kind, sparsity=sparsity, impl=impl,
-                                tile_density=tiles.density, device=device_name(), torch=torch.__version__)
+                                tile_density=tiles.density, device=device_name(DEVICE), torch=torch.__version__)
 
     def run():
         step()
@@ -154,58 +140,22 @@ def test_masked_matmul_fwd_bwd(benchmark, monkeypatch, layer, kind, sparsity, im
 # ------------------------------------------------------------------------------------------------------------ report
 
 
-STAT = "min"  # the least disturbed round: on a shared machine the median mostly measures the neighbours
-
-
 def render(path: str) -> str:
-    """Markdown table of times (``STAT`` of the rounds) and ratios to ``dense`` from a ``--benchmark-json`` file."""
-    with open(path) as f:
-        data = json.load(f)
-    rows: dict[str, dict[str, dict]] = {}
-    for b in data["benchmarks"]:
-        rows.setdefault(b["group"], {})[b["extra_info"]["impl"]] = b
-    impls = [i for i in ("dense", "fastcnc", "triton", "torch_csr", "torch_bsr") if any(i in r for r in rows.values())]
-    first = next(iter(next(iter(rows.values())).values()))["extra_info"]
-    date = data.get("datetime", "")[:10] or datetime.date.today().isoformat()
-    out = [
-        "# Masked matmul forward + backward: fastcnc vs dense (W*M) vs torch.sparse",
-        "",
-        f"- device: {first['device']}",
-        f"- torch {first['torch']}, python {platform.python_version()}, date {date}",
+    """Markdown table of a ``--benchmark-json`` file of this benchmark (``python benchmarks/run.py masked-report``)."""
+    notes = [
         "- shapes: im2col matmuls of ResNet-18 3x3 convs (CIFAR), M = batch x H x W, N = C_out, K = 9 C_in",
-        f"- time: {STAT} of the rounds (3 for torch.sparse below 90% sparsity, else 15), fwd + bwd (y, dX, dW)",
-        "- ratio = time / time(dense) (< 1 is faster)",
+        "- rounds: 3 for torch.sparse below 90% sparsity, else 15; fwd + bwd (y, dX, dW)",
         "- torch_csr / torch_bsr weights are converted once outside the timed region (a training step would have to"
         " rebuild them after every optimizer step)",
     ]
-    if "triton" not in impls:
-        out += ["- no GPU: the Triton kernels are not timed; on CPU `fastcnc` runs the same code as `dense` (W*M then"
-                " matmul), so its ratio shows the noise floor of the run"]
-    out += [
-        "",
-        "| layer (M x N x K) | mask | sparsity | tile density (32x32) | dense ms | "
-        + " | ".join(f"{i} ms (ratio)" for i in impls if i != "dense") + " |",
-        "|" + "---|" * (5 + len(impls) - 1),
-    ]
-    for by_impl in rows.values():
-        info = next(iter(by_impl.values()))["extra_info"]
-        base = by_impl["dense"]["stats"][STAT] if "dense" in by_impl else None
-        cells = []
-        for impl in impls:
-            if impl == "dense":
-                continue
-            if impl not in by_impl:
-                cells.append("-")
-                continue
-            t = by_impl[impl]["stats"][STAT]
-            cells.append(f"{t * 1e3:.1f} ({t / base:.2f})" if base else f"{t * 1e3:.1f}")
-        out.append(f"| {info['layer']} ({info['M']}x{info['N']}x{info['K']}) | {info['mask']} | "
-                   f"{info['sparsity']:.0%} | {info['tile_density']:.2f} | "
-                   f"{base * 1e3:.1f} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python benchmarks/bench_masked_matmul.py results.json > results.md")
-    print(render(sys.argv[1]), end="")
+    with open(path) as f:
+        timed = {b["extra_info"]["impl"] for b in json.load(f)["benchmarks"]}
+    if "triton" not in timed:
+        notes.append("- no GPU: the Triton kernels are not timed; on CPU `fastcnc` runs the same code as `dense` (W*M"
+                     " then matmul), so its ratio shows the noise floor of the run")
+    return render_ratio_table(
+        path, title="Masked matmul forward + backward: fastcnc vs dense (W*M) vs torch.sparse", notes=notes,
+        impls=["dense", "fastcnc", "triton", "torch_csr", "torch_bsr"], baseline="dense",
+        row_columns=[("layer (M x N x K)", lambda i: f"{i['layer']} ({i['M']}x{i['N']}x{i['K']})"),
+                     ("mask", lambda i: i["mask"]), ("sparsity", lambda i: f"{i['sparsity']:.0%}"),
+                     ("tile density (32x32)", lambda i: f"{i['tile_density']:.2f}")])

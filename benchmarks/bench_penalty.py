@@ -6,8 +6,8 @@ Run: pytest benchmarks/bench_penalty.py --benchmark-enable [--benchmark-json out
 
 import pytest
 import torch
-
-from fastcnc.bench import IMPLS, _penalty_exact, device_name, drift, layer_matrices, make_step
+from common import device_name
+from penalty import IMPLS, drift, layer_matrices, make_step, penalty_exact
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -25,10 +25,10 @@ def test_cnc_penalty_value_and_grad(benchmark, impl, resnet18_mats):
     step = make_step(impl, mats, iters=1, depth=1, block=4) if impl == "fastcnc" else make_step(impl, mats)
     value = step()
     # never time a wrong answer: the penalty must agree with the exact float64 one
-    exact = _penalty_exact([m.detach().double() for m in mats], "svdvals")
+    exact = penalty_exact([m.detach().double() for m in mats], "svdvals")
     assert abs(value.item() - exact.item()) < 1e-3 * abs(exact.item())
     benchmark.group = "cnc-penalty-resnet18"
-    benchmark.extra_info.update(device=device_name(DEVICE), torch=torch.__version__, matrices=len(mats))
+    benchmark.extra_info.update(impl=impl, device=device_name(DEVICE), torch=torch.__version__, matrices=len(mats))
 
     def run():
         step()

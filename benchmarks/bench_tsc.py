@@ -8,9 +8,9 @@ Run: pytest benchmarks/bench_tsc.py --benchmark-enable [--benchmark-json out.jso
 
 import pytest
 import torch
+from common import device_name
 
 from fastcnc import tsc_penalty
-from fastcnc._backend import use_triton
 from fastcnc.models import build_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,7 +61,7 @@ def test_tsc_penalty_value_and_grad(benchmark, impl, resnet18_weights):
     n_weights = sum(w.numel() for w in weights)
     benchmark.group = f"tsc-penalty-resnet18-{str(weights[0].dtype).removeprefix('torch.')}"
     benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", torch=torch.__version__,
-        layers=len(weights), weights=n_weights, kernel_path=impl == "fastcnc" and use_triton(weights[0]),
+        impl=impl, device=device_name(DEVICE), torch=torch.__version__, layers=len(weights), weights=n_weights,
+        kernel_path=impl == "fastcnc" and DEVICE == "cuda",  # the dispatch rule: CUDA tensors take the kernels
     )
     benchmark.pedantic(step, rounds=20, warmup_rounds=2)

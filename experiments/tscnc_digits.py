@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="runs/tscnc_digits", help="folder for the run folders")
     parser.add_argument("--results", default=str(HERE / "results"), help="folder for the results table")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="extra config override for every run (e.g. eps=16/255)")
+                        help="extra config override for every run (e.g. attack_eps=16/255)")
     parser.add_argument("--name", default="tscnc_digits", help="stem of the results files")
     args = parser.parse_args(argv)
     extra = dict(item.split("=", 1) for item in args.set)
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     lines = [
         f"# TSCNC vs no TSCNC at 95% sparsity on the embedded digits ({len(args.seeds)} seeds)", "",
         f"Command: `{command.strip()}` (fastcnc `quick` preset: {cfg0.model} width {cfg0.width}, {cfg0.epochs} "
-        f"epochs, PGD-{cfg0.attack_steps} training at eps {cfg0.eps:.4f}, gradual global magnitude pruning to "
+        f"epochs, PGD-{cfg0.attack_steps} training at eps {cfg0.attack_eps:.4f}, gradual global magnitude pruning to "
         f"{cfg0.sparsity:.0%} between epochs {cfg0.prune_start_epoch:g} and {cfg0.prune_end_epoch:g}; evaluation on "
         f"the 360 held-out images: PGD-{cfg0.eval_pgd_steps} and CW-Linf-{cfg0.eval_cw_steps} with random start). "
         "kappa is exact (float64 SVD of W*M as [C_out, fan_in]); inf = numerically singular layer.", "",

@@ -43,3 +43,39 @@ def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
     return value
+
+
+def check_mask(mask, weight: torch.Tensor) -> torch.Tensor:
+    """A binary pruning mask for ``weight``: same shape and device, dtype bool/integer/floating, entries 0 or 1.
+
+    Checking "binary" reads every entry (a device sync on CUDA): layers check once in ``set_mask``, not per forward.
+    """
+    check_tensor("mask", mask)
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask must have the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    if mask.device != weight.device:
+        raise ValueError(f"mask must be on the weight's device {weight.device}, got {mask.device}")
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool, integer or floating, got dtype {mask.dtype}")
+    if mask.dtype != torch.bool and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must be binary (only 0 and 1 entries)")
+    return mask
+
+
+def check_eps_floor(name: str, value) -> float:
+    """A relative sigma_min floor in (0, 1), such as cnc_penalty's ``eps``: kappa is capped at ``1 / eps``."""
+    value = check_positive(name, value)
+    if value >= 1:
+        raise ValueError(f"{name} must be < 1 (kappa is capped at 1/{name}), got {value}")
+    return value
+
+
+# kernels/spectral.py's ragged_bmm multiplies at most 16 vectors per matrix (its `R <= 16` assertion), and a block of
+# `block` vectors grown `depth` times is block * (depth + 1) vectors
+KRYLOV_MAX_BASIS = 16
+
+
+def check_krylov_block(block: int, depth: int) -> None:
+    """``block * (depth + 1) <= KRYLOV_MAX_BASIS``: the Krylov basis per matrix must fit one kernel launch."""
+    if block * (depth + 1) > KRYLOV_MAX_BASIS:
+        raise ValueError(f"block * (depth + 1) must be <= {KRYLOV_MAX_BASIS}, got {block} * ({depth} + 1)")

@@ -8,10 +8,20 @@ import os
 import sys
 from pathlib import Path
 
-from fastcnc.config import Config, apply_overrides, field_help, list_presets, load_config, parse_assignments, validate
+from fastcnc.config import (
+    DEPRECATED_FIELDS,
+    Config,
+    apply_overrides,
+    config_from_dict,
+    field_help,
+    list_presets,
+    load_config,
+    parse_assignments,
+    validate,
+)
 
 # fields that `fastcnc eval` may change on a trained run
-EVAL_FIELDS = ("eps", "step_size", "eval_pgd_steps", "eval_cw_steps", "eval_batch_size", "eval_max_examples",
+EVAL_FIELDS = ("attack_eps", "step_size", "eval_pgd_steps", "eval_cw_steps", "eval_batch_size", "eval_max_examples",
                "device", "threads", "amp", "channels_last", "progress", "seed", "data_dir")
 
 
@@ -26,6 +36,10 @@ def _add_field_options(parser: argparse.ArgumentParser, names=None) -> None:
         extra = {"nargs": "?", "const": "true"} if f.type == "bool" else {}
         group.add_argument(*flags, dest=f"field_{f.name}", default=None, metavar="V",
                            help=f"{docs.get(f.name, '')} ({f.type}, default {f.default!r})", **extra)
+    for old, new in DEPRECATED_FIELDS.items():
+        if names is None or new in names:
+            group.add_argument(*sorted({f"--{old}", f"--{old.replace('_', '-')}"}), dest=f"field_{old}", default=None,
+                               metavar="V", help=f"deprecated name of --{new.replace('_', '-')}")
 
 
 def _collect_overrides(args) -> dict:
@@ -91,15 +105,14 @@ def _cmd_eval(args) -> int:
     from fastcnc.evaluate import evaluate_run
     from fastcnc.models import build_model
     from fastcnc.report import write_report
-    from fastcnc.train import CHECKPOINT_NAME, build_regularizer, resolve_device
+    from fastcnc.train import CHECKPOINT_NAME, autocast_context, build_regularizer, memory_format_for, resolve_device
 
     path = Path(args.run)
     ckpt = path / CHECKPOINT_NAME if path.is_dir() else path
     state = load_checkpoint(ckpt)
-    known = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in state["config"].items() if k in known})
+    cfg = config_from_dict(state["config"])
     overrides = _collect_overrides(args)
-    bad = sorted(set(k.replace("-", "_") for k in overrides) - set(EVAL_FIELDS))
+    bad = sorted(set(DEPRECATED_FIELDS.get(k, k) for k in (k.replace("-", "_") for k in overrides)) - set(EVAL_FIELDS))
     if bad:
         raise ValueError(f"fastcnc eval can only change {', '.join(EVAL_FIELDS)}; got {', '.join(bad)}")
     cfg = apply_overrides(cfg, overrides, "command line")
@@ -115,13 +128,10 @@ def _cmd_eval(args) -> int:
     if reg is not None and state.get("regularizer") is not None:
         reg.to(device)
         reg.load_state_dict(state["regularizer"])
-    use_cuda = device.type == "cuda"
-    amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (use_cuda and cfg.amp) else None
-    kwargs = {"amp_ctx": amp_ctx} if amp_ctx else {}
-    if use_cuda and cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-        kwargs["memory_format"] = torch.channels_last
-    result = evaluate_run(cfg, model, data.x_test.to(device), data.y_test.to(device), reg=reg, **kwargs)
+    memory_format = memory_format_for(device, cfg.channels_last)
+    model.to(memory_format=memory_format)
+    result = evaluate_run(cfg, model, data.x_test.to(device), data.y_test.to(device), reg=reg,
+                          amp_ctx=autocast_context(device, cfg.amp), memory_format=memory_format)
     out = Path(args.eval_out) if args.eval_out else ckpt.parent
     out.mkdir(parents=True, exist_ok=True)
     paths = write_report(out, result, stem="eval")
@@ -145,11 +155,26 @@ def _cmd_report(args) -> int:
     return 0
 
 
+# imported by the training CLI but not by the library: the `train` extra (pyproject.toml)
+TRAIN_EXTRA_MODULES = ("tqdm", "matplotlib", "sklearn") + (("tomli",) if sys.version_info < (3, 11) else ())
+
+
+def missing_train_extra() -> list[str]:
+    import importlib.util
+
+    return [m for m in TRAIN_EXTRA_MODULES if importlib.util.find_spec(m) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastcnc.checkpoint import CheckpointError
     from fastcnc.train import NonFiniteLossError, OutputDirError
 
     args = build_parser().parse_args(argv)
+    missing = missing_train_extra()
+    if missing:
+        print(f"fastcnc {args.command}: error: the training CLI needs {', '.join(missing)}, which the library alone "
+              "does not install; run: pip install 'fastcnc[train]'", file=sys.stderr)
+        return 1
     handler = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report}[args.command]
     try:
         return handler(args)

@@ -7,13 +7,9 @@ Precedence (later wins): dataclass defaults < ``--preset NAME`` < ``--config FIL
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 PRESET_DIR = Path(__file__).with_name("presets")
 
@@ -41,7 +37,7 @@ class Config:
     warmup_epochs: float = 0.0  # linear lr warm-up from 0 over this many epochs
     # ---- adversarial training
     adv: str = "pgd"  # none | pgd (Madry) | trades
-    eps: float = 8 / 255  # L-infinity radius for training and evaluation
+    attack_eps: float = 8 / 255  # L-infinity radius for training and evaluation (alias: eps)
     step_size: float = 2 / 255  # PGD / TRADES step
     attack_steps: int = 10  # PGD / TRADES steps during training
     trades_beta: float = 6.0  # TRADES robustness weight
@@ -58,10 +54,15 @@ class Config:
     tscnc: bool = False  # add fastcnc.TSCNC(model)() to the loss
     lambda_tsc: float = 1e-5  # weight of the transformed-L1 sparsity term
     lambda_cnc: float = 1e-3  # weight of the condition-number term
-    cnc: str = "log"  # log | hinge (form of the condition-number penalty)
+    cnc: str = "log"  # log | kappa | hinge (form of the condition-number penalty, fastcnc.cnc.CNC_KINDS)
     kappa_target: float = 10.0  # hinge form: condition numbers below this are not penalised
+    cnc_eps: float = 1e-6  # cnc_penalty's eps: sigma_min floor relative to sigma_max (kappa <= 1/cnc_eps), in (0, 1)
     tsc_a: float = 100.0  # transformed-L1 shape parameter a
-    power_iters: int = 1  # spectral-engine restarts per step (warm-started block Krylov, depth 1: 4 weight passes each)
+    cnc_iters: int = 1  # TSCNC iters: spectral-engine restarts per step, warm-started block Krylov (alias power_iters)
+    cnc_depth: int = 1  # TSCNC depth: Krylov depth of each restart
+    cnc_block: int = 4  # TSCNC block: vectors per Krylov block (cnc_block * (cnc_depth + 1) <= 16)
+    cnc_tol: float = 0.0  # TSCNC tol: exact fallback for layers whose residual bound exceeds it; 0 = no fallback
+    cnc_refresh_every: int = 0  # TSCNC refresh_every: exact SVD every N steps; 0 = only when a mask changed
     # ---- evaluation
     eval_pgd_steps: int = 20  # PGD-k steps at evaluation (random start, step_size)
     eval_cw_steps: int = 30  # PGD steps on the CW margin loss at evaluation
@@ -77,6 +78,17 @@ class Config:
     log_every: int = 10  # write a metrics line every N steps
     progress: bool = True  # tqdm progress bars
     out: str = "runs/default"  # output folder: checkpoint.pt, metrics.jsonl, report.md/json, plots
+
+    @property
+    def eps(self) -> float:
+        """Deprecated name of ``attack_eps``."""
+        warnings.warn("Config.eps is deprecated; use Config.attack_eps", DeprecationWarning, stacklevel=2)
+        return self.attack_eps
+
+
+# deprecated field names -> current ones; accepted (with a DeprecationWarning) in presets, TOML files, --set, --field
+# flags and the configs stored in older checkpoints
+DEPRECATED_FIELDS = {"eps": "attack_eps", "power_iters": "cnc_iters"}
 
 
 # fields that may differ between a run and its resumption (they do not change the trained weights)
@@ -145,6 +157,10 @@ def apply_overrides(cfg: Config, values: dict, source: str) -> Config:
     changes = {}
     for key, value in values.items():
         name = key.replace("-", "_")
+        if name in DEPRECATED_FIELDS:
+            warnings.warn(f"{source}: config field {name!r} is deprecated; use {DEPRECATED_FIELDS[name]!r}",
+                          DeprecationWarning, stacklevel=2)
+            name = DEPRECATED_FIELDS[name]
         if name not in fields:
             raise ValueError(f"{source}: unknown config field {key!r} (known: {', '.join(sorted(fields))})")
         changes[name] = _coerce(fields[name], value, source)
@@ -162,6 +178,14 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _toml_loads(text: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the `train` extra installs tomli
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
 def load_config(preset: str | None = None, toml_path: str | Path | None = None,
                 overrides: dict | None = None) -> Config:
     """Defaults, then the preset, then a TOML file, then ``overrides`` (strings or typed values)."""
@@ -170,9 +194,9 @@ def load_config(preset: str | None = None, toml_path: str | Path | None = None,
         path = PRESET_DIR / f"{preset}.toml"
         if not path.is_file():
             raise ValueError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
-        cfg = apply_overrides(cfg, tomllib.loads(path.read_text()), f"preset {preset}")
+        cfg = apply_overrides(cfg, _toml_loads(path.read_text()), f"preset {preset}")
     if toml_path:
-        cfg = apply_overrides(cfg, tomllib.loads(Path(toml_path).read_text()), str(toml_path))
+        cfg = apply_overrides(cfg, _toml_loads(Path(toml_path).read_text()), str(toml_path))
     if overrides:
         cfg = apply_overrides(cfg, overrides, "command line")
     validate(cfg)
@@ -181,6 +205,8 @@ def load_config(preset: str | None = None, toml_path: str | Path | None = None,
 
 def validate(cfg: Config) -> None:
     """Reject inconsistent settings before any work starts."""
+    from fastcnc._checks import check_eps_floor, check_krylov_block
+    from fastcnc.cnc import CNC_KINDS
     from fastcnc.data import DATASETS
     from fastcnc.models import MODELS, STEMS
 
@@ -195,13 +221,21 @@ def validate(cfg: Config) -> None:
     choice("adv", ("none", "pgd", "trades"))
     choice("prune", ("none", "oneshot", "gradual"))
     choice("prune_scope", ("global", "layer"))
-    choice("cnc", ("log", "hinge"))
-    for name in ("epochs", "batch_size", "attack_steps", "eval_batch_size", "log_every", "prune_frequency"):
+    choice("cnc", CNC_KINDS)
+    for name in ("epochs", "batch_size", "attack_steps", "eval_batch_size", "log_every", "prune_frequency",
+                 "cnc_iters", "cnc_depth"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"config field {name!r} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("eval_pgd_steps", "eval_cw_steps", "eval_max_examples", "checkpoint_every", "width", "threads"):
+    for name in ("eval_pgd_steps", "eval_cw_steps", "eval_max_examples", "checkpoint_every", "width", "threads",
+                 "cnc_refresh_every"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"config field {name!r} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.cnc_block < 2:
+        raise ValueError(f"config field 'cnc_block' must be >= 2, got {cfg.cnc_block}")
+    if cfg.cnc_tol < 0:
+        raise ValueError(f"config field 'cnc_tol' must be >= 0 (0: no exact fallback), got {cfg.cnc_tol}")
+    check_eps_floor("config field 'cnc_eps'", cfg.cnc_eps)
+    check_krylov_block(cfg.cnc_block, cfg.cnc_depth)
     if not 0.0 <= cfg.sparsity < 1.0:
         raise ValueError(f"config field 'sparsity' must be in [0, 1), got {cfg.sparsity}")
     if cfg.prune != "none" and not 0 <= cfg.prune_start_epoch <= cfg.prune_end_epoch <= cfg.epochs:
@@ -235,3 +269,11 @@ def parse_milestones(text: str) -> list[float]:
 
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def config_from_dict(values: dict) -> Config:
+    """The Config stored in a checkpoint: deprecated names are mapped (silently: the user did not write them) and
+    fields that did not exist when it was written take their defaults."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    renamed = {DEPRECATED_FIELDS.get(k, k): v for k, v in values.items()}
+    return Config(**{k: v for k, v in renamed.items() if k in known})

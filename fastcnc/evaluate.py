@@ -19,7 +19,8 @@ from torch import nn
 
 from fastcnc.attacks import fgsm, pgd
 from fastcnc.config import Config, config_to_dict
-from fastcnc.pruning import masked_layers, sparsity_report
+from fastcnc.pruning import masked_layers, sparsity_report, tensor_sparsity
+from fastcnc.spectral_math import kappa
 
 
 @contextlib.contextmanager
@@ -87,8 +88,8 @@ def layer_spectra(model: nn.Module) -> list[dict]:
         # numerically singular (numpy.linalg.matrix_rank's tolerance): report kappa = inf, not 1e16
         singular = s_min <= s_max * max(w.shape) * torch.finfo(torch.float64).eps
         rows.append({"name": name, "shape": list(m.weight.shape), "sigma_max": s_max, "sigma_min": s_min,
-                     "kappa": math.inf if singular else s_max / s_min,
-                     "sparsity": 1.0 - float(m.mask.count_nonzero()) / m.mask.numel(),
+                     "kappa": math.inf if singular else kappa(s_max, s_min),
+                     "sparsity": tensor_sparsity(m.mask),
                      "dead_rows": int((w.abs().sum(1) == 0).sum()), "dead_cols": int((w.abs().sum(0) == 0).sum())})
     return rows
 
@@ -112,8 +113,8 @@ def evaluate_run(cfg: Config, model: nn.Module, x_test: torch.Tensor, y_test: to
     the regulariser's estimates)."""
     if cfg.eval_max_examples:
         x_test, y_test = x_test[:cfg.eval_max_examples], y_test[:cfg.eval_max_examples]
-    result: dict = {"config": config_to_dict(cfg), "n_eval": len(x_test), "eps": cfg.eps}
-    result.update(robust_accuracy(model, x_test, y_test, eps=cfg.eps, step_size=cfg.step_size,
+    result: dict = {"config": config_to_dict(cfg), "n_eval": len(x_test), "eps": cfg.attack_eps}
+    result.update(robust_accuracy(model, x_test, y_test, eps=cfg.attack_eps, step_size=cfg.step_size,
                                   pgd_steps=cfg.eval_pgd_steps, cw_steps=cfg.eval_cw_steps,
                                   batch_size=cfg.eval_batch_size, seed=cfg.seed, amp_ctx=amp_ctx,
                                   memory_format=memory_format, progress=cfg.progress))

@@ -12,28 +12,11 @@ otherwise (the rule is documented in ``fastcnc/masked.py``). Either way the grad
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastcnc import masked as _masked
 from fastcnc._backend import use_triton
-from fastcnc._checks import check_tensor
-
-
-def _validate_mask(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    check_tensor("mask", mask)
-    if mask.shape != weight.shape:
-        raise ValueError(f"mask must have the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
-    if mask.device != weight.device:
-        raise ValueError(f"mask must be on the weight's device {weight.device}, got {mask.device}")
-    if mask.dtype == torch.bool:
-        return mask.to(weight.dtype)
-    if not mask.is_floating_point() and mask.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32,
-                                                            torch.int64):
-        raise TypeError(f"mask must be bool, integer or floating, got dtype {mask.dtype}")
-    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must be binary (only 0 and 1 entries)")
-    return mask.to(weight.dtype)
+from fastcnc._checks import check_mask
 
 
 class _MaskedMixin:
@@ -50,9 +33,9 @@ class _MaskedMixin:
 
         On the Triton path the per-tile nonzero table of the new mask is built here, so the forward does not pay for it.
         """
-        m = _validate_mask(mask, self.weight)
+        check_mask(mask, self.weight)
         with torch.no_grad():
-            self.mask.copy_(m)
+            self.mask.copy_(mask)
             self.weight.mul_(self.mask)
         if use_triton(self.weight):
             self.tile_table()
@@ -63,7 +46,9 @@ class _MaskedMixin:
 
     @property
     def sparsity(self) -> float:
-        return 1.0 - float(self.mask.count_nonzero()) / max(self.mask.numel(), 1)
+        from fastcnc.pruning import tensor_sparsity  # pruning imports this module
+
+        return tensor_sparsity(self.mask)
 
     def _groups(self) -> int:
         return getattr(self, "groups", 1)
@@ -96,9 +81,7 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         self._init_mask()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton(x):
-            return _masked._linear(x, self.weight, self.mask, self.bias, self.tile_table(), pruned_finite=True)
-        return F.linear(x, self.effective_weight(), self.bias)
+        return _masked.masked_linear(x, self.weight, self.mask, self.bias, tiles=self.tile_table, trusted_mask=True)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> MaskedLinear:
@@ -138,10 +121,10 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
         self._init_mask()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton(x) and self.padding_mode == "zeros" and not isinstance(self.padding, str):
-            return _masked._conv2d(x, self.weight, self.mask, self.bias, self.stride, self.padding, self.dilation,
-                                   self.groups, self.tile_table(), pruned_finite=True)
-        return self._conv_forward(x, self.effective_weight(), self.bias)
+        if self.padding_mode != "zeros":  # reflect/replicate/circular pad first: nn.Conv2d's own path does that
+            return self._conv_forward(x, self.effective_weight(), self.bias)
+        return _masked.masked_conv2d(x, self.weight, self.mask, self.bias, self.stride, self.padding, self.dilation,
+                                     self.groups, tiles=self.tile_table, trusted_mask=True)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None) -> MaskedConv2d:

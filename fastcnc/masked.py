@@ -9,7 +9,7 @@ Dispatch rule (on top of ``fastcnc._backend.use_triton``):
   ``T x T`` tiles hold a nonzero, else ``W * M`` + cuBLAS. An unstructured mask at 90% sparsity has almost no
   all-zero 16x16 tile (0.9**256 ~ 2e-12), so it goes to cuBLAS: the kernels can only win by skipping whole tiles,
   and this rule keeps unstructured masks at dense speed (plus one elementwise ``W * M``).
-  The 50% threshold is a first guess that has not been tuned on a GPU (none was available when this was written).
+  The 50% threshold is an untuned first guess: no GPU measurement backs it yet.
 * A forced ``"triton"`` backend on CPU tensors (the interpreter, tests) always runs the kernels.
 
 Conv2d on the kernel path is im2col: ``F.unfold`` (whose backward is ``F.fold``) + the masked matmul, with the
@@ -18,13 +18,14 @@ groups as a grid axis of the kernel and the output written straight into ``[B, C
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from fastcnc._backend import use_triton
-from fastcnc._checks import check_tensor
+from fastcnc import _backend
+from fastcnc._checks import check_mask, check_tensor
 
 DENSE_FALLBACK_TILE_DENSITY = 0.5  # CUDA only: above this fraction of nonzero tiles, W*M + cuBLAS is used
 TILE_SIZES = (64, 32, 16)  # candidate square tile sizes of the nonzero table, largest first
@@ -97,20 +98,14 @@ def build_tile_table(mask: torch.Tensor, block: int | None = None) -> TileTable:
 
 def _check_table(tiles: TileTable, rows: int, cols: int, groups: int) -> None:
     if not isinstance(tiles, TileTable):
-        raise TypeError(f"tiles must be a fastcnc.masked.TileTable, got {type(tiles).__name__}")
+        raise TypeError(f"tiles must be a fastcnc.masked.TileTable (or a callable returning one), "
+                        f"got {type(tiles).__name__}")
     if tiles.groups != groups or tiles.keep.shape != (rows, cols):
         raise ValueError(f"tiles was built for a mask of shape {tuple(tiles.keep.shape)} with {tiles.groups} groups, "
                          f"expected {(rows, cols)} with {groups} groups")
 
 
 # ---------------------------------------------------------------------------------------------------------- Function
-
-
-def kernels():
-    """The Triton launchers, imported lazily so CPU-only users never import triton for this module."""
-    from fastcnc.kernels import masked_matmul
-
-    return masked_matmul
 
 
 def _alloc_rows(b: int, c: int, rows: int, linear: bool, like: torch.Tensor) -> torch.Tensor:
@@ -128,7 +123,7 @@ class MaskedMatmulFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, weight, bias, tiles: TileTable, groups: int, linear_layout: bool):
-        k = kernels()
+        k = _backend.kernels("masked_matmul")
         b, _, rows = a.shape
         out = _alloc_rows(b, weight.shape[0], rows, linear_layout, a)
         k.masked_mm_fwd(a, weight, tiles.keep, tiles.k_idx, tiles.k_cnt, bias, out, groups=groups, block=tiles.block)
@@ -140,7 +135,7 @@ class MaskedMatmulFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         a, weight = ctx.saved_tensors
         tiles, groups = ctx.tiles, ctx.groups
-        k = kernels()
+        k = _backend.kernels("masked_matmul")
         grad_a = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_a = _alloc_rows(a.shape[0], a.shape[1], a.shape[2], ctx.linear_layout, a)
@@ -166,7 +161,7 @@ def _masked_weight(weight: torch.Tensor, mask: torch.Tensor, pruned_finite: bool
 
 
 def _kernel_path(x: torch.Tensor, weight: torch.Tensor, tiles: TileTable | None) -> bool:
-    if not use_triton(x) or x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype or x.numel() == 0:
+    if not _backend.use_triton(x) or x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype or x.numel() == 0:
         return False
     if x.is_cuda:
         return tiles is not None and tiles.density <= DENSE_FALLBACK_TILE_DENSITY
@@ -182,10 +177,18 @@ def _autocast(x, weight, bias):
     return x, weight, bias
 
 
-def _linear(x, weight, mask, bias, tiles, pruned_finite=False):
+def _resolve_tiles(tiles, mask: torch.Tensor, rows: int, cols: int, groups: int) -> TileTable:
+    if tiles is None:
+        return build_tile_table(mask.reshape(groups, rows // groups, cols))
+    if not isinstance(tiles, TileTable):  # a layer's cached table, fetched only when the kernels will run
+        tiles = tiles()
+        _check_table(tiles, rows, cols, groups)
+    return tiles
+
+
+def _linear(x, weight, mask, bias, tiles, pruned_finite):
     x, weight, bias = _autocast(x, weight, bias)
-    if use_triton(x) and tiles is None:
-        tiles = build_tile_table(mask)
+    tiles = _resolve_tiles(tiles, mask, *weight.shape, 1) if _backend.use_triton(x) else None
     if not _kernel_path(x, weight, tiles):
         return F.linear(x, _masked_weight(weight, mask, pruned_finite), bias)
     n, k = weight.shape
@@ -194,10 +197,12 @@ def _linear(x, weight, mask, bias, tiles, pruned_finite=False):
     return out[0].t().reshape(*x.shape[:-1], n)
 
 
-def _conv2d(x, weight, mask, bias, stride, padding, dilation, groups, tiles, pruned_finite=False):
+def _conv2d(x, weight, mask, bias, stride, padding, dilation, groups, tiles, pruned_finite):
     x, weight, bias = _autocast(x, weight, bias)
-    if use_triton(x) and tiles is None:
-        tiles = build_tile_table(mask.reshape(groups, weight.shape[0] // groups, -1))
+    if _backend.use_triton(x):
+        tiles = _resolve_tiles(tiles, mask, weight.shape[0], weight[0].numel(), groups)
+    else:
+        tiles = None
     if not _kernel_path(x, weight, tiles):
         return F.conv2d(x, _masked_weight(weight, mask, pruned_finite), bias, stride, padding, dilation, groups)
     unbatched = x.dim() == 3
@@ -220,18 +225,6 @@ def _pair(v, name: str) -> tuple[int, int]:
     return t
 
 
-def _check_mask(mask: torch.Tensor, weight: torch.Tensor) -> None:
-    check_tensor("mask", mask)
-    if mask.shape != weight.shape:
-        raise ValueError(f"mask must have the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
-    if mask.device != weight.device:
-        raise ValueError(f"mask must be on the weight's device {weight.device}, got {mask.device}")
-    if mask.is_complex():
-        raise TypeError(f"mask must be bool, integer or floating, got dtype {mask.dtype}")
-    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must be binary (only 0 and 1 entries)")
-
-
 def _check_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if torch.is_autocast_enabled(x.device.type):
         return  # autocast casts all three to its dtype, as it does for F.linear
@@ -243,25 +236,32 @@ def _check_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             raise TypeError(f"bias dtype {bias.dtype} must equal x dtype {x.dtype} (outside torch.autocast)")
 
 
+Tiles = TileTable | Callable[[], TileTable] | None
+
+
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  tiles: TileTable | None = None) -> torch.Tensor:
+                  tiles: Tiles = None, trusted_mask: bool = False) -> torch.Tensor:
     """``x (weight * mask)^T + bias``; ``x`` ``[..., K]``, ``weight``/``mask`` ``[N, K]``, ``bias`` ``[N]``.
 
-    ``tiles``: a ``build_tile_table(mask)`` to reuse across calls (built on the fly when needed otherwise).
-    The mask check (binary) synchronises a CUDA stream; MaskedLinear validates once in ``set_mask`` instead.
+    ``tiles``: a ``build_tile_table(mask)`` to reuse across calls, or a zero-argument callable returning one (called
+    only when the kernels run); built on the fly when needed otherwise.
+    ``trusted_mask``: the caller guarantees a binary mask of the weight's shape and device and finite weights at
+    pruned positions (``MaskedLinear.set_mask`` does): skips the binary check, which synchronises a CUDA stream, and
+    uses ``weight * mask`` instead of ``where`` (a NaN stored at a pruned position would otherwise leak).
     """
     check_tensor("x", x, floating=True)
     check_tensor("weight", weight, ndim=2, floating=True)
-    _check_mask(mask, weight)
+    if not trusted_mask:
+        check_mask(mask, weight)
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must have shape [..., {weight.shape[1]}] to match weight {tuple(weight.shape)}, "
                          f"got {tuple(x.shape)}")
     _check_dtypes(x, weight, bias)
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if tiles is not None:
+    if tiles is not None and not callable(tiles):
         _check_table(tiles, *weight.shape, 1)
-    return _linear(x, weight, mask, bias, tiles)
+    return _linear(x, weight, mask, bias, tiles, trusted_mask)
 
 
 def masked_matmul(a: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, *,
@@ -272,18 +272,21 @@ def masked_matmul(a: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, *,
 
 
 def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None,
-                  stride=1, padding=0, dilation=1, groups: int = 1, *, tiles: TileTable | None = None) -> torch.Tensor:
+                  stride=1, padding=0, dilation=1, groups: int = 1, *, tiles: Tiles = None,
+                  trusted_mask: bool = False) -> torch.Tensor:
     """``F.conv2d(x, weight * mask, bias, stride, padding, dilation, groups)`` (numeric zero padding).
 
     ``x`` ``[B, C_in, H, W]`` or ``[C_in, H, W]``; ``weight``/``mask`` ``[C_out, C_in/groups, kh, kw]``.
-    ``tiles``: ``build_tile_table(mask.reshape(groups, C_out // groups, -1))`` to reuse across calls.
+    ``tiles``: ``build_tile_table(mask.reshape(groups, C_out // groups, -1))`` (or a callable returning it) to reuse
+    across calls. ``trusted_mask``: as in ``masked_linear``.
     """
     check_tensor("x", x, ndim=(3, 4), floating=True)
     check_tensor("weight", weight, ndim=4, floating=True)
-    _check_mask(mask, weight)
+    if not trusted_mask:
+        check_mask(mask, weight)
     _check_dtypes(x, weight, bias)
     if isinstance(padding, str):  # "same" / "valid": F.conv2d computes the (possibly asymmetric) padding
-        return F.conv2d(x, _masked_weight(weight, mask, False), bias, stride, padding, dilation, groups)
+        return F.conv2d(x, _masked_weight(weight, mask, trusted_mask), bias, stride, padding, dilation, groups)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
         raise ValueError(f"groups must be a positive int dividing C_out={weight.shape[0]}, got {groups!r}")
@@ -292,6 +295,6 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
                          f"groups={groups}), got shape {tuple(x.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if tiles is not None:
+    if tiles is not None and not callable(tiles):
         _check_table(tiles, weight.shape[0], weight[0].numel(), groups)
-    return _conv2d(x, weight, mask, bias, stride, padding, dilation, groups, tiles)
+    return _conv2d(x, weight, mask, bias, stride, padding, dilation, groups, tiles, trusted_mask)

@@ -55,15 +55,16 @@ def _targets(model: nn.Module, keep_first_last: bool) -> list[nn.Module]:
 # ------------------------------------------------------------------------------------------------------------ scores
 
 
-def _matrix(layer: nn.Module, t: torch.Tensor) -> torch.Tensor:
+def _matrix(t: torch.Tensor) -> torch.Tensor:
+    """A weight or mask as the ``[C_out, fan_in]`` matrix that block pruning tiles."""
     return t.reshape(t.shape[0], -1)
 
 
 @torch.no_grad()
 def _block_scores(layer: nn.Module, block: tuple[int, int], block_score: str):
     """Per-tile (score, live-entry count, tile count) of ``layer``; pruned tiles score -1."""
-    w = _matrix(layer, layer.weight.detach() * layer.mask).float()
-    live = _matrix(layer, layer.mask != 0).float()
+    w = _matrix(layer.weight.detach() * layer.mask).float()
+    live = _matrix(layer.mask != 0).float()
     bh, bw = block
     r, c = w.shape
     rt, ct = -(-r // bh), -(-c // bw)
@@ -118,7 +119,7 @@ def _apply_block(layers: list[nn.Module], sparsity: float, block: tuple[int, int
     for m, (s, _, (rt, ct)) in zip(layers, per_layer, strict=True):
         k = keep[offset:offset + s.numel()].view(rt, ct)
         offset += s.numel()
-        r, c = _matrix(m, m.mask).shape
+        r, c = _matrix(m.mask).shape
         k = k.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:r, :c].reshape(m.mask.shape).to(m.mask.device)
         m.set_mask((m.mask != 0) & k)
 
@@ -136,10 +137,19 @@ def _prune_layers(layers, sparsity, scope, block, block_score):
             _apply_block(g, sparsity, block, block_score)
 
 
+def zero_fraction(numel: int, nonzero: int) -> float:
+    """The sparsity of ``numel`` entries of which ``nonzero`` are live (0 for no entries): the one formula every
+    sparsity number of the package (layers, reports, the regulariser's stats) goes through."""
+    return 1.0 - nonzero / numel if numel else 0.0
+
+
+def tensor_sparsity(t: torch.Tensor) -> float:
+    """Fraction of zero entries of a mask or weight tensor."""
+    return zero_fraction(t.numel(), int(t.count_nonzero()))
+
+
 def _sparsity_of(layers) -> float:
-    total = sum(m.mask.numel() for m in layers)
-    zeros = sum(m.mask.numel() - int(m.mask.count_nonzero()) for m in layers)
-    return zeros / total if total else 0.0
+    return zero_fraction(sum(m.mask.numel() for m in layers), sum(int(m.mask.count_nonzero()) for m in layers))
 
 
 def prune_magnitude(model: nn.Module, sparsity: float, *, scope: str = "global", block=None,
@@ -275,9 +285,9 @@ def sparsity_report(model: nn.Module) -> list[dict]:
         numel = m.mask.numel()
         nonzero = int(m.mask.count_nonzero())
         rows.append({"name": name, "shape": tuple(m.weight.shape), "numel": numel, "nonzero": nonzero,
-                     "sparsity": 1.0 - nonzero / numel if numel else 0.0})
+                     "sparsity": zero_fraction(numel, nonzero)})
     numel = sum(r["numel"] for r in rows)
     nonzero = sum(r["nonzero"] for r in rows)
     rows.append({"name": "total", "shape": None, "numel": numel, "nonzero": nonzero,
-                 "sparsity": 1.0 - nonzero / numel if numel else 0.0})
+                 "sparsity": zero_fraction(numel, nonzero)})
     return rows

@@ -7,7 +7,9 @@ from torch import nn
 
 from fastcnc._checks import check_choice, check_int, check_positive
 from fastcnc.cnc import CNC_KINDS, cnc_penalty
+from fastcnc.pruning import tensor_sparsity
 from fastcnc.spectral import SpectralEstimate, SpectralState, as_matrices, extreme_singular_values
+from fastcnc.spectral_math import kappa
 from fastcnc.tsc import tsc_penalty
 
 __all__ = ["TSCNC", "constrained_layers"]
@@ -162,9 +164,9 @@ class TSCNC(nn.Module):
             smin = min(float(est.sigma_min[i]) for i in idx)
             rows.append({
                 "name": name, "shape": list(w.shape), "sigma_max": smax, "sigma_min": smin,
-                "kappa": 1.0 if smax == 0 else (smax / smin if smin > 0 else float("inf")),
+                "kappa": kappa(smax, smin),
                 "err_max": max(float(est.err_max[i]) for i in idx),
                 "err_min": max(float(est.err_min[i]) for i in idx),
-                "sparsity": float((w == 0).sum()) / w.numel(),
+                "sparsity": tensor_sparsity(w),
             })
         return rows

@@ -49,7 +49,8 @@ def render_markdown(result: dict) -> str:
     lines = [
         f"# fastcnc run: {cfg['model']} on {cfg['dataset']}",
         "",
-        f"adv={cfg['adv']} (eps={_fmt(cfg['eps'])}, {cfg['attack_steps']} steps), prune={cfg['prune']} to "
+        f"adv={cfg['adv']} (eps={_fmt(cfg.get('attack_eps', cfg.get('eps')))}, {cfg['attack_steps']} steps), "
+        f"prune={cfg['prune']} to "
         f"{cfg['sparsity']}, tscnc={'on' if cfg['tscnc'] else 'off'}"
         + (f" (lambda_tsc={cfg['lambda_tsc']}, lambda_cnc={cfg['lambda_cnc']}, cnc={cfg['cnc']})" if cfg["tscnc"]
            else "") + f", seed={cfg['seed']}, epochs={cfg['epochs']}",

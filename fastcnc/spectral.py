@@ -22,6 +22,7 @@ import torch
 
 from fastcnc import _backend
 from fastcnc._checks import check_int, check_tensor
+from fastcnc.spectral_math import kappa
 
 __all__ = ["SpectralEstimate", "SpectralState", "extreme_singular_values", "as_matrices"]
 
@@ -48,8 +49,7 @@ class SpectralEstimate:
     @property
     def kappa(self) -> torch.Tensor:
         """sigma_max / sigma_min (inf where sigma_min == 0 and sigma_max > 0, nan-free: 0/0 gives 1)."""
-        ratio = self.sigma_max / self.sigma_min
-        return torch.where((self.sigma_max == 0) & (self.sigma_min == 0), torch.ones_like(ratio), ratio)
+        return kappa(self.sigma_max, self.sigma_min)
 
 
 class SpectralState:
@@ -117,14 +117,12 @@ class _LayerProducts:
         self.m_max, self.n_max = max(self.rows), max(self.cols)
         self.use_triton = _backend.use_triton(mats[0])
         if self.use_triton:
-            from fastcnc.kernels import spectral as k
-
-            self._kernels = k
+            self._kernels = _backend.kernels("spectral")
             # the kernel reads the weights in place; only mixed dtypes or strided views cost a copy
             same = all(m.dtype == mats[0].dtype for m in mats)
             self.weights = [m.detach().contiguous() if same else m.detach().to(compute_dtype).contiguous()
                             for m in mats]
-            self.table = k.layer_table(self.weights)
+            self.table = self._kernels.layer_table(self.weights)
         else:  # CPU: one mm per matrix on the original storage (a stacked copy costs more than the loop)
             self.mats = [t if t.dtype == compute_dtype else t.to(compute_dtype) for t in self.tall]
 

@@ -18,7 +18,9 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -28,7 +30,15 @@ from torch import nn
 
 from fastcnc.attacks import pgd, trades_adversary, trades_loss
 from fastcnc.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from fastcnc.config import RUN_CONTROL_FIELDS, Config, config_to_dict, parse_block, parse_milestones, validate
+from fastcnc.config import (
+    RUN_CONTROL_FIELDS,
+    Config,
+    config_from_dict,
+    config_to_dict,
+    parse_block,
+    parse_milestones,
+    validate,
+)
 from fastcnc.data import TensorLoader, augment_crop_flip, load_dataset
 from fastcnc.models import build_model
 from fastcnc.pruning import GradualPruner, masked_layers, prune_magnitude, sparsity_report
@@ -111,7 +121,8 @@ def build_regularizer(cfg: Config, model: nn.Module):
     from fastcnc.regularizer import TSCNC
 
     return TSCNC(model, lambda_tsc=cfg.lambda_tsc, lambda_cnc=cfg.lambda_cnc, cnc=cfg.cnc,
-                 kappa_target=cfg.kappa_target, a=cfg.tsc_a, iters=cfg.power_iters)
+                 kappa_target=cfg.kappa_target, eps=cfg.cnc_eps, a=cfg.tsc_a, iters=cfg.cnc_iters, depth=cfg.cnc_depth,
+                 block=cfg.cnc_block, refresh_every=cfg.cnc_refresh_every, tol=cfg.cnc_tol or None)
 
 
 class _Pruning:
@@ -167,6 +178,7 @@ def _metrics_writer(path: Path, keep_until_step: int | None):
 
 
 def _compatible(saved: dict, cfg: Config) -> list[str]:
+    saved = config_to_dict(config_from_dict(saved))  # a checkpoint of an older version: current names and defaults
     current = config_to_dict(cfg)
     return [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in current.items()
             if k not in RUN_CONTROL_FIELDS and saved.get(k) != v]
@@ -209,15 +221,97 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False):
             dist.destroy_process_group()
 
 
+def autocast_context(device: torch.device, amp: bool) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the forward's autocast context: bf16 autocast on CUDA when ``amp`` is on, else a no-op (CPU
+    autocast would change the numerics the CPU tests and the bit-exact resume rely on)."""
+    if device.type == "cuda" and amp:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def memory_format_for(device: torch.device, channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if (device.type == "cuda" and channels_last) else torch.contiguous_format
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything a job holds between setup (``_setup``), the epoch loop (``_run_epochs``) and the end (``_finish``)."""
+
+    cfg: Config
+    device: torch.device
+    rank: int
+    world_size: int
+    is_main: bool
+    out: Path
+    amp_ctx: Callable[[], contextlib.AbstractContextManager]
+    memory_format: torch.memory_format
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    loader: TensorLoader
+    raw_model: nn.Module  # the model itself; `model` is its DDP wrapper under torchrun, else the same object
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    pruning: _Pruning
+    reg: nn.Module | None
+    total_steps: int
+    step: int = 0
+    start_epoch: int = 0
+    start_batch: int = 0
+    metrics: IO[str] | None = None
+    t_start: float = 0.0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / CHECKPOINT_NAME
+
+    def last_good(self) -> str:
+        return f"The last good checkpoint is kept at {self.ckpt_path}" + (
+            "" if self.ckpt_path.exists() else " (none written yet)")
+
+    def log(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def checkpoint(self, epoch: int, batch: int, loader_state: dict) -> None:
+        # a finite loss can still have an inf/NaN gradient: never let the weights it produced replace a good checkpoint
+        names, params = zip(*self.raw_model.named_parameters(), strict=True)
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).cpu()  # one device sync
+        if not bool(finite.all()):
+            bad = names[int((~finite).nonzero()[0, 0])]
+            raise NonFiniteLossError(
+                f"weights became NaN/Inf at step {self.step} (first: {bad}) although the loss was finite (a non-finite "
+                f"gradient); stopping without saving them. {self.last_good()}. Lower lr and restart.")
+        rngs = [rng_state()]
+        if self.distributed:
+            rngs = [None] * self.world_size
+            dist.all_gather_object(rngs, rng_state())
+        if not self.is_main:
+            return
+        save_checkpoint(self.ckpt_path, {
+            "config": config_to_dict(self.cfg), "world_size": self.world_size, "step": self.step, "epoch": epoch,
+            "batch": batch, "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "pruner": self.pruning.state_dict(),
+            "regularizer": self.reg.state_dict() if self.reg is not None else None, "loader": loader_state,
+            "rng": rngs,
+        })
+
+
 def _train(cfg: Config, resume: bool, overwrite: bool, device: torch.device, rank: int, world_size: int,
            is_main: bool) -> tuple[dict, nn.Module, nn.Module | None]:
-    from fastcnc.evaluate import clean_accuracy, evaluate_run
-    from fastcnc.report import write_report
+    run = _setup(cfg, resume, overwrite, device, rank, world_size, is_main)
+    _run_epochs(run)
+    return _finish(run), run.raw_model, run.reg
 
-    distributed = world_size > 1
-    out = check_output_dir(cfg.out)  # every rank checks, so a bad path fails everywhere before any work
+
+def _resume_state(cfg: Config, out: Path, resume: bool, overwrite: bool, world_size: int) -> dict | None:
+    """The checkpoint to continue from (None for a fresh run); refuses to overwrite a run unless asked."""
     ckpt_path = out / CHECKPOINT_NAME
-    state = None
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         mismatch = _compatible(state["config"], cfg)
@@ -226,28 +320,43 @@ def _train(cfg: Config, resume: bool, overwrite: bool, device: torch.device, ran
                                   + "\n  ".join(mismatch))
         if state["world_size"] != world_size:
             raise CheckpointError(f"{ckpt_path} was written with {state['world_size']} processes, now {world_size}")
-    elif ckpt_path.exists() and not overwrite and not resume:
+        return state
+    if ckpt_path.exists() and not overwrite and not resume:
         raise OutputDirError(f"{str(out)!r} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it, "
                              "--overwrite to start again, or choose another --out")
+    return None
 
-    use_cuda = device.type == "cuda"
-    amp_ctx = contextlib.nullcontext
-    if use_cuda and cfg.amp:
-        amp_ctx = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    memory_format = torch.channels_last if (use_cuda and cfg.channels_last) else torch.contiguous_format
 
-    # ---- data and model (the model is initialised identically on every rank; DDP also broadcasts rank 0's)
+def _check_disk_space(out: Path, model: nn.Module) -> None:
+    """A checkpoint (weights, masks, optimizer state) must fit next to the previous one: checked before training, on
+    every rank (like check_output_dir) so that all fail together."""
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    need, free = 3 * weight_bytes + (1 << 20), shutil.disk_usage(out).free
+    if free < need:
+        raise OutputDirError(f"output folder {str(out)!r} has {free / 2**20:.1f} MiB free; a checkpoint of this run "
+                             f"needs about {need / 2**20:.1f} MiB")
+
+
+def _setup(cfg: Config, resume: bool, overwrite: bool, device: torch.device, rank: int, world_size: int,
+           is_main: bool) -> _Run:
+    """Data, model, optimizer, pruning and regulariser, restored from the checkpoint when resuming. The order of the
+    random draws here is part of the bit-exact resume contract: do not reorder."""
+    out = check_output_dir(cfg.out)  # every rank checks, so a bad path fails everywhere before any work
+    state = _resume_state(cfg, out, resume, overwrite, world_size)
+    memory_format = memory_format_for(device, cfg.channels_last)
+
+    # the model is initialised identically on every rank; DDP also broadcasts rank 0's
     seed_everything(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.data_dir)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     loader = TensorLoader(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank,
                           world_size=world_size)
     raw_model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.stem, cfg.width)
     raw_model = raw_model.to(device=device, memory_format=memory_format)
     model: nn.Module = raw_model
-    if distributed:
-        model = nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if use_cuda else None)
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(raw_model,
+                                                    device_ids=[device.index] if device.type == "cuda" else None)
     seed_everything(cfg.seed + 1 + rank)  # per-rank streams for PGD random starts and augmentation
 
     steps_per_epoch = len(loader)
@@ -259,155 +368,144 @@ def _train(cfg: Config, resume: bool, overwrite: bool, device: torch.device, ran
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, total_steps=total_steps, warmup_steps=warmup_steps, schedule=cfg.schedule, milestones=milestones,
         gamma=cfg.gamma))
-    scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 autocast needs no loss scaling; kept for fp16 users
-    pruning = _Pruning(cfg, raw_model, steps_per_epoch)
-    reg = build_regularizer(cfg, raw_model)
-    if reg is not None:
-        reg.to(device)
-
-    # a checkpoint (weights, masks, optimizer state) must fit next to the previous one: check before training (on
-    # every rank, like check_output_dir, so that all fail together)
-    weight_bytes = sum(t.numel() * t.element_size() for t in raw_model.state_dict().values())
-    need, free = 3 * weight_bytes + (1 << 20), shutil.disk_usage(out).free
-    if free < need:
-        raise OutputDirError(f"output folder {str(out)!r} has {free / 2**20:.1f} MiB free; a checkpoint of this run "
-                             f"needs about {need / 2**20:.1f} MiB")
-
-    step = start_epoch = start_batch = 0
+    run = _Run(cfg=cfg, device=device, rank=rank, world_size=world_size, is_main=is_main, out=out,
+               amp_ctx=autocast_context(device, cfg.amp), memory_format=memory_format,
+               x_test=data.x_test.to(device), y_test=data.y_test.to(device), loader=loader, raw_model=raw_model,
+               model=model, optimizer=optimizer, scheduler=scheduler,
+               pruning=_Pruning(cfg, raw_model, steps_per_epoch), reg=build_regularizer(cfg, raw_model),
+               total_steps=total_steps)
+    if run.reg is not None:
+        run.reg.to(device)
+    _check_disk_space(out, raw_model)
     if state is not None:
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        pruning.load_state_dict(state["pruner"])
-        if reg is not None:
-            reg.load_state_dict(state["regularizer"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"][rank])
-        step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
-    metrics = _metrics_writer(out / METRICS_NAME, step if state is not None else None) if is_main else None
-
-    def log(record: dict) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-
-    def checkpoint(epoch: int, batch: int, loader_state: dict) -> None:
-        # a finite loss can still have an inf/NaN gradient: never let the weights it produced replace a good checkpoint
-        names, params = zip(*raw_model.named_parameters(), strict=True)
-        finite = torch.stack([torch.isfinite(p).all() for p in params]).cpu()  # one device sync
-        if not bool(finite.all()):
-            bad = names[int((~finite).nonzero()[0, 0])]
-            raise NonFiniteLossError(
-                f"weights became NaN/Inf at step {step} (first: {bad}) although the loss was finite (a non-finite "
-                f"gradient); stopping without saving them. The last good checkpoint is kept at {ckpt_path}"
-                + ("" if ckpt_path.exists() else " (none written yet)") + ". Lower lr and restart.")
-        rngs = [rng_state()]
-        if distributed:
-            rngs = [None] * world_size
-            dist.all_gather_object(rngs, rng_state())
-        if not is_main:
-            return
-        save_checkpoint(ckpt_path, {
-            "config": config_to_dict(cfg), "world_size": world_size, "step": step, "epoch": epoch, "batch": batch,
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "pruner": pruning.state_dict(),
-            "regularizer": reg.state_dict() if reg is not None else None, "loader": loader_state, "rng": rngs,
-        })
-
+        _restore(run, state)
     if is_main:
-        what = f"resumed at step {step}/{total_steps}" if state is not None else f"{total_steps} steps"
-        print(f"fastcnc: {cfg.model} on {cfg.dataset} ({len(x_train)} train / {len(x_test)} test), {cfg.epochs} "
+        run.metrics = _metrics_writer(out / METRICS_NAME, run.step if state is not None else None)
+        what = f"resumed at step {run.step}/{total_steps}" if state is not None else f"{total_steps} steps"
+        print(f"fastcnc: {cfg.model} on {cfg.dataset} ({len(x_train)} train / {len(run.x_test)} test), {cfg.epochs} "
               f"epochs x {steps_per_epoch} steps = {what}; adv={cfg.adv} prune={cfg.prune}->{cfg.sparsity:.0%} "
-              f"tscnc={'on' if reg is not None else 'off'}; device={device} world={world_size}; out={out}",
+              f"tscnc={'on' if run.reg is not None else 'off'}; device={device} world={world_size}; out={out}",
               file=sys.stderr, flush=True)
+    return run
 
-    # ---- epochs
+
+def _restore(run: _Run, state: dict) -> None:
+    # checkpoints may also hold a "scaler" entry (a disabled GradScaler, written by older versions): bf16 autocast
+    # needs no loss scaling, so it is ignored
+    run.raw_model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.pruning.load_state_dict(state["pruner"])
+    if run.reg is not None:
+        run.reg.load_state_dict(state["regularizer"])
+    run.loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"][run.rank])
+    run.step, run.start_epoch, run.start_batch = state["step"], state["epoch"], state["batch"]
+
+
+def _run_epochs(run: _Run) -> None:
+    """Train from ``run.step`` to the end: per epoch the batches, a clean test accuracy and a checkpoint."""
+    from fastcnc.evaluate import clean_accuracy
+
+    cfg, loader = run.cfg, run.loader
+    steps_per_epoch = len(loader)
     progress = None
-    if cfg.progress and is_main:
+    if cfg.progress and run.is_main:
         from tqdm import tqdm
 
-        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+        progress = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
                         file=sys.stderr)
-    t_start = time.perf_counter()
+    run.t_start = time.perf_counter()
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(run.start_epoch, cfg.epochs):
             loader.begin_epoch()
-            raw_model.train()
-            first = start_batch if epoch == start_epoch else 0
+            run.raw_model.train()
+            first = run.start_batch if epoch == run.start_epoch else 0
             for batch, (xb, yb) in enumerate(loader.batches(start=first), start=first):
-                pruning.step(step)
-                if cfg.augment:
-                    xb = augment_crop_flip(xb)
-                xb = xb.contiguous(memory_format=memory_format)
-                loss, correct = _train_step(cfg, model, raw_model, xb, yb, amp_ctx)
-                penalty = reg() if reg is not None else None
-                total = loss if penalty is None else loss + penalty
-                finite = torch.isfinite(total.detach()).float()
-                if distributed:  # every rank must stop at the same step
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if finite.item() < 1:
-                    raise NonFiniteLossError(
-                        f"training loss is {float(total.detach()):.4g} at step {step} (epoch {epoch}); stopping. The "
-                        f"last good checkpoint is kept at {ckpt_path}"
-                        + ("" if ckpt_path.exists() else " (none written yet)")
-                        + ". Lower lr or the regulariser weights and restart.")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(total).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                apply_masks(raw_model)
-                step += 1
+                loss, penalty, correct = _train_batch(run, epoch, xb, yb)
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
-                if step % cfg.log_every == 0:
-                    log({"event": "step", "step": step, "epoch": epoch, "loss": float(loss.detach()),
-                         "penalty": None if penalty is None else float(penalty.detach()),
-                         "train_adv_acc": correct / len(yb),
-                         "lr": scheduler.get_last_lr()[0], "sparsity": model_sparsity(raw_model),
-                         "time_s": time.perf_counter() - t_start})
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch + 1 < steps_per_epoch:
-                    checkpoint(epoch, batch + 1, loader.state_dict())
+                    progress.set_postfix(loss=f"{float(loss.detach()):.3f}",
+                                         lr=f"{run.scheduler.get_last_lr()[0]:.3g}")
+                if run.step % cfg.log_every == 0:
+                    run.log({"event": "step", "step": run.step, "epoch": epoch, "loss": float(loss.detach()),
+                             "penalty": None if penalty is None else float(penalty.detach()),
+                             "train_adv_acc": correct / len(yb), "lr": run.scheduler.get_last_lr()[0],
+                             "sparsity": model_sparsity(run.raw_model), "time_s": time.perf_counter() - run.t_start})
+                if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and batch + 1 < steps_per_epoch:
+                    run.checkpoint(epoch, batch + 1, loader.state_dict())
             # epoch end: the next epoch draws its permutation from the generator's current state
-            if is_main:
-                acc = clean_accuracy(raw_model, x_test, y_test, cfg.eval_batch_size, amp_ctx, memory_format)
-                log({"event": "epoch", "step": step, "epoch": epoch, "test_clean_acc": acc,
-                     "sparsity": model_sparsity(raw_model), "time_s": time.perf_counter() - t_start})
-            checkpoint(epoch + 1, 0, {"generator": loader.generator.get_state()})
-            if distributed:
+            if run.is_main:
+                acc = clean_accuracy(run.raw_model, run.x_test, run.y_test, cfg.eval_batch_size, run.amp_ctx,
+                                     run.memory_format)
+                run.log({"event": "epoch", "step": run.step, "epoch": epoch, "test_clean_acc": acc,
+                         "sparsity": model_sparsity(run.raw_model), "time_s": time.perf_counter() - run.t_start})
+            run.checkpoint(epoch + 1, 0, {"generator": loader.generator.get_state()})
+            if run.distributed:
                 dist.barrier()
     except BaseException:
-        if metrics is not None:
-            metrics.close()
+        if run.metrics is not None:
+            run.metrics.close()
         raise
     finally:
         if progress is not None:
             progress.close()
 
-    if distributed:
+
+def _train_batch(run: _Run, epoch: int, xb: torch.Tensor, yb: torch.Tensor):
+    """One optimizer step; returns ``(task loss, penalty or None, correct predictions)``."""
+    cfg = run.cfg
+    run.pruning.step(run.step)
+    if cfg.augment:
+        xb = augment_crop_flip(xb)
+    xb = xb.contiguous(memory_format=run.memory_format)
+    loss, correct = _train_step(cfg, run.model, run.raw_model, xb, yb, run.amp_ctx)
+    penalty = run.reg() if run.reg is not None else None
+    total = loss if penalty is None else loss + penalty
+    finite = torch.isfinite(total.detach()).float()
+    if run.distributed:  # every rank must stop at the same step
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() < 1:
+        raise NonFiniteLossError(
+            f"training loss is {float(total.detach()):.4g} at step {run.step} (epoch {epoch}); stopping. "
+            f"{run.last_good()}. Lower lr or the regulariser weights and restart.")
+    run.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    run.optimizer.step()
+    run.scheduler.step()
+    apply_masks(run.raw_model)
+    run.step += 1
+    return loss, penalty, correct
+
+
+def _finish(run: _Run) -> dict:
+    """Share rank 0's buffers, evaluate, write the report (rank 0; the others wait); return the result."""
+    from fastcnc.evaluate import evaluate_run
+    from fastcnc.report import write_report
+
+    cfg = run.cfg
+    if run.distributed:
         # DDP syncs buffers (batch-norm statistics, masks) from rank 0 at every forward, so after the last one the
         # other ranks hold their own shard's statistics: give every rank rank 0's, the ones the checkpoint holds
         with torch.no_grad():
-            for buffer in raw_model.buffers():
+            for buffer in run.raw_model.buffers():
                 dist.broadcast(buffer, 0)
-
-    # ---- evaluation and report (rank 0; the others wait)
     result: dict = {}
-    if is_main:
-        result = evaluate_run(cfg, raw_model, x_test, y_test, reg=reg, amp_ctx=amp_ctx, memory_format=memory_format)
-        result["train_time_s"] = time.perf_counter() - t_start
-        result["steps"] = step
-        log({"event": "final", "step": step, **{k: v for k, v in result.items() if not isinstance(v, (list, dict))}})
-        metrics.close()
-        write_report(out, result)
+    if run.is_main:
+        result = evaluate_run(cfg, run.raw_model, run.x_test, run.y_test, reg=run.reg, amp_ctx=run.amp_ctx,
+                              memory_format=run.memory_format)
+        result["train_time_s"] = time.perf_counter() - run.t_start
+        result["steps"] = run.step
+        run.log({"event": "final", "step": run.step,
+                 **{k: v for k, v in result.items() if not isinstance(v, (list, dict))}})
+        run.metrics.close()
+        write_report(run.out, result)
         print(f"fastcnc: clean {result['clean_acc']:.4f}  FGSM {result['fgsm_acc']:.4f}  "
               f"PGD-{cfg.eval_pgd_steps} {result['pgd_acc']:.4f}  CW {result['cw_acc']:.4f}  sparsity "
-              f"{result['sparsity']:.4f}; report: {out / 'report.md'}", file=sys.stderr, flush=True)
-    if distributed:
+              f"{result['sparsity']:.4f}; report: {run.out / 'report.md'}", file=sys.stderr, flush=True)
+    if run.distributed:
         dist.barrier()
-    return result, raw_model, reg
+    return result
 
 
 def _train_step(cfg: Config, model: nn.Module, raw_model: nn.Module, xb, yb, amp_ctx) -> tuple[torch.Tensor, int]:
@@ -422,9 +520,9 @@ def _train_step(cfg: Config, model: nn.Module, raw_model: nn.Module, xb, yb, amp
     raw_model.eval()
     with amp_ctx():
         if cfg.adv == "pgd":
-            x_adv = pgd(raw_model, xb, yb, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps)
+            x_adv = pgd(raw_model, xb, yb, eps=cfg.attack_eps, step_size=cfg.step_size, steps=cfg.attack_steps)
         else:
-            x_adv = trades_adversary(raw_model, xb, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps)
+            x_adv = trades_adversary(raw_model, xb, eps=cfg.attack_eps, step_size=cfg.step_size, steps=cfg.attack_steps)
     raw_model.train()
     with amp_ctx():
         if cfg.adv == "pgd":
@@ -436,9 +534,3 @@ def _train_step(cfg: Config, model: nn.Module, raw_model: nn.Module, xb, yb, amp
             logits_clean, logits = model(xb), model(x_adv)
             loss = trades_loss(logits_clean, logits, yb, cfg.trades_beta)
     return loss, int((logits.argmax(1) == yb).sum())
-
-
-def config_from_checkpoint(path: str | Path) -> Config:
-    state = load_checkpoint(path)
-    known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in state["config"].items() if k in known})

@@ -23,8 +23,13 @@ from torch.autograd.function import once_differentiable
 from fastcnc import _backend
 from fastcnc._checks import check_choice, check_positive, check_tensor
 
-# Tile size of the kernel path; a module attribute so tests can shrink it and make tiny layers span several tiles.
-_KERNEL_BLOCK = 4096
+# Tile size of the kernel path: None takes the launcher's DEFAULT_BLOCK (kernels/tsc.py, the one source of the
+# value); a module attribute so tests can shrink it and make tiny layers span several tiles.
+_KERNEL_BLOCK: int | None = None
+
+
+def _kernel_block() -> int:
+    return _KERNEL_BLOCK or _backend.kernels("tsc").DEFAULT_BLOCK
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,17 +56,10 @@ def _grads_torch(weights: list[torch.Tensor], a: float, scale: torch.Tensor) -> 
     return grads
 
 
-def _tsc_kernels():
-    """The Triton launcher module, imported lazily so CPU-only users never import triton."""
-    from fastcnc.kernels import tsc
-
-    return tsc
-
-
 def _kernel_ready(w: torch.Tensor) -> torch.Tensor:
     """Contiguous, and aligned so the kernel's 16-byte alignment hint holds (a storage offset can break it)."""
     w = w.detach().contiguous()
-    if w.data_ptr() % _tsc_kernels().POINTER_ALIGN:
+    if w.data_ptr() % _backend.kernels("tsc").POINTER_ALIGN:
         w = w.clone()  # a fresh allocation is aligned
     return w
 
@@ -93,8 +91,8 @@ class TSCPenaltyFunction(torch.autograd.Function):
         for idx in groups:
             group = [weights[i] for i in idx]
             if _backend.use_triton(group[0]):
-                values, _ = _tsc_kernels().tsc_value_grad(
-                    [_kernel_ready(w) for w in group], a, None, block=_KERNEL_BLOCK
+                values, _ = _backend.kernels("tsc").tsc_value_grad(
+                    [_kernel_ready(w) for w in group], a, None, block=_kernel_block()
                 )
             else:
                 values = _values_torch(group, a)
@@ -120,8 +118,8 @@ class TSCPenaltyFunction(torch.autograd.Function):
                 scale = grad_values[torch.tensor(idx, device=grad_values.device)]
             scale = scale.to(_acc_dtype(group[0].dtype))
             if _backend.use_triton(group[0]):
-                _, group_grads = _tsc_kernels().tsc_value_grad(
-                    [_kernel_ready(w) for w in group], ctx.a, scale, compute_value=False, block=_KERNEL_BLOCK
+                _, group_grads = _backend.kernels("tsc").tsc_value_grad(
+                    [_kernel_ready(w) for w in group], ctx.a, scale, compute_value=False, block=_kernel_block()
                 )
             else:
                 group_grads = _grads_torch(group, ctx.a, scale)

@@ -1,1 +1,1 @@
-"""Triton kernels and their launchers. Imported only through fastcnc._backend.kernels()."""
+"""Triton kernels and their launchers. Imported only through fastcnc._backend (``_backend.kernels(name)``)."""

@@ -240,7 +240,11 @@ def _ragged_bmm_case():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_resnet_layer_set_warm_start_matches_exact(dtype):
-    from fastcnc.bench import drift, layer_matrices
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the benchmark's own layer set
+    from penalty import drift, layer_matrices
 
     prev = layer_matrices("resnet50", "cuda", dtype=dtype)
     cur = drift(prev)

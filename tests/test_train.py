@@ -80,6 +80,49 @@ def test_cli_field_flags_and_set(capsys):
     assert "prune_frequency = 3" in printed
 
 
+def test_config_names_follow_the_library_and_old_names_still_work(capsys):
+    from fastcnc.cnc import CNC_KINDS
+    from fastcnc.config import config_from_dict, config_to_dict
+    from fastcnc.models import build_model
+    from fastcnc.train import build_regularizer
+
+    with pytest.warns(DeprecationWarning, match="'eps' is deprecated; use 'attack_eps'"):
+        cfg = load_config("quick", overrides={"eps": "0.1", "power_iters": "2"})
+    assert cfg.attack_eps == pytest.approx(0.1) and cfg.cnc_iters == 2
+    with pytest.warns(DeprecationWarning):
+        assert cli_main(["train", "--preset", "quick", "--eps", "1/255", "--print-config"]) == 0
+    assert "attack_eps = 0.00392" in capsys.readouterr().out
+    for kind in CNC_KINDS:
+        assert load_config(overrides={"cnc": kind}).cnc == kind
+    # every TSCNC engine option and the CNC floor reach the regulariser
+    cfg = load_config("quick", overrides={"cnc_eps": "1e-3", "cnc_iters": "2", "cnc_depth": "2", "cnc_block": "3",
+                                          "cnc_tol": "0.01", "cnc_refresh_every": "5", "cnc": "kappa"})
+    reg = build_regularizer(cfg, build_model("resnet18", 10, 1, width=4))
+    assert (reg.eps, reg.cnc, reg.refresh_every) == (1e-3, "kappa", 5)
+    assert reg.engine == {"iters": 2, "depth": 2, "block": 3, "tol": 0.01}
+    with pytest.raises(ValueError, match="cnc_eps' must be < 1"):
+        load_config(overrides={"cnc_eps": "1.5"})
+    with pytest.raises(ValueError, match=r"block \* \(depth \+ 1\) must be <= 16"):
+        load_config(overrides={"cnc_block": "8", "cnc_depth": "2"})
+    # a config stored by an older version (old names, fields missing) loads with the current names and defaults
+    old = {k: v for k, v in config_to_dict(Config()).items() if not k.startswith("cnc_") and k != "attack_eps"}
+    old.update(eps=0.05, power_iters=3)
+    restored = config_from_dict(old)
+    assert restored.attack_eps == 0.05 and restored.cnc_iters == 3 and restored.cnc_eps == Config().cnc_eps
+
+
+def test_training_cli_without_the_train_extra_names_it(monkeypatch, capsys):
+    import importlib.util
+
+    import fastcnc.cli as cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a))
+    assert cli.main(["train", "--preset", "quick", "--out", "unused"]) == 1
+    err = capsys.readouterr().err
+    assert "tqdm" in err and "pip install 'fastcnc[train]'" in err
+
+
 def test_lr_schedules():
     kw = dict(total_steps=100, warmup_steps=0, milestones=[0.5, 0.75], gamma=0.1)
     assert lr_factor(0, schedule="cosine", **kw) == 1.0

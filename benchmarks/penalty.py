@@ -1,4 +1,4 @@
-"""Benchmark CLI: ``python -m fastcnc.bench penalty [--models resnet18 resnet50] [--repeats N] [--out DIR]``.
+"""CNC penalty timing (``python benchmarks/run.py penalty [--models resnet18 resnet50] [--repeats N] [--out DIR]``).
 
 Times the CNC penalty value + gradient over the full layer set of a ResNet, side by side in one run:
   fastcnc        warm-started batched estimate (state from the previous training step; the default TSCNC setting)
@@ -10,21 +10,17 @@ measured against a float64 SVD of exactly those weights. Ratios are against the 
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import platform
 import statistics
-import subprocess
-import time
-from pathlib import Path
 
 import torch
+from common import environment, time_call
 
 from fastcnc.cnc import cnc_from_sigmas, cnc_penalty
 from fastcnc.models import build_model
+from fastcnc.reference import sigma_extremes_ref
 from fastcnc.regularizer import constrained_layers
 from fastcnc.spectral import SpectralState, as_matrices, extreme_singular_values
+from fastcnc.spectral_math import kappa
 
 IMPLS = ("fastcnc", "eigvalsh-gram", "svdvals")
 
@@ -48,7 +44,7 @@ def drift(mats: list[torch.Tensor], scale: float = 1e-3, seed: int = 1) -> list[
             for m in mats]
 
 
-def _penalty_exact(mats: list[torch.Tensor], how: str) -> torch.Tensor:
+def penalty_exact(mats: list[torch.Tensor], how: str) -> torch.Tensor:
     sig = []
     for m in mats:
         if how == "svdvals":
@@ -78,28 +74,10 @@ def make_step(impl: str, mats: list[torch.Tensor], **engine):
     def step():
         for m in mats:
             m.grad = None
-        p = _penalty_exact(mats, impl)
+        p = penalty_exact(mats, impl)
         p.backward()
         return p
     return step
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_call(fn, device: str, repeats: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def kappa_errors(mats_prev: list[torch.Tensor], mats: list[torch.Tensor], **engine) -> torch.Tensor:
@@ -107,29 +85,8 @@ def kappa_errors(mats_prev: list[torch.Tensor], mats: list[torch.Tensor], **engi
     state = SpectralState()
     extreme_singular_values(mats_prev, state=state, refresh=True)
     est = extreme_singular_values(mats, state=state, **engine)
-    true = torch.tensor([(lambda s: (s[0] / s[-1]).item())(torch.linalg.svdvals(m.detach().double().cpu()))
-                         for m in mats])
+    true = torch.tensor([kappa(*sigma_extremes_ref(m)) for m in mats])
     return (est.kappa.cpu() / true - 1).abs()
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def bench_penalty(models: list[str], device: str, repeats: int, iters: int, depth: int, block: int,
@@ -155,11 +112,8 @@ def bench_penalty(models: list[str], device: str, repeats: int, iters: int, dept
             "kappa_rel_err_max": float(err.max()), "kappa_rel_err_median": float(err.median()),
             "passes_over_weights": 2 * depth * iters + iters + 1,
         })
-    return {
-        "benchmark": "cnc-penalty value+grad", "device": device_name(device),
-        "date": datetime.date.today().isoformat(), "commit": git_commit(), "torch": torch.__version__,
-        "engine": engine, "drift": drift_scale, "repeats": repeats, "rows": rows,
-    }
+    return {"benchmark": "cnc-penalty value+grad", **environment(device), "engine": engine, "drift": drift_scale,
+            "repeats": repeats, "rows": rows}
 
 
 def to_markdown(res: dict) -> str:
@@ -175,36 +129,3 @@ def to_markdown(res: dict) -> str:
                      f"{r['speedup_vs_eigvalsh']:.2f} | {r['kappa_rel_err_max']:.2e} "
                      f"({r['kappa_rel_err_median']:.1e}) |")
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastcnc.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="what", required=True)
-    pen = sub.add_parser("penalty", help="CNC penalty value+grad vs exact svdvals / eigvalsh baselines")
-    pen.add_argument("--models", nargs="+", default=["resnet18", "resnet50"], choices=["resnet18", "resnet50"])
-    pen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    pen.add_argument("--repeats", type=int, default=5)
-    pen.add_argument("--iters", type=int, default=1)
-    pen.add_argument("--depth", type=int, default=1)
-    pen.add_argument("--block", type=int, default=4)
-    pen.add_argument("--drift", type=float, default=1e-3, help="weight change since the warm state, x mean|w|")
-    pen.add_argument("--out", type=Path, default=None, help="directory for <device>-<date>.json/.md results")
-    args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
-    res = bench_penalty(args.models, args.device, args.repeats, args.iters, args.depth, args.block, args.drift)
-    md = to_markdown(res)
-    print(md)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        tag = "gpu" if args.device.startswith("cuda") else "cpu"
-        stem = f"penalty-{tag}-{res['date']}-{'-'.join(args.models)}-drift{args.drift:g}"
-        (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2))
-        (args.out / f"{stem}.md").write_text(md)
-        print(f"wrote {args.out / stem}.json and .md")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""Shared by every benchmark: device and environment description, timing, result files, the ratio-table renderer.
+
+Benchmarks import this as ``common`` (pytest puts ``benchmarks/`` on ``sys.path``; ``python benchmarks/run.py`` runs
+from here), and import the package only through its public API.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def device_name(device: str | torch.device = "cpu") -> str:
+    """The GPU's name, or the CPU model with the torch thread count (timings on a shared CPU depend on it)."""
+    device = str(device)
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    threads = torch.get_num_threads()
+    return f"CPU: {model} ({threads} torch thread{'s' if threads > 1 else ''})"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: str | torch.device = "cpu") -> dict:
+    """What a result must carry to be comparable: device, date, commit and library versions."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name(device), "date": datetime.date.today().isoformat(), "commit": git_commit(),
+            "torch": torch.__version__, "triton": triton_version, "python": platform.python_version()}
+
+
+def sync(device: str | torch.device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device: str | torch.device, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn``, each ended by a device synchronisation."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def write_result(out_dir: str | Path, stem: str, result: dict, markdown: str) -> tuple[Path, Path]:
+    """``<out_dir>/<stem>.json`` and ``.md``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    paths[0].write_text(json.dumps(result, indent=2))
+    paths[1].write_text(markdown)
+    return paths
+
+
+# --------------------------------------------------------------------------------- pytest-benchmark ratio table
+
+
+STAT = "min"  # the least disturbed round: on a shared machine the median mostly measures the neighbours
+
+
+def render_ratio_table(path: str | Path, *, title: str, notes: list[str], impls: list[str], baseline: str,
+                       row_columns: list[tuple[str, callable]]) -> str:
+    """Markdown table of times (``STAT`` of the rounds) and ratios to ``baseline`` from a ``--benchmark-json`` file.
+
+    One row per benchmark group; ``row_columns`` are ``(header, extra_info -> cell)`` pairs describing the row, and
+    every ``impls`` entry present in the file gets a "ms (ratio)" column. Each benchmark must record its ``impl``,
+    ``device`` and ``torch`` in ``extra_info``.
+    """
+    with open(path) as f:
+        data = json.load(f)
+    rows: dict[str, dict[str, dict]] = {}
+    for b in data["benchmarks"]:
+        rows.setdefault(b["group"], {})[b["extra_info"]["impl"]] = b
+    present = [i for i in impls if any(i in r for r in rows.values())]
+    first = next(iter(next(iter(rows.values())).values()))["extra_info"]
+    date = data.get("datetime", "")[:10] or datetime.date.today().isoformat()
+    commit = (data.get("commit_info") or {}).get("id", "")[:7] or "unknown"
+    out = [f"# {title}", "", f"- device: {first['device']}",
+           f"- torch {first['torch']}, python {platform.python_version()}, date {date}, commit {commit}",
+           f"- time: {STAT} of the rounds; ratio = time / time({baseline}) (< 1 is faster)", *notes, ""]
+    others = [i for i in present if i != baseline]
+    out += ["| " + " | ".join([h for h, _ in row_columns] + [f"{baseline} ms"] + [f"{i} ms (ratio)" for i in others])
+            + " |", "|" + "---|" * (len(row_columns) + 1 + len(others))]
+    for by_impl in rows.values():
+        info = next(iter(by_impl.values()))["extra_info"]
+        base = by_impl[baseline]["stats"][STAT] if baseline in by_impl else None
+        cells = [cell(info) for _, cell in row_columns] + [f"{base * 1e3:.1f}" if base else "-"]
+        for impl in others:
+            if impl not in by_impl:
+                cells.append("-")
+                continue
+            t = by_impl[impl]["stats"][STAT]
+            cells.append(f"{t * 1e3:.1f} ({t / base:.2f})" if base else f"{t * 1e3:.1f}")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"

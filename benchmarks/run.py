@@ -1,0 +1,64 @@
+"""Benchmark CLI: ``python benchmarks/run.py <command> ...``.
+
+  penalty        CNC penalty value+grad over a ResNet layer set: fastcnc vs exact svdvals / eigvalsh baselines
+  masked-report  render a ``pytest benchmarks/bench_masked_matmul.py --benchmark-json FILE`` result as markdown
+
+Results carry device, date, commit and versions (``common.environment``); ratios are against baselines timed in the
+same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from common import write_result
+
+
+def _penalty(args) -> int:
+    from penalty import bench_penalty, to_markdown
+
+    res = bench_penalty(args.models, args.device, args.repeats, args.iters, args.depth, args.block, args.drift)
+    md = to_markdown(res)
+    print(md)
+    if args.out is not None:
+        tag = "gpu" if args.device.startswith("cuda") else "cpu"
+        stem = f"penalty-{tag}-{res['date']}-{'-'.join(args.models)}-drift{args.drift:g}"
+        paths = write_result(args.out, stem, res, md)
+        print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
+def _masked_report(args) -> int:
+    from bench_masked_matmul import render
+
+    print(render(args.json), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/run.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    pen = sub.add_parser("penalty", help="CNC penalty value+grad vs exact svdvals / eigvalsh baselines")
+    pen.add_argument("--models", nargs="+", default=["resnet18", "resnet50"], choices=["resnet18", "resnet50"])
+    pen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    pen.add_argument("--repeats", type=int, default=5)
+    pen.add_argument("--iters", type=int, default=1)
+    pen.add_argument("--depth", type=int, default=1)
+    pen.add_argument("--block", type=int, default=4)
+    pen.add_argument("--drift", type=float, default=1e-3, help="weight change since the warm state, x mean|w|")
+    pen.add_argument("--out", type=Path, default=None, help="directory for penalty-<device>-<date>-....json/.md")
+    pen.set_defaults(handler=_penalty)
+    rep = sub.add_parser("masked-report", help="markdown ratio table of a bench_masked_matmul --benchmark-json file")
+    rep.add_argument("json", help="the --benchmark-json output")
+    rep.set_defaults(handler=_masked_report)
+    args = p.parse_args(argv)
+    if getattr(args, "repeats", 1) < 1:
+        p.error("--repeats must be >= 1")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""No host syncs on the CUDA code path of a training step: the masked layers (forward + backward) and the TSC penalty.
+
+The code runs on CPU tensors inside ``fastcnc._backend.cuda_code_path()`` (the kernels under TRITON_INTERPRET=1) and
+``tests/sync_count.py`` flags every op that would make the host wait on CUDA. Each step is run once first, so cached
+device tables are built outside the count (a real training loop pays for them once, not per step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from sync_count import count_host_syncs, format_syncs
+
+from fastcnc import _backend
+from fastcnc.layers import MaskedConv2d, MaskedLinear
+from fastcnc.tsc import tsc_penalty
+
+# Without a GPU the CUDA code path runs on CPU tensors (TRITON_INTERPRET=1, set by conftest.py); with one, on the GPU.
+SIMULATE = _backend.INTERPRET
+DEVICE = "cpu" if SIMULATE else "cuda"
+pytestmark = pytest.mark.skipif(not SIMULATE and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 (CPU) or a CUDA device")
+
+
+def _count(fn, *, warmup: int = 1):
+    with _backend.cuda_code_path() if SIMULATE else contextlib.nullcontext():
+        for _ in range(warmup):
+            fn()
+        with count_host_syncs(simulate=SIMULATE) as counter:
+            fn()
+    return counter
+
+
+def _syncs(fn, *, warmup: int = 1):
+    return _count(fn, warmup=warmup).syncs
+
+
+# -- the harness itself: it must catch each kind of sync, and stay quiet on sync-free code ----------------------------
+
+_x = torch.randn(6, 5, device=DEVICE)
+_s = _x.T @ _x + torch.eye(5, device=DEVICE)
+_g = torch.randn(5, device=DEVICE)
+
+PLANTED = {
+    "item": lambda: _x.sum().item(),
+    "bool": lambda: bool((_x > 0).any()),
+    "if-tensor": lambda: 1 if _x.sum() > 0 else 0,
+    "int": lambda: int(_x.argmax()),
+    "scalar-argument": lambda: _s.clone().addr_(_g, _g, alpha=_g[1]),
+    "nonzero": lambda: _x.nonzero(),
+    "where-1-arg": lambda: torch.where(_x > 0),
+    "bool-mask-index": lambda: _x[_x > 0],
+    "bool-mask-assign": lambda: _x.clone().__setitem__(_x > 0, 0.0),
+    "masked_select": lambda: _x.masked_select(_x > 0),
+    "unique": lambda: _x.round().unique(),
+    "repeat_interleave": lambda: torch.repeat_interleave(_x.abs().long().flatten()),
+    "equal": lambda: torch.equal(_x, _x),
+    "tolist": lambda: _x.tolist(),
+    "cpu": lambda: _x.cpu(),
+    "to-cpu-string": lambda: _x.to("cpu"),
+    "numpy": lambda: _x.numpy(),
+    "upload-python-list": lambda: torch.tensor([1, 2, 3], device=_x.device),
+    "upload-host-tensor": lambda: torch.tensor([1, 2, 3]).to(_x.device),
+    "host-index-on-device-tensor": lambda: _x[torch.tensor([0, 2])],
+    "cholesky": lambda: torch.linalg.cholesky(_s),
+    "cholesky_ex-check_errors": lambda: torch.linalg.cholesky_ex(_s, check_errors=True),
+    "inv": lambda: torch.linalg.inv(_s),
+    "solve": lambda: torch.linalg.solve(_s, _g),
+    "svdvals": lambda: torch.linalg.svdvals(_s),
+    "eigvalsh": lambda: torch.linalg.eigvalsh(_s),
+    "matrix_norm-2": lambda: torch.linalg.matrix_norm(_s, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANTED))
+def test_harness_catches_a_planted_sync(name):
+    syncs = _syncs(PLANTED[name], warmup=0)
+    assert syncs, f"{name}: the counter missed a host sync"
+    assert all("test_host_syncs.py" in s.where for s in syncs), format_syncs(syncs)
+
+
+SYNC_FREE = {
+    "matmul-and-reductions": lambda: (_x @ _s).sum(dim=0).amax(),
+    "cholesky_ex": lambda: torch.linalg.cholesky_ex(_s),
+    "inv_ex": lambda: torch.linalg.inv_ex(_s),
+    "qr": lambda: torch.linalg.qr(_s),
+    "factories": lambda: torch.zeros(3, device=_x.device) + torch.full((3,), 2.0, device=_x.device),
+    "host-0dim-scalar": lambda: _x * torch.tensor(2.0),
+    "host-only-arithmetic": lambda: torch.tensor([1.0, 2.0]).sum().item(),
+    "where-3-args": lambda: torch.where(_x > 0, _x, 0.0),
+    "nonzero_static": lambda: torch.nonzero_static(_x, size=4),
+    "index-with-device-index": lambda: _x[torch.arange(2, device=_x.device)],
+}
+
+
+@pytest.mark.parametrize("name", list(SYNC_FREE))
+def test_harness_is_quiet_on_sync_free_code(name):
+    syncs = _syncs(SYNC_FREE[name], warmup=0)
+    assert not syncs, f"{name}: false alarm\n{format_syncs(syncs)}"
+
+
+def test_harness_catches_a_sync_planted_in_a_layer(monkeypatch):
+    layer = MaskedLinear(32, 48, device=DEVICE)
+    layer.set_mask(_block_mask(48, 32, 16, keep=0.25))
+    x = torch.randn(7, 32, device=DEVICE)
+    real_forward = MaskedLinear.forward
+
+    def forward_with_item(self, inp):
+        out = real_forward(self, inp)
+        return out * float(out.detach().abs().max())  # a typical stray sync: a data-dependent Python scalar
+
+    monkeypatch.setattr(MaskedLinear, "forward", forward_with_item)
+    syncs = _syncs(lambda: layer(x).sum().backward())
+    assert [s.op for s in syncs] == ["aten._local_scalar_dense.default"], format_syncs(syncs)
+    assert "forward_with_item" in syncs[0].where
+
+
+# -- the CUDA code path of the library ---------------------------------------------------------------------------------
+
+
+def _block_mask(rows: int, cols: int, block: int, keep: float) -> torch.Tensor:
+    tiles = (torch.rand(-(-rows // block), -(-cols // block)) < keep).float()
+    tiles[0, 0] = 1.0
+    return tiles.repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols].to(DEVICE)
+
+
+@pytest.mark.parametrize("keep", [0.25, 1.0], ids=["block-sparse", "dense-mask"])
+def test_masked_linear_step_has_no_host_syncs(keep, one_intra_op_thread):
+    layer = MaskedLinear(48, 40, device=DEVICE)
+    layer.set_mask(_block_mask(40, 48, 16, keep))
+    x = torch.randn(2, 9, 48, device=DEVICE, requires_grad=True)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        layer(x).square().sum().backward()
+
+    counter = _count(step)
+    assert not counter.syncs, f"MaskedLinear forward+backward on the CUDA path syncs:\n{format_syncs(counter.syncs)}"
+    if keep < 1.0 and SIMULATE:
+        assert counter.launches == 3, "the block-sparse layer must run the fwd, dX and dW kernels"
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_masked_conv2d_step_has_no_host_syncs(groups, one_intra_op_thread):
+    layer = MaskedConv2d(8, 16, 3, padding=1, stride=2, groups=groups, device=DEVICE)
+    layer.set_mask(_block_mask(16, 8 // groups * 9, 16, 0.5).reshape(layer.weight.shape))
+    x = torch.randn(2, 8, 7, 7, device=DEVICE, requires_grad=True)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        layer(x).square().sum().backward()
+
+    counter = _count(step)
+    assert not counter.syncs, f"MaskedConv2d forward+backward on the CUDA path syncs:\n{format_syncs(counter.syncs)}"
+    assert counter.launches == 3 or not SIMULATE, "the block-sparse layer must run the fwd, dX and dW kernels"
+
+
+def _tsc_weights():
+    return [torch.randn(16, 3, 3, 3, device=DEVICE, requires_grad=True),
+            torch.randn(10, 16, device=DEVICE, requires_grad=True)]
+
+
+def test_tsc_penalty_step_has_no_host_syncs(one_intra_op_thread):
+    weights = _tsc_weights()
+
+    def step():
+        for w in weights:
+            w.grad = None
+        tsc_penalty(weights, check_finite=False).backward()
+
+    counter = _count(step)
+    assert not counter.syncs, f"tsc_penalty forward+backward on the CUDA path syncs:\n{format_syncs(counter.syncs)}"
+    assert counter.launches == 3 or not SIMULATE, "value + per-layer sum in the forward, gradient in the backward"
+
+
+def test_tsc_penalty_finite_check_is_counted(one_intra_op_thread):
+    # the default check_finite=True waits for the device by design (documented): the counter must see it
+    weights = _tsc_weights()
+    syncs = _syncs(lambda: tsc_penalty(weights).backward())
+    assert syncs and all("tsc.py" in s.where for s in syncs), format_syncs(syncs)
