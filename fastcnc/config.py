@@ -93,8 +93,8 @@ class Config:
         return self.attack_eps
 
 
-# deprecated field names -> current ones; accepted (with a DeprecationWarning) in presets, TOML files, --set, --field
-# flags and the configs stored in older checkpoints
+# deprecated field names -> current ones: accepted with a DeprecationWarning in presets, TOML files, --set and --field
+# flags, and mapped silently in the configs stored in older checkpoints (config_from_dict)
 DEPRECATED_FIELDS = {"eps": "attack_eps", "power_iters": "cnc_iters"}
 
 
