@@ -118,7 +118,7 @@ def render_markdown(result: dict) -> str:
         f"| layers with kappa = inf | {result['n_layers_kappa_inf']} |",
     ]
     if "train_time_s" in result:
-        lines.append(f"| training time (s) | {result['train_time_s']:.1f} |")
+        lines.append(f"| wall time, training + evaluation (s) | {result['train_time_s']:.1f} |")
     lines += ["", "## Per-layer spectra (exact, float64 SVD of W*M as [C_out, fan_in])", "",
               "| layer | shape | sigma_max | sigma_min | kappa | sparsity | dead rows / cols |",
               "|---|---|---|---|---|---|---|"]
