@@ -17,16 +17,20 @@ Run: ``pytest benchmarks/bench_masked_matmul.py --benchmark-json out.json`` (on 
 gives far steadier numbers: a 2-thread GEMM stalls whenever a neighbour takes one of the cores) then
 ``python benchmarks/run.py masked-report out.json > out.md`` for the ratio table. ``--benchmark-disable`` runs
 each target once (a smoke test).
+
+Quick fixed set for a GPU session (ResNet-18 shapes, block-32 masks at 0% and 90%, one table of ratios to dense):
+``python benchmarks/bench_masked_matmul.py [--batch 128] [--dtypes float32 bfloat16] [--out DIR]``.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from common import device_name, render_ratio_table
+from common import device_name, environment, render_ratio_table
 
 from fastcnc import MaskedLinear, masked
 
@@ -159,3 +163,141 @@ def render(path: str) -> str:
         row_columns=[("layer (M x N x K)", lambda i: f"{i['layer']} ({i['M']}x{i['N']}x{i['K']})"),
                      ("mask", lambda i: i["mask"]), ("sparsity", lambda i: f"{i['sparsity']:.0%}"),
                      ("tile density (32x32)", lambda i: f"{i['tile_density']:.2f}")])
+
+
+# ------------------------------------------------------------------------------------------- quick CLI (GPU session)
+
+
+def _time_ms(fn, device: str, repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn`` in ms: CUDA events on a GPU, perf_counter on CPU."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, out_dir: str | None) -> int:
+    """Fixed small set for one GPU session: ResNet-18 im2col shapes x block-32 masks at ``sparsities`` x dtypes,
+    forward + backward of dense ``W*M`` (cuBLAS), ``fastcnc`` (dispatch rule) and ``triton`` (kernels forced, GPU
+    only), each checked against float64 before it is timed. Ratios are to ``dense`` measured in the same run."""
+
+    layers = [(name, batch * (m // BATCH), n, k) for name, m, n, k in LAYERS]
+    impls = ["dense", "fastcnc"] + (["triton"] if CUDA else [])
+    rows, failures = [], 0
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        for name, m, n, k in layers:
+            for sparsity in sparsities:
+                gen = torch.Generator().manual_seed(0)
+                x = torch.randn(m, k, generator=gen).to(DEVICE, dtype).requires_grad_(True)
+                w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
+                dy = torch.randn(m, n, generator=gen).to(DEVICE, dtype)
+                mask = make_mask(n, k, "block32", sparsity, gen).to(DEVICE, dtype)
+                w64, x64, dy64, m64 = w.double() * mask.double(), x.detach().double(), dy.double(), mask.double()
+                want = (x64 @ w64.t(), dy64 @ w64, (dy64.t() @ x64) * m64)
+                row = {"layer": name, "M": m, "N": n, "K": k, "dtype": dtype_name, "sparsity": sparsity,
+                       "tile_density": masked.build_tile_table(mask, block=TILE).density, "ms": {}, "error": {}}
+                for impl in impls:
+                    threshold = getattr(masked, "DENSE_FALLBACK_TILE_DENSITY", None)
+                    if impl == "triton":
+                        masked.DENSE_FALLBACK_TILE_DENSITY = 1.01  # the kernels whatever the density
+                    try:
+                        step = make_step(impl, x, w, mask, dy)
+                        got = step()
+                        err = max(float((_dense(g).double() - r).norm() / r.norm().clamp_min(1e-30))
+                                  for g, r in zip(got, want, strict=True))
+                        row["error"][impl] = err
+                        if not err < TOLERANCE[dtype] or torch.count_nonzero(_dense(got[2])[mask == 0]):
+                            raise AssertionError(f"relative error {err:.2e} (or a pruned weight got a gradient)")
+                        row["ms"][impl] = _time_ms(step, DEVICE, repeats, warmup=2)
+                    except Exception as exc:  # one broken impl must not hide the other rows
+                        failures += 1
+                        row["ms"][impl] = None
+                        row.setdefault("failed", {})[impl] = f"{type(exc).__name__}: {exc}"[:300]
+                    finally:
+                        if threshold is not None:
+                            masked.DENSE_FALLBACK_TILE_DENSITY = threshold
+                base = row["ms"].get("dense")
+                row["ratio"] = {i: (t / base if t and base else None) for i, t in row["ms"].items() if i != "dense"}
+                rows.append(row)
+                _quick_result(rows, batch, repeats, out_dir)
+                cells = "  ".join(f"{i} {t:.3f} ms" if t else f"{i} FAILED" for i, t in row["ms"].items())
+                print(f"{dtype_name:9s} {name:16s} M={m:<7d} s={sparsity:.0%}  {cells}", flush=True)
+    md = render_quick(_quick_result(rows, batch, repeats, out_dir))
+    print(md)
+    return 1 if failures else 0
+
+
+def _quick_result(rows: list[dict], batch: int, repeats: int, out_dir: str | None) -> dict:
+    """The result so far; written after every row, so a run stopped by a timeout keeps what it measured."""
+    import os
+
+    res = {"benchmark": "masked layer fwd+bwd, quick set", **environment(DEVICE), "batch": batch, "repeats": repeats,
+           "rows": rows}
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        tag = "gpu" if CUDA else "cpu"
+        with open(os.path.join(out_dir, f"masked-quick-{tag}.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        with open(os.path.join(out_dir, f"masked-quick-{tag}.md"), "w") as f:
+            f.write(render_quick(res))
+    return res
+
+
+def render_quick(res: dict) -> str:
+    out = [f"Masked layer fwd+bwd (y, dX, dW), block-32 masks. Device: {res['device']}; torch {res['torch']}; "
+           f"date {res['date']}; batch {res['batch']}; median of {res['repeats']}; ratio = time / dense (same run).",
+           "",
+           "| dtype | layer (MxNxK) | sparsity | tile density | dense ms | fastcnc ms (ratio) | triton ms (ratio) |",
+           "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        def cell(impl, r=r):
+            t = r["ms"].get(impl)
+            if impl not in r["ms"]:
+                return "-"
+            if t is None:
+                return "FAILED"
+            return f"{t:.3f} ({r['ratio'][impl]:.2f})" if r["ratio"].get(impl) else f"{t:.3f}"
+        dense = r["ms"].get("dense")
+        out.append(f"| {r['dtype']} | {r['layer']} ({r['M']}x{r['N']}x{r['K']}) | {r['sparsity']:.0%} | "
+                   f"{r['tile_density']:.2f} | {dense:.3f} | {cell('fastcnc')} | {cell('triton')} |"
+                   if dense else f"| {r['dtype']} | {r['layer']} | {r['sparsity']:.0%} | - | FAILED | | |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description="quick masked-layer benchmark (fixed shapes, ratios to dense)")
+    p.add_argument("--batch", type=int, default=128 if CUDA else 2)
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"] if CUDA else ["float32"])
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.9])
+    p.add_argument("--repeats", type=int, default=20 if CUDA else 3)
+    p.add_argument("--out", default=None, help="directory for masked-quick-<gpu|cpu>.json/.md")
+    a = p.parse_args(argv)
+    return quick(a.batch, a.dtypes, a.sparsities, a.repeats, a.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""pytest-benchmark: CNC penalty value+grad over the ResNet-18 layer set, fastcnc vs exact baselines.
+"""pytest-benchmark: CNC penalty value+grad over the ResNet-18 layer set, fastcnc vs exact baselines, on synthetic
+drift (the easy case; bench_trajectory.py runs on recorded training weights).
 
 Run: pytest benchmarks/bench_penalty.py --benchmark-enable [--benchmark-json out.json]
 (`--benchmark-disable` runs each target once: a smoke test.) Group `cnc-penalty-<model>` compares the impls.
@@ -22,7 +23,7 @@ def resnet18_mats():
 def test_cnc_penalty_value_and_grad(benchmark, impl, resnet18_mats):
     prev, cur = resnet18_mats
     mats = [m.clone().requires_grad_(True) for m in cur]
-    step = make_step(impl, mats, iters=1, depth=1, block=4) if impl == "fastcnc" else make_step(impl, mats)
+    step = make_step(impl, mats) if impl == "fastcnc" else make_step(impl, mats)
     value = step()
     # never time a wrong answer: the penalty must agree with the exact float64 one
     exact = penalty_exact([m.detach().double() for m in mats], "svdvals")

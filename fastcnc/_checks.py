@@ -69,13 +69,3 @@ def check_eps_floor(name: str, value) -> float:
         raise ValueError(f"{name} must be < 1 (kappa is capped at 1/{name}), got {value}")
     return value
 
-
-# kernels/spectral.py's ragged_bmm multiplies at most 16 vectors per matrix (its `R <= 16` assertion), and a block of
-# `block` vectors grown `depth` times is block * (depth + 1) vectors
-KRYLOV_MAX_BASIS = 16
-
-
-def check_krylov_block(block: int, depth: int) -> None:
-    """``block * (depth + 1) <= KRYLOV_MAX_BASIS``: the Krylov basis per matrix must fit one kernel launch."""
-    if block * (depth + 1) > KRYLOV_MAX_BASIS:
-        raise ValueError(f"block * (depth + 1) must be <= {KRYLOV_MAX_BASIS}, got {block} * ({depth} + 1)")

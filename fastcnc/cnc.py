@@ -1,10 +1,15 @@
-"""The Condition Number Constraint (CNC) penalty, differentiable through the estimated extreme singular values.
+"""The Condition Number Constraint (CNC) penalty, differentiable through the certified extreme singular values.
 
-With (u, v) the estimated singular vectors (treated as constants), the estimate of a singular value is the bilinear
-form sigma_hat(W) = u^T W v, whose exact gradient is u v^T. At convergence this is also the gradient of the true
-singular value (for a simple one), so the CNC gradient of a layer is the rank-2 matrix
+The engine returns sigma_max = |A y| and sigma_min = |A x| for unit Ritz vectors y, x, i.e. the bilinear forms
+sigma_hat(W) = u^T W v with u = W v / |W v|. With (u, v) frozen, the exact gradient of that value is u v^T, so the CNC
+gradient of a layer is the rank-2 matrix
     d penalty / dW = (d p / d sigma_max) u_max v_max^T + (d p / d sigma_min) u_min v_min^T,
-and no SVD backward is ever needed.
+computed as one batched outer-product sum per shape group (no SVD backward, no host sync).
+
+``smooth_min > 0`` replaces sigma_min by a soft-min over the retained bottom Ritz values,
+    s_soft = -T log sum_j exp(-s_j / T),   T = smooth_min * sigma_min (frozen),
+whose gradient sum_j softmax(-s/T)_j u_j v_j^T does not jump between near-equal bottom pairs from one step to the
+next. s_soft lies in [sigma_min_hat - T log r, sigma_min_hat]. The default (0) is the Ritz value itself.
 
 Penalty per layer, with kappa_eps = sigma_max / (sigma_min + eps * sigma_max) (finite, <= 1/eps, for rank-deficient
 layers, scale-invariant):
@@ -20,46 +25,53 @@ from collections.abc import Sequence
 
 import torch
 
-from fastcnc._checks import check_choice, check_positive, check_tensor
-from fastcnc.spectral import SpectralEstimate, SpectralState, _as_list, extreme_singular_values
+from fastcnc._checks import check_choice, check_eps_floor, check_positive, check_tensor
+from fastcnc.spectral import SpectralEstimate, SpectralState, VectorGroup, extreme_singular_values, matrices_list
 
-__all__ = ["ExtremeSigmasFunction", "cnc_from_sigmas", "cnc_penalty"]
+__all__ = ["BilinearFormsFunction", "cnc_from_sigmas", "cnc_penalty", "penalty_from_estimate"]
 
 CNC_KINDS = {"log", "kappa", "hinge"}
 
 
-class ExtremeSigmasFunction(torch.autograd.Function):
-    """[L, 2] tensor of (u_max^T W_l v_max, u_min^T W_l v_min) with the rank-2 exact backward.
+def _tall(w: torch.Tensor, wide: bool) -> torch.Tensor:
+    return w.T if wide else w
 
-    ``values`` (optional, [L, 2]) skips the forward products when the caller already holds them (Ritz values equal
-    u^T A v by construction); ``None`` computes them from the weights.
+
+class BilinearFormsFunction(torch.autograd.Function):
+    """[L, k] tensor of u_{l,j}^T W_l v_{l,j} (vectors frozen, stacked per shape group) with the exact rank-k backward.
+
+    ``values`` ([L, k], optional) skips the forward products when the caller already holds them (the engine's Ritz
+    values are these forms for the very weights it was given); ``None`` computes them from ``mats``.
     """
 
     @staticmethod
-    def forward(ctx, values, vectors, *mats):
-        u_max, v_max, u_min, v_min = vectors
+    def forward(ctx, values, groups, *mats):
         if values is None:
-            values = torch.stack([
-                torch.stack([u_max[i] @ (m.to(u_max[i].dtype) @ v_max[i]),
-                             u_min[i] @ (m.to(u_min[i].dtype) @ v_min[i])])
-                for i, m in enumerate(mats)
-            ]).to(torch.float64)
-        ctx.vectors = vectors
+            rows: list = [None] * len(mats)
+            for grp in groups:
+                A = torch.stack([_tall(mats[i], w).to(torch.float64) for i, w in zip(grp.index, grp.wide,
+                                                                                      strict=True)])
+                vals = torch.einsum("bmk,bmn,bnk->bk", grp.U, A, grp.V)
+                for j, i in enumerate(grp.index):
+                    rows[i] = vals[j]
+            values = torch.stack(rows)
+        ctx.groups = groups
         ctx.meta = [(m.dtype, m.shape) for m in mats]
         return values.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_values):
-        u_max, v_max, u_min, v_min = ctx.vectors
-        grads = []
-        for i, (dtype, shape) in enumerate(ctx.meta):
-            if not ctx.needs_input_grad[2 + i]:
-                grads.append(None)
+        grads: list = [None] * len(ctx.meta)
+        coeff = grad_values.to(torch.float64).unbind(0)
+        for grp in ctx.groups:
+            if not any(ctx.needs_input_grad[2 + i] for i in grp.index):
                 continue
-            g = grad_values[i].to(u_max[i].dtype)
-            grad = torch.outer(g[0] * u_max[i], v_max[i])
-            grad.addr_(u_min[i], v_min[i], alpha=g[1])
-            grads.append(grad.to(dtype).reshape(shape))
+            g = torch.stack([coeff[i] for i in grp.index])  # [B, k]
+            grad_tall = (grp.U * g[:, None, :]) @ grp.V.mT  # sum_j g_j u_j v_j^T, [B, m, n]
+            for j, (i, wide) in enumerate(zip(grp.index, grp.wide, strict=True)):
+                if ctx.needs_input_grad[2 + i]:
+                    dtype, shape = ctx.meta[i]
+                    grads[i] = _tall(grad_tall[j], wide).to(dtype).reshape(shape)
         return (None, None, *grads)
 
 
@@ -79,6 +91,56 @@ def cnc_from_sigmas(sigmas: torch.Tensor, *, kind: str = "log", kappa_target: fl
     return torch.where(alive, p, torch.zeros_like(p))
 
 
+def _check_options(kind, kappa_target, eps, reduction, smooth_min) -> None:
+    check_choice("kind", kind, CNC_KINDS)
+    check_choice("reduction", reduction, {"sum", "mean", "none"})
+    check_positive("kappa_target", kappa_target)
+    check_eps_floor("eps", eps)
+    check_positive("smooth_min", smooth_min, allow_zero=True)
+
+
+def _softmin_groups(estimate: SpectralEstimate, mats) -> tuple[list[VectorGroup], torch.Tensor]:
+    """One group per matrix holding [u_max, bottom block] (padded to a common width) and the valid-column mask."""
+    if estimate.bottom is None:
+        raise ValueError("smooth_min > 0 needs an estimate computed with ritz_block=True")
+    k = 1 + max(b[0].numel() for b in estimate.bottom)
+    groups, valid = [], []
+    for i, (s, U, V) in enumerate(estimate.bottom):
+        r = s.numel()
+        Ui = torch.zeros(U.shape[0], k, dtype=torch.float64, device=U.device)
+        Vi = torch.zeros(V.shape[0], k, dtype=torch.float64, device=V.device)
+        Ui[:, 0], Vi[:, 0], Ui[:, 1:1 + r], Vi[:, 1:1 + r] = estimate.u_max[i], estimate.v_max[i], U, V
+        groups.append(VectorGroup([i], [False], Ui[None], Vi[None]))
+        valid.append(torch.arange(k, device=U.device) <= r)
+    return groups, torch.stack(valid)
+
+
+def penalty_from_estimate(mats: list[torch.Tensor], estimate: SpectralEstimate, *, kind: str = "log",
+                          kappa_target: float = 10.0, eps: float = 1e-6, reduction: str = "sum",
+                          smooth_min: float = 0.0, from_these_weights: bool = False) -> torch.Tensor:
+    """CNC penalty of ``mats`` with the singular vectors of ``estimate`` frozen (the building block of ``cnc_penalty``
+    and ``TSCNC``). ``from_these_weights=True`` reuses the estimate's values instead of recomputing the forms (only
+    valid when the estimate was computed from exactly these weights)."""
+    if smooth_min > 0:
+        groups, valid = _softmin_groups(estimate, mats)
+        forms = BilinearFormsFunction.apply(None, groups, *mats)  # [L, 1 + r]
+        smax, bottom = forms[:, 0], forms[:, 1:]
+        temp = (smooth_min * estimate.sigma_min.clamp_min(torch.finfo(torch.float64).tiny))[:, None]
+        z = torch.where(valid[:, 1:], -bottom / temp, torch.full_like(bottom, -torch.inf))
+        smin = torch.where(estimate.structural, torch.zeros_like(smax), -temp[:, 0] * torch.logsumexp(z, 1))
+        sigmas = torch.stack([smax, smin], 1)
+    else:
+        values = torch.stack([estimate.sigma_max, estimate.sigma_min], 1) if from_these_weights else None
+        sigmas = BilinearFormsFunction.apply(values, estimate.groups, *mats)
+    if not from_these_weights and not sigmas.is_cuda and not bool(torch.isfinite(sigmas).all()):
+        bad = int((~torch.isfinite(sigmas)).any(1).nonzero()[0, 0])
+        raise ValueError(f"weights[{bad}] contains NaN or Inf; expected finite values")
+    per_layer = cnc_from_sigmas(sigmas, kind=kind, kappa_target=kappa_target, eps=eps)
+    if reduction == "none":
+        return per_layer
+    return per_layer.sum() if reduction == "sum" else per_layer.mean()
+
+
 def cnc_penalty(
     weights: torch.Tensor | Sequence[torch.Tensor],
     *,
@@ -86,58 +148,53 @@ def cnc_penalty(
     kappa_target: float = 10.0,
     eps: float = 1e-6,
     reduction: str = "sum",
-    state: SpectralState | None = None,
+    smooth_min: float = 0.0,
     estimate: SpectralEstimate | None = None,
-    check_finite: bool = True,
-    **engine_kwargs,
+    state: SpectralState | None = None,
+    rtol: float = 1e-2,
+    refresh: bool = False,
 ) -> torch.Tensor:
-    """Condition-number penalty of one or more weight matrices, with exact gradients of the estimate.
+    """Condition-number penalty of one or more weight matrices, with the exact gradient of the certified estimate.
 
     Args:
         weights: a 2-D tensor or list of 2-D tensors (``fastcnc.spectral.as_matrices`` turns conv weights into them).
         kind: ``"log"`` (log kappa), ``"kappa"`` or ``"hinge"`` (max(kappa - kappa_target, 0)^2); see module doc.
         kappa_target: target condition number of the hinge.
         eps: relative floor of sigma_min (kappa <= 1/eps), 0 < eps < 1: rank-deficient layers get a finite penalty.
+            It is also the engine's ``floor``: kappa_eps is certified to ``rtol``.
         reduction: ``"sum"``, ``"mean"`` or ``"none"`` ([L]).
-        state: warm-start state of the spectral engine (updated in place).
-        estimate: reuse the singular vectors of an earlier estimate (skips the engine); the penalty is then the exact
-            function sigma_hat(W) = u^T W v of these weights with those vectors frozen.
-        check_finite: with ``estimate``, raise if the weights give NaN/Inf values (one device sync; the engine
-            checks the weights itself when ``estimate`` is None). Pass False when ``estimate`` came from these weights.
-        **engine_kwargs: passed to ``extreme_singular_values`` (iters, depth, block, refresh, tol, compute_dtype).
+        smooth_min: 0 (default) differentiates the smallest Ritz value; > 0 a soft-min over the bottom block with
+            temperature ``smooth_min * sigma_min`` (see module doc).
+        estimate: None (default) runs the engine on these weights (``state``, ``rtol``, ``refresh`` are passed to it).
+            Given, its singular vectors are frozen and the penalty is the exact function u^T W v of these weights
+            (NaN/Inf weights raise ValueError on CPU; on CUDA they give a NaN penalty, checked by nobody: no sync).
+        state: warm-start state of the engine (updated in place); only without ``estimate``.
+        rtol: the engine's accuracy target (relative, kappa_eps); only without ``estimate``.
+        refresh: exact float64 SVD instead of the iteration; only without ``estimate``.
 
     Returns:
         float64 penalty (0-dim, or [L] with ``reduction="none"``).
     """
-    mats = _as_list("weights", weights)
+    mats = matrices_list("weights", weights)
     for i, m in enumerate(mats):
         check_tensor(f"weights[{i}]", m, ndim=2, floating=True, nonempty=True)
-    check_choice("kind", kind, CNC_KINDS)
-    check_choice("reduction", reduction, {"sum", "mean", "none"})
-    check_positive("kappa_target", kappa_target)
-    if check_positive("eps", eps) >= 1:
-        raise ValueError(f"eps must be < 1 (kappa is capped at 1/eps), got {eps}")
+    _check_options(kind, kappa_target, eps, reduction, smooth_min)
     if estimate is None:
         with torch.no_grad():
-            estimate = extreme_singular_values([m.detach() for m in mats], state=state, **engine_kwargs)
-        # Ritz values are u^T W v for these very weights: no need to recompute the bilinear forms
-        values = torch.stack([estimate.sigma_max, estimate.sigma_min], 1)
+            estimate = extreme_singular_values([m.detach() for m in mats], rtol=rtol, floor=eps, state=state,
+                                               refresh=refresh, ritz_block=smooth_min > 0)
+        fresh = True
     else:
         if not isinstance(estimate, SpectralEstimate):
             raise TypeError(f"estimate must be None or a fastcnc.SpectralEstimate, got {type(estimate).__name__}")
+        if state is not None or refresh:
+            raise ValueError("state and refresh configure the engine; they cannot be combined with estimate")
         if len(estimate.u_max) != len(mats):
             raise ValueError(f"estimate covers {len(estimate.u_max)} matrices, weights has {len(mats)}")
         for i, m in enumerate(mats):
             if (estimate.u_max[i].shape[0], estimate.v_max[i].shape[0]) != tuple(m.shape):
                 raise ValueError(f"estimate's vectors for matrix {i} fit a {estimate.u_max[i].shape[0]}x"
                                  f"{estimate.v_max[i].shape[0]} matrix, weights[{i}] has shape {tuple(m.shape)}")
-        values = None  # the caller's weights may differ from the estimate's: evaluate u^T W v exactly
-    vectors = (estimate.u_max, estimate.v_max, estimate.u_min, estimate.v_min)
-    sigmas = ExtremeSigmasFunction.apply(values, vectors, *mats)
-    if values is None and check_finite and not bool(torch.isfinite(sigmas).all()):
-        bad = int((~torch.isfinite(sigmas)).any(1).nonzero()[0, 0])
-        raise ValueError(f"weights[{bad}] contains NaN or Inf; expected finite values")
-    per_layer = cnc_from_sigmas(sigmas, kind=kind, kappa_target=kappa_target, eps=eps)
-    if reduction == "none":
-        return per_layer
-    return per_layer.sum() if reduction == "sum" else per_layer.mean()
+        fresh = False
+    return penalty_from_estimate(mats, estimate, kind=kind, kappa_target=kappa_target, eps=eps, reduction=reduction,
+                                 smooth_min=smooth_min, from_these_weights=fresh)

@@ -60,10 +60,11 @@ class Config:
     kappa_target: float = 10.0  # hinge form: condition numbers below this are not penalised
     cnc_eps: float = 1e-6  # cnc_penalty's eps: sigma_min floor relative to sigma_max (kappa <= 1/cnc_eps), in (0, 1)
     tsc_a: float = 100.0  # transformed-L1 shape parameter a
-    cnc_iters: int = 1  # TSCNC iters: spectral-engine restarts per step, warm-started block Krylov (alias power_iters)
-    cnc_depth: int = 1  # TSCNC depth: Krylov depth of each restart
-    cnc_block: int = 4  # TSCNC block: vectors per Krylov block (cnc_block * (cnc_depth + 1) <= 16)
-    cnc_tol: float = 0.0  # TSCNC tol: exact fallback for layers whose residual bound exceeds it; 0 = no fallback
+    cnc_rtol: float = 1e-2  # TSCNC rtol: certified relative accuracy of each layer's kappa (floored at cnc_eps)
+    cnc_iters: int = 3  # TSCNC iters: inverse-iteration steps of the engine's first round (alias power_iters)
+    cnc_block: int = 4  # TSCNC block: bottom Ritz vectors kept per matrix between steps
+    cnc_max_rounds: int = 4  # TSCNC max_rounds: rounds (steps doubling) before the exact float64 SVD fallback
+    cnc_smooth_min: float = 0.0  # TSCNC smooth_min: 0 = gradient of sigma_min's Ritz value; > 0 soft-min temperature
     cnc_refresh_every: int = 0  # TSCNC refresh_every: exact SVD every N steps; 0 = only when a mask changed
     lambda_paper_cnc: float = 0.0  # reproduction only: weight of the authors' code-form CNC (fastcnc.paper); 0 = off
     paper_cnc_ridge: float = 0.0  # reproduction only: ridge added to the Gram in the code-form CNC
@@ -225,7 +226,7 @@ def load_config(preset: str | None = None, toml_path: str | Path | None = None,
 
 def validate(cfg: Config) -> None:
     """Reject inconsistent settings before any work starts."""
-    from fastcnc._checks import check_eps_floor, check_krylov_block
+    from fastcnc._checks import check_eps_floor
     from fastcnc.cnc import CNC_KINDS
     from fastcnc.data import DATASETS
     from fastcnc.models import MODELS, STEMS
@@ -244,7 +245,7 @@ def validate(cfg: Config) -> None:
     choice("prune_scope", ("global", "layer"))
     choice("cnc", CNC_KINDS)
     for name in ("epochs", "batch_size", "attack_steps", "eval_batch_size", "log_every", "prune_frequency",
-                 "cnc_iters", "cnc_depth"):
+                 "cnc_iters", "cnc_block", "cnc_max_rounds"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"config field {name!r} must be >= 1, got {getattr(cfg, name)}")
     for name in ("eval_pgd_steps", "eval_cw_steps", "eval_max_examples", "checkpoint_every", "width", "threads",
@@ -252,12 +253,11 @@ def validate(cfg: Config) -> None:
                  "paper_cnc_ridge", "hydra_score_weight_decay"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"config field {name!r} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.cnc_block < 2:
-        raise ValueError(f"config field 'cnc_block' must be >= 2, got {cfg.cnc_block}")
-    if cfg.cnc_tol < 0:
-        raise ValueError(f"config field 'cnc_tol' must be >= 0 (0: no exact fallback), got {cfg.cnc_tol}")
+    if not 0 < cfg.cnc_rtol < 1:
+        raise ValueError(f"config field 'cnc_rtol' must be in (0, 1), got {cfg.cnc_rtol}")
+    if cfg.cnc_smooth_min < 0:
+        raise ValueError(f"config field 'cnc_smooth_min' must be >= 0, got {cfg.cnc_smooth_min}")
     check_eps_floor("config field 'cnc_eps'", cfg.cnc_eps)
-    check_krylov_block(cfg.cnc_block, cfg.cnc_depth)
     if not 0.0 <= cfg.sparsity < 1.0:
         raise ValueError(f"config field 'sparsity' must be in [0, 1), got {cfg.sparsity}")
     if cfg.prune != "none" and not 0 <= cfg.prune_start_epoch <= cfg.prune_end_epoch <= cfg.epochs:

@@ -163,7 +163,7 @@ def _masked_weight(weight: torch.Tensor, mask: torch.Tensor, pruned_finite: bool
 def _kernel_path(x: torch.Tensor, weight: torch.Tensor, tiles: TileTable | None) -> bool:
     if not _backend.use_triton(x) or x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype or x.numel() == 0:
         return False
-    if x.is_cuda:
+    if _backend.on_cuda(x):  # the CUDA rule (also inside _backend.cuda_code_path(), for the host-sync tests)
         return tiles is not None and tiles.density <= DENSE_FALLBACK_TILE_DENSITY
     return True  # forced "triton" backend on CPU (interpreter): always the kernels, that is what it is for
 

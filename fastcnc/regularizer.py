@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from torch import nn
 
-from fastcnc._checks import check_choice, check_int, check_positive
-from fastcnc.cnc import CNC_KINDS, cnc_penalty
+from fastcnc import _backend
+from fastcnc._checks import check_choice, check_eps_floor, check_int, check_positive
+from fastcnc.cnc import CNC_KINDS, penalty_from_estimate
 from fastcnc.pruning import tensor_sparsity
-from fastcnc.spectral import SpectralEstimate, SpectralState, as_matrices, extreme_singular_values
+from fastcnc.spectral import SpectralEstimate, SpectralOptions, SpectralState, as_matrices, extreme_singular_values
 from fastcnc.spectral_math import kappa
 from fastcnc.tsc import tsc_penalty
 
@@ -28,27 +32,36 @@ def _effective_weight(layer: nn.Module) -> torch.Tensor:
 class TSCNC(nn.Module):
     """``reg = TSCNC(model, lambda_tsc=..., lambda_cnc=...)``; ``loss = task_loss + reg()``.
 
-    Each call estimates sigma_max / sigma_min of every layer (all layers batched, warm-started from the previous call:
-    the state is kept in this module and saved in its ``state_dict``), then returns
-    ``lambda_tsc * sum_l TSC(W_l) + lambda_cnc * sum_l CNC(W_l)`` as a differentiable 0-dim tensor (float32).
+    Each call estimates sigma_max / sigma_min of every layer with the certified spectral engine (all layers batched
+    per shape, warm-started from the previous call: the state is kept in this module and saved in its
+    ``state_dict``), then returns ``lambda_tsc * sum_l TSC(W_l) + lambda_cnc * sum_l CNC(W_l)`` as a differentiable
+    0-dim tensor (float32).
+
+    What is guaranteed where: on CPU every call checks the certificates synchronously, so each layer's kappa_eps
+    (kappa with sigma_min floored at ``eps * sigma_max``) is proven within ``rtol`` of the truth, or the layer is
+    recomputed by float64 SVD in the same call. On CUDA the step runs two fixed rounds with no host sync; the
+    certification flags are copied to pinned memory without blocking and read at the next call: a layer that did not certify is
+    named in a RuntimeWarning and recomputed exactly at that next call (so a value may be uncertified for one step,
+    never silently), and NaN/Inf weights raise ValueError one call late.
 
     Args:
         model: the network (pass the unwrapped module, not a DDP wrapper).
         lambda_tsc, lambda_cnc: weights of the two penalties (>= 0; 0 switches a term off).
         cnc: ``"log"`` | ``"kappa"`` | ``"hinge"`` (see ``fastcnc.cnc``); kappa_target and eps as there.
         a: TSC parameter (default 100, as the paper's code).
-        iters, depth, block: spectral-engine work per call (default: one restart of depth 1 = 3 passes + 1).
+        rtol: accuracy target of the engine (relative, on kappa_eps; see ``extreme_singular_values``).
+        block, iters, max_rounds: engine work (bottom block size, first-round steps, rounds before the exact fallback).
+        smooth_min: 0 (default): gradient of the smallest Ritz value; > 0: soft-min over the bottom block with that
+            relative temperature (see ``fastcnc.cnc``).
         refresh_every: recompute exactly (float64 SVD) every N calls (0: only when needed: on the first call, which has
-            no state, and whenever a masked layer's mask changed since the last call, i.e. after a pruning step, which
-            can create a new smallest singular value far from the tracked one).
-        tol: exact fallback for layers whose residual bound exceeds ``tol`` relative (see extreme_singular_values).
+            no state, and whenever a masked layer's mask changed since the last call, i.e. after a pruning step).
         layers: restrict to these module names (default: all Conv2d/Linear).
     """
 
     def __init__(self, model: nn.Module, lambda_tsc: float = 1e-4, lambda_cnc: float = 1e-3, *, cnc: str = "log",
-                 kappa_target: float = 10.0, eps: float = 1e-6, a: float = 100.0, iters: int = 1, depth: int = 1,
-                 block: int = 4, refresh_every: int = 0, tol: float | None = None,
-                 layers: list[str] | None = None) -> None:
+                 kappa_target: float = 10.0, eps: float = 1e-6, a: float = 100.0, rtol: float = 1e-2,
+                 block: int = 4, iters: int = 3, max_rounds: int = 4, smooth_min: float = 0.0,
+                 refresh_every: int = 0, layers: list[str] | None = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -58,15 +71,11 @@ class TSCNC(nn.Module):
         self.lambda_cnc = check_positive("lambda_cnc", lambda_cnc, allow_zero=True)
         self.cnc = check_choice("cnc", cnc, CNC_KINDS)
         self.kappa_target = check_positive("kappa_target", kappa_target)
-        self.eps = check_positive("eps", eps)
-        if self.eps >= 1:
-            raise ValueError(f"eps must be < 1 (kappa is capped at 1/eps), got {eps}")
+        self.eps = check_eps_floor("eps", eps)
         self.a = check_positive("a", a)
-        self.engine = dict(iters=check_int("iters", iters, minimum=1), depth=check_int("depth", depth, minimum=1),
-                           block=check_int("block", block, minimum=2),
-                           tol=None if tol is None else check_positive("tol", tol))
-        if block * (depth + 1) > 16:
-            raise ValueError(f"block * (depth + 1) must be <= 16, got {block} * ({depth} + 1)")
+        check_positive("rtol", rtol)
+        self.options = SpectralOptions(rtol=rtol, floor=self.eps, block=block, iters=iters, max_rounds=max_rounds)
+        self.smooth_min = check_positive("smooth_min", smooth_min, allow_zero=True)
         self.refresh_every = check_int("refresh_every", refresh_every, minimum=0)
         found = constrained_layers(model)
         if layers is not None:
@@ -84,6 +93,9 @@ class TSCNC(nn.Module):
         self._mask_signature = None
         self.calls = 0
         self.last_estimate: SpectralEstimate | None = None
+        self._pending = None  # (pinned flags, event) of a sync-free call, read at the next call
+        self.work = {"calls": 0, "grams": 0, "factorizations": 0, "inverse_steps": 0, "fallbacks": 0,
+                     "uncertified_late": 0}
 
     # -- checkpointing of the warm-start state
     def get_extra_state(self):
@@ -118,6 +130,49 @@ class TSCNC(nn.Module):
                 owner.append(j)
         return mats, owner
 
+    def _engine(self, mats: list[torch.Tensor], refresh) -> SpectralEstimate:
+        o = self.options
+        sync = not _backend.on_cuda(mats[0])
+        with torch.no_grad():
+            est = extreme_singular_values([m.detach() for m in mats], rtol=o.rtol, floor=o.floor, block=o.block,
+                                          iters=o.iters, max_rounds=o.max_rounds, state=self.state, refresh=refresh,
+                                          sync=sync, ritz_block=self.smooth_min > 0)
+        for k in ("grams", "factorizations", "inverse_steps", "fallbacks"):
+            self.work[k] += est.work[k]
+        if not sync:  # certificates are read at the next call, from pinned memory: no host sync in this step
+            flags = torch.stack([est.certified | est.fallback, est.finite])  # (an exact SVD counts as resolved)
+            if flags.is_cuda:
+                host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+                host.copy_(flags, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:  # the CUDA code path simulated on CPU tensors (tests/test_host_syncs.py)
+                host, event = flags, None
+            self._pending = (host, event, self.calls)
+        return est
+
+    def _read_pending(self, n_mats: int) -> list[bool] | None:
+        """Flags of the last sync-free call once its copy has landed: warn about (and refresh) uncertified layers,
+        raise on NaN/Inf weights. Returns the per-matrix refresh list for this call, or None."""
+        if self._pending is None or (self._pending[1] is not None and not self._pending[1].query()):
+            return None
+        host, _, call = self._pending
+        self._pending = None
+        certified, finite = host.tolist()  # pinned host memory the copy has landed in: no wait
+        if len(certified) != n_mats:
+            return None
+        if not all(finite):
+            bad = finite.index(False)
+            raise ValueError(f"weights[{bad}] contains NaN or Inf (found at call {call}); expected finite values")
+        if all(certified):
+            return None
+        bad = [i for i, c in enumerate(certified) if not c]
+        self.work["uncertified_late"] += len(bad)
+        warnings.warn(f"TSCNC: the spectral certificate of matrices {bad} failed at call {call} (kappa not proven "
+                      f"within rtol={self.options.rtol:g}); they are recomputed exactly (float64 SVD) now",
+                      RuntimeWarning, stacklevel=3)
+        return [not c for c in certified]
+
     def forward(self) -> torch.Tensor:
         weights = [_effective_weight(layer) for _, layer in self._layers]
         total = weights[0].new_zeros((), dtype=torch.float32)
@@ -127,46 +182,71 @@ class TSCNC(nn.Module):
         if self.lambda_cnc > 0 or self.last_estimate is None:
             mats, _ = self._matrices(weights)
             masks = self._mask_signature_now()
+            late = self._read_pending(len(mats))
             refresh = self.calls == 0 or not self.state.matches([tuple(m.shape) for m in mats]) or (
                 self.refresh_every > 0 and self.calls % self.refresh_every == 0) or masks != self._mask_signature
+            if not refresh and late is not None:
+                refresh = late
             self._mask_signature = masks
-            with torch.no_grad():
-                est = extreme_singular_values([m.detach() for m in mats], state=self.state, refresh=refresh,
-                                              **self.engine)
+            est = self._engine(mats, refresh)
             self.last_estimate = est
             if self.lambda_cnc > 0:
-                cnc = cnc_penalty(mats, kind=self.cnc, kappa_target=self.kappa_target, eps=self.eps, estimate=est,
-                                  check_finite=False)  # est was computed from these very weights, which it checked
+                cnc = penalty_from_estimate(mats, est, kind=self.cnc, kappa_target=self.kappa_target, eps=self.eps,
+                                            smooth_min=self.smooth_min, from_these_weights=True)
                 total = total + self.lambda_cnc * cnc.float()
         self.calls += 1
+        self.work["calls"] = self.calls
         return total
 
     @torch.no_grad()
     def refresh(self) -> SpectralEstimate:
         """Recompute every layer exactly (float64 SVD) and reset the warm state from it."""
         mats, _ = self._matrices()
-        self.last_estimate = extreme_singular_values([m.detach() for m in mats], state=self.state, refresh=True)
+        self.last_estimate = self._engine(mats, True)
         return self.last_estimate
 
     @torch.no_grad()
     def report(self, exact: bool = False) -> list[dict]:
-        """Per-layer sigma_max, sigma_min, kappa, their residual bounds and sparsity (a grouped conv as a whole).
+        """Per-layer sigma_max, sigma_min, kappa (the engine's), their certified brackets and flags, the exact kappa
+        (float64 svdvals, computed here; inf where numerically singular), kappa_eps = sigma_max / (sigma_min + eps
+        sigma_max) estimated and exact with ``kappa_rel_err`` between them (the certified quantity), and sparsity (a
+        grouped conv as a whole).
 
-        ``exact=True`` (or no estimate yet) recomputes exactly first.
+        ``exact=True`` (or no estimate yet) recomputes the estimate exactly first.
         """
         est = self.refresh() if exact or self.last_estimate is None else self.last_estimate
-        _, owner = self._matrices()
+        mats, owner = self._matrices()
+        vals = {k: getattr(est, k).tolist() for k in ("sigma_max", "sigma_min", "sigma_max_lo", "sigma_max_hi",
+                                                       "sigma_min_lo", "sigma_min_hi", "certified", "fallback")}
+        exact_s = [torch.linalg.svdvals(m.detach().double().cpu()) for m in mats]
         rows = []
         for j, (name, layer) in enumerate(self._layers):
             idx = [i for i, o in enumerate(owner) if o == j]
             w = _effective_weight(layer)
-            smax = max(float(est.sigma_max[i]) for i in idx)  # a grouped conv is block-diagonal over its groups
-            smin = min(float(est.sigma_min[i]) for i in idx)
+            # a grouped conv is block-diagonal over its groups: extremes over the groups
+            smax, smin = max(vals["sigma_max"][i] for i in idx), min(vals["sigma_min"][i] for i in idx)
+            emax, emin = max(float(exact_s[i][0]) for i in idx), min(float(exact_s[i][-1]) for i in idx)
+            # numerically singular in float64 (numpy's matrix_rank tolerance): the exact kappa is inf, as evaluate.py
+            singular = emin <= max(w.reshape(w.shape[0], -1).shape) * torch.finfo(torch.float64).eps * emax
+            k_exact = math.inf if singular and emax > 0 else kappa(emax, emin)
+            # the certified quantity: kappa_eps = sigma_max / (sigma_min + eps sigma_max), the penalty's
+            keps, keps_exact = _kappa_eps(smax, smin, self.eps), _kappa_eps(emax, emin, self.eps)
             rows.append({
-                "name": name, "shape": list(w.shape), "sigma_max": smax, "sigma_min": smin,
-                "kappa": kappa(smax, smin),
-                "err_max": max(float(est.err_max[i]) for i in idx),
-                "err_min": max(float(est.err_min[i]) for i in idx),
+                "name": name, "shape": list(w.shape), "sigma_max": smax, "sigma_min": smin, "kappa": kappa(smax, smin),
+                "kappa_exact": k_exact, "kappa_eps": keps, "kappa_eps_exact": keps_exact,
+                "kappa_rel_err": abs(keps / keps_exact - 1),
+                "sigma_max_bracket": [max(vals["sigma_max_lo"][i] for i in idx),
+                                      max(vals["sigma_max_hi"][i] for i in idx)],
+                "sigma_min_bracket": [min(vals["sigma_min_lo"][i] for i in idx),
+                                      min(vals["sigma_min_hi"][i] for i in idx)],
+                "err_max": max(vals["sigma_max_hi"][i] - vals["sigma_max_lo"][i] for i in idx),
+                "err_min": max(vals["sigma_min_hi"][i] - vals["sigma_min_lo"][i] for i in idx),
+                "certified": all(vals["certified"][i] for i in idx),
+                "fallback": any(vals["fallback"][i] for i in idx),
                 "sparsity": tensor_sparsity(w),
             })
         return rows
+
+
+def _kappa_eps(smax: float, smin: float, eps: float) -> float:
+    return 1.0 if smax == 0 else smax / (max(smin, 0.0) + eps * smax)

@@ -1,82 +1,144 @@
-"""Batched, warm-started estimation of the extreme singular values (sigma_max, sigma_min) of many matrices.
+"""Certified, batched, warm-started extreme singular values (sigma_max, sigma_min) of many matrices.
 
-Method: restarted block Krylov with Rayleigh-Ritz (a block Golub-Kahan-Lanczos), run on every layer at once.
-Each matrix is taken in its *tall* orientation A (m >= n, so sigma_min = min_x |Ax|/|x| is the min(m, n)-th singular
-value). From a warm block X (n x r: the previous Ritz vectors for sigma_max and the r-1 smallest), one iteration builds
-the orthonormal basis Q = [X, K_1, .., K_d] with K_j = orth(A^T A K_{j-1}), forms A Q (computed along the way) and
-takes the SVD of the small m x s matrix A Q. Ritz values are bracketed by the truth: sigma_max(AQ) <= sigma_max(A) and
-sigma_min(AQ) >= sigma_min(A). One iteration costs 2d+1 passes over the weights (+1 for the certified residual), the
-same as d+1 power-iteration steps, but converges to *both* ends. Matrices with n <= s are solved exactly (float64 SVD).
+Each matrix is taken in its tall orientation A ([m, n], m >= n, so sigma_min is the n-th singular value), scaled by a
+power of two (exact) and its small-side Gram G = A^T A formed in float64. Matrices of one tall shape are stacked into
+a [B, m, n] group, so fifty ragged layers and thousands of same-shape blocks go through the same batched ops.
 
-The heavy part, the block products A @ X and A^T @ Y, runs for all layers in one Triton launch per pass (CUDA, or the
-interpreter in tests) or as one torch.bmm per distinct shape (CPU). The orthogonalisation and the small SVDs are
-batched torch ops on zero-padded [L, n_max, s] blocks.
+Per round, for every matrix of a group at once:
+  - sigma_min: shifted block inverse iteration with a Cholesky factor of G - s I (s a certified lower bound of
+    lambda_min from the previous round or call, else a tiny negative shift), then a Rayleigh-Ritz pick x of the block;
+    sigma_min ~ |A x| (an upper bound). Its convergence depends on (lambda_1 - s) / (lambda_2 - s), not on the
+    relative gap at the bottom of the spectrum that stalls Krylov methods on A^T A.
+  - sigma_max: block power steps on G, Rayleigh-Ritz pick y; sigma_max ~ |A y| (a lower bound).
+  - certificate: a float64 Cholesky of G - (tau + mu) I that runs to completion proves lambda_min(A^T A) >= tau, and
+    one of (t - mu) I - G proves lambda_max(A^T A) <= t, where mu bounds every rounding error involved: the Gram's own
+    (|fl(A^T A) - A^T A| <= gamma_m |A|^T |A|, whose 2-norm is at most the row-sum norm of |A|^T |A|, two mat-vecs),
+    Rump's criterion for the Cholesky (a run to completion of fl(H - c I) with c >= gamma_{n+1} trace(H) / (1 - ...)
+    proves H positive definite; we take c = 2 gamma_{n+2} (trace(H) + n |shift|)) and the diagonal shift itself.
+A matrix whose bracket does not yet meet the target gets another round (more steps, and the best certified shift,
+whose factor is already at hand); after ``max_rounds`` it falls back to a float64 SVD (counted). Structural rank
+deficiency (an empty column of A, or fewer non-empty rows than columns) gives sigma_min = 0 exactly, no iteration.
+
+No host synchronisation is needed by the rounds themselves (``cholesky_ex``, triangular solves, matmuls, and a
+repeated-squaring Rayleigh-Ritz pick instead of ``eigh``, which checks its status on the host): with ``sync=False``
+two fixed rounds run for every matrix and the certification flags stay on the device for the caller to read later.
+See docs/spectral.md for the measurements behind each choice.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from fastcnc import _backend
 from fastcnc._checks import check_int, check_tensor
 from fastcnc.spectral_math import kappa
 
-__all__ = ["SpectralEstimate", "SpectralState", "extreme_singular_values", "as_matrices"]
+__all__ = ["SpectralEstimate", "SpectralOptions", "SpectralState", "VectorGroup", "as_matrices",
+           "extreme_singular_values", "matrices_list"]
+
+_U = 2.0**-53  # unit roundoff of float64
+_F64 = torch.float64
+
+
+_TOP_STEPS = 4
+_SYNC_FREE_ROUNDS = 2  # rounds a sync-free call (TSCNC on CUDA) runs for every matrix: measured in docs/spectral.md
+_EIGH_MAX = 128  # on CPU, groups with n <= this take Rayleigh-Ritz on the whole space (eigh) instead of iterating
+
+
+def _gamma(k: int) -> float:
+    """gamma_k = k u / (1 - k u): the classic bound on the relative rounding error of a length-k dot product."""
+    return k * _U / (1 - k * _U)
 
 
 @dataclass
 class SpectralEstimate:
-    """Estimates for L matrices. ``W_l @ v_max[l] ~= sigma_max[l] * u_max[l]`` in each matrix's own orientation.
+    """Estimates for L matrices, with certified brackets. All values are float64 [L] tensors on the weights' device.
 
-    ``err_max``/``err_min`` are residual bounds max(|W v - s u|, |W^T u - s v|): some singular value of W_l lies within
-    that distance of the estimate. Moreover ``sigma_max`` never exceeds the true sigma_max and ``sigma_min`` is never
-    below the true sigma_min (Rayleigh-Ritz bracketing, up to rounding), so the true kappa is >= the estimated one.
+    ``sigma_max`` / ``sigma_min`` are the computed values |A y| / |A x| with y, x unit Ritz vectors: sigma_max is never
+    above the true sigma_max, sigma_min never below the true sigma_min (up to float64 rounding of one product). The
+    penalty's gradient is the exact gradient of these values (``u v^T`` with the vectors frozen).
+
+    Brackets: where ``certified[l]`` is True, the true values satisfy
+        sigma_max_lo <= sigma_max(W_l) <= sigma_max_hi   and   sigma_min_lo <= sigma_min(W_l) <= sigma_min_hi,
+    proved in floating point (Cholesky factorizations with rigorous rounding margins, see the module docstring), and
+    the bracket is tight enough that the estimated kappa_floor = sigma_max / (sigma_min + floor * sigma_max) is within
+    ``rtol`` (relative) of the true one (floor = 0: plain kappa). ``structural[l]``: sigma_min = 0 from the zero
+    pattern (exact). ``fallback[l]``: the values come from a float64 SVD; where such a layer is not ``certified`` its
+    bracket is the SVD's backward-error bound (LAPACK's guarantee, not machine-checked here). ``err_max`` /
+    ``err_min`` are the bracket widths (the truth is within that distance of the estimate). In ``sync=False`` calls
+    ``certified`` is a device tensor that nothing has read yet: check it before trusting the values.
     """
 
-    sigma_max: torch.Tensor  # [L] float64-or-compute dtype
-    sigma_min: torch.Tensor  # [L]
-    err_max: torch.Tensor  # [L]
-    err_min: torch.Tensor  # [L]
-    u_max: list[torch.Tensor]  # left vectors, [m_l]
-    v_max: list[torch.Tensor]  # right vectors, [n_l]
+    sigma_max: torch.Tensor
+    sigma_min: torch.Tensor
+    sigma_max_lo: torch.Tensor
+    sigma_max_hi: torch.Tensor
+    sigma_min_lo: torch.Tensor
+    sigma_min_hi: torch.Tensor
+    certified: torch.Tensor  # [L] bool
+    fallback: torch.Tensor  # [L] bool
+    structural: torch.Tensor  # [L] bool
+    finite: torch.Tensor  # [L] bool: the weights held no NaN/Inf (sync=True calls raise instead)
+    u_max: list[torch.Tensor]  # left vectors [m_l] in the matrix's own orientation, float64
+    v_max: list[torch.Tensor]  # right vectors [n_l]
     u_min: list[torch.Tensor]
     v_min: list[torch.Tensor]
-    refreshed: torch.Tensor  # [L] bool: computed exactly (tiny matrix, refresh=True, or the tol fallback)
+    work: dict = field(default_factory=dict)  # grams, rounds, factorizations, inverse/power steps, fallbacks
+    rtol: float = 1e-2
+    floor: float = 0.0
+    bottom: list | None = None  # with ritz_block=True: per matrix (sigmas [r], U [m, r], V [n, r]) ascending
+    groups: list = field(default_factory=list, repr=False)  # VectorGroup: the vectors stacked per shape (backward)
 
     @property
     def kappa(self) -> torch.Tensor:
-        """sigma_max / sigma_min (inf where sigma_min == 0 and sigma_max > 0, nan-free: 0/0 gives 1)."""
+        """sigma_max / sigma_min (inf where sigma_min == 0 < sigma_max; 1 for an all-zero matrix)."""
         return kappa(self.sigma_max, self.sigma_min)
+
+    @property
+    def err_max(self) -> torch.Tensor:
+        return self.sigma_max_hi - self.sigma_max_lo
+
+    @property
+    def err_min(self) -> torch.Tensor:
+        return self.sigma_min_hi - self.sigma_min_lo
+
+    @property
+    def refreshed(self) -> torch.Tensor:
+        """Computed by the exact float64 SVD (``refresh=True`` or the fallback)."""
+        return self.fallback
 
 
 class SpectralState:
-    """Warm-start state: for each matrix, the retained Ritz block X [n_l, r] in tall orientation.
+    """Warm-start state per matrix: ``blocks[i]`` = [n_i, r + r_top] (bottom block, then top block, tall orientation,
+    float64) and ``lower[i]`` = the last certified lower bound of sigma_min (0-dim tensor; the next call's shift).
 
     Kept between training steps like ``spectral_norm`` keeps u/v. ``to_dict``/``from_dict`` make it checkpointable.
     """
 
     def __init__(self) -> None:
         self.blocks: list[torch.Tensor] | None = None
+        self.lower: list[torch.Tensor] | None = None
         self.shapes: list[tuple[int, int]] | None = None
 
     def matches(self, shapes: list[tuple[int, int]]) -> bool:
         return self.blocks is not None and self.shapes == shapes
 
     def to_dict(self) -> dict:
-        return {"shapes": self.shapes, "blocks": self.blocks}
+        return {"shapes": self.shapes, "blocks": self.blocks, "lower": self.lower}
 
     @classmethod
     def from_dict(cls, d: dict) -> SpectralState:
         s = cls()
         s.shapes = None if d["shapes"] is None else [tuple(x) for x in d["shapes"]]
         s.blocks = d["blocks"]
+        s.lower = d.get("lower")
         return s
 
 
-def _as_list(name: str, weights) -> list:
+def matrices_list(name: str, weights) -> list:
     """One tensor or a non-empty sequence of them, as a list (elements are checked by the caller)."""
     if isinstance(weights, torch.Tensor):
         return [weights]
@@ -103,231 +165,601 @@ def as_matrices(weight: torch.Tensor, groups: int = 1) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# batched products: one Triton launch for all layers (CUDA), or one mm per matrix (CPU)
+# options and validation
 
 
-class _LayerProducts:
-    """The matrices in tall orientation, ready for the block products: views of the weights (no copy) for the torch
-    path; the weights themselves plus a device pointer table for the Triton path."""
+@dataclass(frozen=True)
+class SpectralOptions:
+    """The engine's accuracy target and work schedule (see ``extreme_singular_values`` for each field)."""
 
-    def __init__(self, mats: list[torch.Tensor], compute_dtype: torch.dtype) -> None:
-        self.tall = [m.detach().T if m.shape[0] < m.shape[1] else m.detach() for m in mats]
-        self.rows = [t.shape[0] for t in self.tall]
-        self.cols = [t.shape[1] for t in self.tall]
-        self.m_max, self.n_max = max(self.rows), max(self.cols)
-        self.use_triton = _backend.use_triton(mats[0])
-        if self.use_triton:
-            self._kernels = _backend.kernels("spectral")
-            # the kernel reads the weights in place; only mixed dtypes or strided views cost a copy
-            same = all(m.dtype == mats[0].dtype for m in mats)
-            self.weights = [m.detach().contiguous() if same else m.detach().to(compute_dtype).contiguous()
-                            for m in mats]
-            self.table = self._kernels.layer_table(self.weights)
-        else:  # CPU: one mm per matrix on the original storage (a stacked copy costs more than the loop)
-            self.mats = [t if t.dtype == compute_dtype else t.to(compute_dtype) for t in self.tall]
+    rtol: float = 1e-2
+    floor: float = 0.0
+    block: int = 4
+    iters: int = 3
+    max_rounds: int = 4
+    seed: int = 0
 
-    def matmul(self, x: torch.Tensor, trans: bool) -> torch.Tensor:
-        """A_l @ x_l ([L, n_max, R] -> [L, m_max, R]) or A_l^T @ x_l ([L, m_max, R] -> [L, n_max, R])."""
-        L, _, R = x.shape
-        out = x.new_zeros(L, self.n_max if trans else self.m_max, R)
-        if self.use_triton:
-            return self._kernels.ragged_bmm(self.weights, x.contiguous(), out, trans=trans, table=self.table)
-        for i, A in enumerate(self.mats):
-            m, n = A.shape
-            if trans:
-                torch.mm(A.T, x[i, :m], out=out[i, :n])
-            else:
-                torch.mm(A, x[i, :n], out=out[i, :m])
-        return out
+    def __post_init__(self) -> None:
+        for name in ("rtol", "floor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise TypeError(f"{name} must be a finite number, got {v!r}") if not isinstance(
+                    v, (int, float)) or isinstance(v, bool) else ValueError(f"{name} must be finite, got {v!r}")
+        if not 0 < self.rtol < 1:
+            raise ValueError(f"rtol must be in (0, 1), got {self.rtol}")
+        if not 0 <= self.floor < 1:
+            raise ValueError(f"floor must be in [0, 1), got {self.floor}")
+        check_int("block", self.block, minimum=1)
+        check_int("iters", self.iters, minimum=1)
+        check_int("max_rounds", self.max_rounds, minimum=1)
+        check_int("seed", self.seed, minimum=-(2**63))
 
 
-def _orthonormalize(z: torch.Tensor, basis: torch.Tensor | None, row_mask: torch.Tensor) -> torch.Tensor:
-    """Orthonormal block spanning z minus its projection on basis (classical Gram-Schmidt twice, then Householder QR).
+def _validate(weights, state) -> list[torch.Tensor]:
+    mats = matrices_list("weights", weights)
+    for i, m in enumerate(mats):
+        check_tensor(f"weights[{i}]", m, ndim=2, floating=True, nonempty=True)
+        if m.device != mats[0].device:
+            raise ValueError(f"weights[{i}] is on {m.device}, expected all on {mats[0].device}")
+    if state is not None and not isinstance(state, SpectralState):
+        raise TypeError(f"state must be None or a fastcnc.SpectralState, got {type(state).__name__}")
+    return mats
 
-    Householder keeps Q orthonormal even when z is (numerically) inside span(basis): the extra directions are then
-    arbitrary but valid for Rayleigh-Ritz. The padded rows of every layer stay exactly zero (pivots lie in real rows).
+
+# ----------------------------------------------------------------------------------------------------------------
+# one group: same tall shape, stacked
+
+
+class _Group:
+    """Matrices of one tall shape [m, n]: stacked float64 copy scaled to max |a| in [1/2, 1), its Gram, the rounding
+    bounds that every certificate needs, and the structural-rank test."""
+
+    def __init__(self, index: list[int], mats: list[torch.Tensor]) -> None:
+        self.index = index
+        self.wide = [w.shape[0] < w.shape[1] for w in mats]
+        # scale by powers of two (exact) read from the stored dtype, so one float64 pass makes the stack
+        amax = torch.stack([w.detach().abs().amax() for w in mats]).to(_F64)
+        self.exp = torch.frexp(amax).exponent.to(_F64)  # A_true = 2^exp * A
+        rows, cols = max(mats[0].shape), min(mats[0].shape)
+        A = torch.empty(len(mats), rows, cols, dtype=_F64, device=mats[0].device)
+        for j, (w, wd) in enumerate(zip(mats, self.wide, strict=True)):
+            A[j].copy_(w.detach().T if wd else w.detach())  # cast and (for wide matrices) transpose in one pass
+        self.A = A.mul_(torch.pow(2.0, -self.exp)[:, None, None])
+        self.B, self.m, self.n = A.shape
+        self.G = self.A.mT @ self.A
+        absA = self.A.abs()
+        row_abs = absA.sum(2)  # [B, m]
+        # (|A|^T |A|) 1 and the column sums of |A| in one product
+        prods = absA.mT @ torch.stack([row_abs, torch.ones_like(row_abs)], 2)  # [B, n, 2]
+        self.gram_err = _gamma(self.m) * prods[..., 0].amax(1) * (1 + 2 * _gamma(self.m + self.n))
+        # rank(A) < n when a column is empty or fewer than n rows hold a nonzero: sigma_min = 0 exactly
+        # (sums of |a| are 0 exactly when every term is)
+        self.structural = (prods[..., 1] == 0).any(1) | ((row_abs > 0).sum(1) < self.n)
+        diag = self.G.diagonal(dim1=1, dim2=2)
+        self.finite = torch.isfinite(diag).all(1)  # any NaN/Inf entry reaches its column's squared norm
+        self.trace = diag.sum(1) * (1 + _gamma(self.n))
+        self.fro = self.trace.sqrt()
+        self.zero = self.trace == 0
+        # rigorous upper bound on lambda_max(A^T A): row-sum norm of fl(G) plus the Gram's error
+        self.lam_max_bound = self.G.abs().sum(2).amax(1) * (1 + _gamma(self.n)) + self.gram_err
+        self.eye = torch.eye(self.n, dtype=_F64, device=self.A.device)
+        # an all-zero matrix (values 0, set by the caller's flags) iterates on I instead of a singular G
+        self.G = torch.where(self.zero[:, None, None], self.eye, self.G)
+
+    def margin(self, shift: torch.Tensor, rows=slice(None)) -> torch.Tensor:
+        """mu(shift): bound on all rounding between fl(G) -/+ shift I and the exact A^T A -/+ shift I."""
+        a = shift.abs()
+        return (self.gram_err[rows] + 2 * _gamma(self.n + 2) * (self.trace[rows] + self.n * a)
+                + 4 * _U * (self.lam_max_bound[rows] + a))
+
+
+def _chol(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched float64 Cholesky without a host sync; ok = ran to completion with finite pivots."""
+    L, info = torch.linalg.cholesky_ex(H, check_errors=False)
+    return L, (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
+
+
+def _orth(X: torch.Tensor, passes: int = 2) -> torch.Tensor:
+    """Cholesky QR ([B, n, r] -> orthonormal columns spanning the same space; twice by default). A tiny diagonal term
+    keeps the factorization defined when columns are (nearly) dependent; every value computed later is a Rayleigh
+    quotient evaluated directly, so orthonormality affects only the quality of the block, never a bound's validity."""
+    r = X.shape[-1]
+    eye = torch.eye(r, dtype=X.dtype, device=X.device)
+    for _ in range(passes):
+        S = X.mT @ X
+        S = S + (1e-14 * S.diagonal(dim1=1, dim2=2).sum(1) + 1e-300)[:, None, None] * eye
+        L, _ = torch.linalg.cholesky_ex(S, check_errors=False)
+        X = torch.linalg.solve_triangular(L, X.mT, upper=False).mT
+    return X
+
+
+def _normalize(X: torch.Tensor) -> torch.Tensor:
+    return X / X.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+
+def _dominant(K: torch.Tensor, squarings: int = 12) -> torch.Tensor:
+    """Dominant eigenvector of each symmetric PSD [B, r, r] K by repeated squaring (K^(2^12)), sync-free.
+
+    Where the top of K is clustered the result is some vector of the cluster, which is all a Rayleigh quotient needs.
     """
-    for _ in range(2 if basis is not None else 0):
-        z = z - basis @ (basis.transpose(1, 2) @ z)
-    q = torch.linalg.qr(z * row_mask).Q
-    if basis is not None:  # QR of a near-zero z can rotate in old directions: clean once more
-        q = q - basis @ (basis.transpose(1, 2) @ q)
-        q = torch.linalg.qr(q * row_mask).Q
-    return q * row_mask
+    tiny = torch.finfo(K.dtype).tiny
+    for _ in range(squarings):
+        K = K / K.diagonal(dim1=1, dim2=2).sum(1).clamp_min(tiny)[:, None, None]
+        K = K @ K
+        K = 0.5 * (K + K.mT)
+    j = K.diagonal(dim1=1, dim2=2).argmax(1)
+    z = K.gather(2, j[:, None, None].expand(-1, K.shape[1], 1)).squeeze(-1)
+    return z / z.norm(dim=1, keepdim=True).clamp_min(tiny)
 
 
-def _random_block(n: int, r: int, generator: torch.Generator | None, dtype, device) -> torch.Tensor:
-    x = torch.randn(n, r, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-    return torch.linalg.qr(x).Q
+def _bottom_ritz(G: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Unit vector of span(X) with (close to) the smallest Rayleigh quotient of G."""
+    H = X.mT @ G @ X
+    H = 0.5 * (H + H.mT)
+    r = H.shape[-1]
+    eye = torch.eye(r, dtype=H.dtype, device=H.device)
+    H = H + (1e-15 * H.diagonal(dim1=1, dim2=2).sum(1) + 1e-300)[:, None, None] * eye
+    L, _ = torch.linalg.cholesky_ex(H, check_errors=False)
+    Linv = torch.linalg.solve_triangular(L, eye.expand_as(H), upper=False)
+    return (X @ _dominant(Linv.mT @ Linv)[..., None]).squeeze(-1)
+
+
+def _top_ritz(G: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    H = Y.mT @ G @ Y
+    return (Y @ _dominant(0.5 * (H + H.mT))[..., None]).squeeze(-1)
+
+
+@dataclass
+class _Round:
+    """Per-row results of one round (tensors of the rows it ran on)."""
+
+    X: torch.Tensor  # bottom block [b, n, r]
+    Y: torch.Tensor  # top block [b, n, r_top]
+    x: torch.Tensor  # bottom Ritz vector [b, n] (unit)
+    y: torch.Tensor  # top Ritz vector [b, n]
+    smin: torch.Tensor  # |A x| (scaled units)
+    smax: torch.Tensor
+    u_min: torch.Tensor  # A x / |A x| [b, m]
+    u_max: torch.Tensor
+    smin_lo: torch.Tensor
+    smin_hi: torch.Tensor
+    smax_lo: torch.Tensor
+    smax_hi: torch.Tensor
+    certified: torch.Tensor
+    next_L: torch.Tensor  # factor of G - s I (s the best certified shift) for the next round's inverse iteration
+    factorizations: int
+
+
+def _values(g: _Group, rows, x: torch.Tensor, y: torch.Tensor):
+    """|A x|, |A y| with their unit left vectors, and a bound on the rounding of each value (scaled units)."""
+    A = g.A[rows]
+    AV = A @ torch.stack([x, y], 2)  # [b, m, 2]
+    s = AV.norm(dim=1)
+    u = AV / s.clamp_min(torch.finfo(_F64).tiny)[:, None, :]
+    err = 2 * _gamma(g.m + g.n + 2) * (s + g.fro[rows][:, None])
+    return s[:, 0], s[:, 1], u[..., 0], u[..., 1], err[:, 0], err[:, 1]
+
+
+def _shifted(G: torch.Tensor, xi: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """[b, k, n, n] stack of sign_k * (G - xi_k I), written in one pass plus an in-place diagonal update."""
+    H = G[:, None] * sign[None, :, None, None]
+    H.diagonal(dim1=-2, dim2=-1).sub_((sign[None, :] * xi)[..., None])
+    return H
+
+
+def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions, sync: bool, loose: bool = True):
+    """Cholesky certificates: the target lower shift tau and the target upper shift t in one batched call, and a
+    looser lower shift (0.8 sigma_min) whose factor drives the next round where tau fails (sync: factored only for
+    those rows; sync-free: for every row, in the same call). Returns the certified lower bound of lambda_min (squared,
+    scaled units; 0 if none), whether t is proven, t, the best lower factor, whether there is one, and the count of
+    factorizations."""
+    G = g.G[rows]
+    budget = 1 + opt.rtol
+    t = (smax * budget**0.3) ** 2
+    # the lowest sigma_min that still keeps kappa_floor within the budget, given the other three bracket ends
+    need = t.sqrt() * ((smin_hi / smax_lo.clamp_min(1e-300) + opt.floor) / budget**0.95 - opt.floor)
+    tau = need.clamp_min(0) ** 2
+    tau_loose = (0.8 * smin) ** 2
+    xi_tau, xi_loose, xi_t = tau + g.margin(tau, rows), tau_loose + g.margin(tau_loose, rows), t - g.margin(t, rows)
+    both = loose and not sync
+    xi = torch.stack([xi_tau, xi_t] + ([xi_loose] if both else []), 1)
+    sign = 1 - 2 * (torch.arange(xi.shape[1], device=G.device) == 1).to(_F64)  # [1, -1, (1)]
+    L, ok = _chol(_shifted(G, xi, sign))  # lower test: G - xi I; upper test: xi I - G
+    count = xi.shape[1] * G.shape[0]
+    ok_tau, ok_t, L_tau = ok[:, 0], ok[:, 1], L[:, 0]
+    if both:
+        ok_loose, L_loose = ok[:, 2], L[:, 2]
+    elif loose:  # sync: the host can see which rows failed, so only those pay for the looser factor
+        ok_loose = torch.zeros_like(ok_tau)
+        L_loose = L_tau.clone()
+        bad = (~ok_tau).nonzero().flatten()
+        if bad.numel():
+            sub = _shifted(G[bad], xi_loose[bad, None], sign[:1])
+            Lb, okb = _chol(sub)
+            L_loose[bad], ok_loose[bad] = Lb[:, 0], okb[:, 0]
+            count += bad.numel()
+    else:
+        ok_loose, L_loose = torch.zeros_like(ok_tau), L_tau
+    lower_sq = torch.where(ok_tau, tau, torch.where(ok_loose, tau_loose, torch.zeros_like(tau)))
+    next_L = torch.where(ok_tau[:, None, None], L_tau, L_loose)
+    return lower_sq, ok_t, t, next_L, ok_tau | ok_loose, count
+
+
+def _round(g: _Group, rows, X, Y, L_it, iters: int, opt: SpectralOptions, sync: bool) -> _Round:
+    G = g.G[rows]
+    for _ in range(iters):  # shifted inverse iteration for the bottom (one Cholesky-QR pass per step suffices)
+        X = torch.linalg.solve_triangular(L_it, X, upper=False)
+        X = _orth(torch.linalg.solve_triangular(L_it.mT, X, upper=True), passes=1)
+    X = _orth(X, passes=1)
+    # power steps for the top: n^2 r_top flops each (next to the Gram's m n^2), and the top of a random-like
+    # spectrum is clustered (Marchenko-Pastur edge), so they are given TOP_STEPS times as many; the block is
+    # re-orthogonalised every 4th step (column scaling in between keeps it in range)
+    for k in range(1, _TOP_STEPS * iters + 1):
+        Y = G @ Y
+        Y = _orth(Y, passes=1) if k % 4 == 0 else _normalize(Y)
+    Y = _orth(Y, passes=1)
+    return _finish(g, rows, X, Y, _bottom_ritz(G, X), _top_ritz(G, Y), L_it, opt, sync)
+
+
+def _round_eigh(g: _Group, rows, r: int, r_top: int, opt: SpectralOptions) -> _Round:
+    """Small matrices on CPU: Rayleigh-Ritz on the whole space (eigh of the float64 Gram) is cheaper than the
+    iteration's many small ops; the values and the certificate are the same as a round's."""
+    _, V = torch.linalg.eigh(g.G[rows])
+    X, Y = V[..., :r], V[..., V.shape[-1] - r_top:].flip(-1)
+    return _finish(g, rows, X, Y, V[..., 0], V[..., -1], torch.zeros_like(g.G[rows]), opt, sync=True)
+
+
+def _finish(g: _Group, rows, X, Y, x, y, L_it, opt: SpectralOptions, sync: bool) -> _Round:
+    """Values |A x|, |A y| of the Ritz vectors, their certificates, and the structural / all-zero overrides."""
+    x = x / x.norm(dim=1, keepdim=True)
+    y = y / y.norm(dim=1, keepdim=True)
+    smin, smax, u_min, u_max, e_min, e_max = _values(g, rows, x, y)
+    smin_hi, smax_lo = smin + e_min, (smax - e_max).clamp_min(0)
+    lower_sq, upper_ok, t, next_L, has_next, nf = _certify(g, rows, smin, smax, smin_hi, smax_lo, opt, sync)
+    structural, zero = g.structural[rows], g.zero[rows]
+    smin_lo = torch.where(structural, torch.zeros_like(smin), lower_sq.sqrt())
+    smin = torch.where(structural, torch.zeros_like(smin), smin)
+    smin_hi = torch.where(structural, torch.zeros_like(smin), smin_hi)
+    u_min = torch.where(structural[:, None], torch.zeros_like(u_min), u_min)  # 0 is a subgradient at the minimum
+    smax_hi = torch.where(upper_ok, t.sqrt(), g.lam_max_bound[rows].sqrt())
+    smax_hi = torch.where(zero, torch.zeros_like(smax_hi), smax_hi)
+    certified = _meets(smin_lo, smin_hi, smax_lo, smax_hi, opt) & (upper_ok | zero) & g.finite[rows]
+    # rows without a certified shift keep their old factor for the next round
+    next_L = torch.where(has_next[:, None, None], next_L, L_it)
+    return _Round(X, Y, x, y, smin, smax, u_min, u_max, smin_lo, smin_hi, smax_lo, smax_hi, certified, next_L, nf)
+
+
+def _meets(smin_lo, smin_hi, smax_lo, smax_hi, opt: SpectralOptions) -> torch.Tensor:
+    """True where every kappa_floor consistent with the bracket is within rtol of every other one."""
+    tiny = 1e-300
+    hi_ratio = smin_hi / smax_lo.clamp_min(tiny) + opt.floor
+    lo_ratio = smin_lo / smax_hi.clamp_min(tiny) + opt.floor
+    ok = hi_ratio <= (1 + opt.rtol) * lo_ratio
+    return ok | (smax_hi == 0)
+
+
+def _initial_blocks(g: _Group, state_blocks, r: int, r_top: int, gen: torch.Generator):
+    """Warm blocks from the state (already validated), else random orthonormal ones."""
+    if state_blocks is not None:
+        W = torch.stack([b.to(device=g.A.device, dtype=_F64) for b in state_blocks])
+        return _orth(W[..., :r]), _orth(W[..., r:r + r_top])
+    Z = torch.randn(g.B, g.n, r + r_top, generator=gen, dtype=_F64).to(g.A.device)
+    return _orth(Z[..., :r]), _orth(Z[..., r:])
+
+
+_FIRST_SHIFTS = (0.99, 0.7, 0.3)  # fractions of the previous certified lower bound of sigma_min tried as shifts
+
+
+def _first_factor(g: _Group, lower, sync: bool):
+    """Factor for the first round: G - s I at the largest of the shifts (0.99, 0.7, 0.3) x the state's certified lower
+    bound of sigma_min (squared) that still factors (pruning or a large step can move sigma_min below it), else at a
+    small negative shift that always does. Sync mode tries them in turn on the rows that still need one; sync-free
+    mode factors all of them in one batched call and picks per row."""
+    zero = torch.zeros(g.B, dtype=_F64, device=g.A.device)
+    safe = -g.margin(zero)
+    if lower is None:
+        L, _ = _chol(g.G - safe[:, None, None] * g.eye)
+        return L, g.B
+    base = torch.ldexp(lower, -g.exp) ** 2
+    shifts = [base * f**2 for f in _FIRST_SHIFTS] + [safe]
+    if not sync:
+        xi = torch.stack(shifts, 1)
+        L, ok = _chol(_shifted(g.G, xi, torch.ones(xi.shape[1], dtype=_F64, device=g.A.device)))
+        ok[:, -1] = True  # the safe shift: taken when nothing else factors
+        pick = ok.to(torch.int8).argmax(1)  # first (largest) shift that factored
+        return L.gather(1, pick[:, None, None, None].expand(-1, 1, g.n, g.n)).squeeze(1), xi.numel()
+    L, ok = _chol(g.G - shifts[0][:, None, None] * g.eye)
+    count = g.B
+    for s in shifts[1:]:
+        bad = (~ok).nonzero().flatten()
+        if bad.numel() == 0:
+            break
+        Lb, okb = _chol(g.G[bad] - s[bad][:, None, None] * g.eye)
+        L[bad] = Lb
+        ok[bad] = okb | (s is shifts[-1])
+        count += bad.numel()
+    return L, count
+
+
+def _exact(g: _Group, rows, opt: SpectralOptions):
+    """Float64 SVD of the rows; values certified where the Cholesky test agrees, else the SVD's error bound."""
+    U, S, Vh = torch.linalg.svd(g.A[rows], full_matrices=False)
+    smax, smin = S[:, 0], S[:, -1]
+    x, y = Vh[:, -1], Vh[:, 0]
+    u_min, u_max = U[:, :, -1], U[:, :, 0]
+    delta = 4 * (g.m + g.n) * _U * g.fro[rows]  # backward-stable SVD: |sigma_i - computed| <~ p(m,n) u |A|
+    lower_sq, upper_ok, t, *_ = _certify(g, rows, smin, smax, smin + delta, (smax - delta).clamp_min(0), opt, True,
+                                         loose=False)
+    structural, zero = g.structural[rows], g.zero[rows]
+    proven_lo = lower_sq.sqrt()
+    cert_lo = torch.where(proven_lo > 0, proven_lo, (smin - delta).clamp_min(0))
+    smin_lo = torch.where(structural, torch.zeros_like(smin), cert_lo)
+    smin_hi = torch.where(structural, torch.zeros_like(smin), smin + delta)
+    smin = torch.where(structural, torch.zeros_like(smin), smin)
+    u_min = torch.where(structural[:, None], torch.zeros_like(u_min), u_min)
+    smax_hi = torch.where(upper_ok | zero, torch.where(zero, torch.zeros_like(t), t.sqrt()), smax + delta)
+    smax_lo = (smax - delta).clamp_min(0)
+    proven = ((proven_lo > 0) | structural) & (upper_ok | zero) & _meets(
+        lower_sq.sqrt(), smin_hi, smax_lo, t.sqrt(), opt)
+    resolved = _meets(smin_lo, smin_hi, smax_lo, smax_hi, opt)
+    return dict(x=x, y=y, smin=smin, smax=smax, u_min=u_min, u_max=u_max, smin_lo=smin_lo, smin_hi=smin_hi,
+                smax_lo=smax_lo, smax_hi=smax_hi, certified=proven | zero, resolved=resolved | zero,
+                X=Vh.mT.flip(-1)[..., :1], Y=Vh.mT[..., :1])
+
+
+_FIELDS = ("x", "y", "smin", "smax", "u_min", "u_max", "smin_lo", "smin_hi", "smax_lo", "smax_hi", "certified")
+
+
+def _solve_group(g: _Group, opt: SpectralOptions, state_blocks, lower, refresh, sync: bool, gen, work: dict) -> dict:
+    """All rounds for one group; returns per-row tensors (scaled units) plus the new warm blocks."""
+    r, r_top = min(opt.block, g.n), min(2, g.n)
+    res: dict = {}
+    fallback = torch.zeros(g.B, dtype=torch.bool, device=g.A.device)
+    todo = list(range(g.B)) if refresh is True else [i for i in range(g.B) if refresh is not False and refresh[i]]
+    X, Y = _initial_blocks(g, state_blocks, r, r_top, gen)
+    small = sync and g.n <= _EIGH_MAX and not g.A.is_cuda
+    if len(todo) < g.B:
+        rows = torch.arange(g.B, device=g.A.device)
+        iters = opt.iters
+        if small:
+            out = _round_eigh(g, rows, r, r_top, opt)
+        else:
+            L, nf = _first_factor(g, lower, sync)
+            work["factorizations"] += nf
+            out = _round(g, rows, X, Y, L, iters, opt, sync)
+            work["inverse_steps"] += iters * g.B
+        work["factorizations"] += out.factorizations
+        work["rounds"] = max(work["rounds"], 1)
+        res = {k: getattr(out, k) for k in _FIELDS}
+        X, Y = out.X, out.Y
+        if sync and small:  # the Ritz values are already exact for fl(G): only the SVD can do better
+            todo = sorted(set(todo) | set((~res["certified"]).nonzero().flatten().tolist()))
+        elif sync:
+            L_next = out.next_L
+            for round_no in range(2, opt.max_rounds + 1):
+                bad = (~res["certified"]).nonzero().flatten()
+                if bad.numel() == 0:
+                    break
+                iters *= 2
+                sub = _round(g, bad, X[bad], Y[bad], L_next[bad], iters, opt, sync)
+                work["factorizations"] += sub.factorizations
+                work["inverse_steps"] += iters * bad.numel()
+                work["rounds"] = max(work["rounds"], round_no)
+                for k in _FIELDS:
+                    res[k] = res[k].index_copy(0, bad, getattr(sub, k))
+                X, Y = X.index_copy(0, bad, sub.X), Y.index_copy(0, bad, sub.Y)
+                L_next = L_next.index_copy(0, bad, sub.next_L)
+            todo = sorted(set(todo) | set((~res["certified"]).nonzero().flatten().tolist()))
+        else:  # sync-free: a fixed second round for every row (no host branching); certified rows keep round 1's
+            for round_no in range(2, min(opt.max_rounds, _SYNC_FREE_ROUNDS) + 1):
+                iters *= 2
+                sub = _round(g, rows, X, Y, out.next_L, iters, opt, sync)
+                work["factorizations"] += sub.factorizations
+                work["inverse_steps"] += iters * g.B
+                work["rounds"] = max(work["rounds"], round_no)
+                keep = res["certified"]
+                for k in _FIELDS:
+                    v = getattr(sub, k)
+                    res[k] = torch.where(keep.view(-1, *([1] * (v.dim() - 1))), res[k], v)
+                X, Y, out = sub.X, sub.Y, sub
+    if res:
+        res["resolved"] = res["certified"].clone()
+    if todo:
+        rows = torch.tensor(todo, device=g.A.device)
+        ex = _exact(g, rows, opt)
+        work["fallbacks"] += len(todo)
+        work["factorizations"] += 2 * len(todo)
+        if not res:
+            res = {k: v.new_zeros((g.B,) + tuple(v.shape[1:])) for k, v in ex.items() if k not in ("X", "Y")}
+        for k in (*_FIELDS, "resolved"):
+            res[k] = res[k].index_copy(0, rows, ex[k])
+        fallback[rows] = True
+        # warm blocks from the exact vectors, padded with the iterated ones (or random) to the block sizes
+        Xe = torch.cat([ex["X"], X[rows][..., : r - 1]], 2) if r > 1 else ex["X"]
+        Ye = torch.cat([ex["Y"], Y[rows][..., : r_top - 1]], 2) if r_top > 1 else ex["Y"]
+        X, Y = X.index_copy(0, rows, _orth(Xe)), Y.index_copy(0, rows, _orth(Ye))
+    res["fallback"] = fallback
+    res["blocks"] = torch.cat([X, Y], 2)
+    return res
 
 
 def extreme_singular_values(
     weights: torch.Tensor | Sequence[torch.Tensor],
     *,
-    iters: int = 16,
-    depth: int = 3,
+    rtol: float = 1e-2,
+    floor: float = 0.0,
     block: int = 4,
+    iters: int = 3,
+    max_rounds: int = 4,
     state: SpectralState | None = None,
-    refresh: bool = False,
-    compute_dtype: torch.dtype | None = None,
-    tol: float | None = None,
+    refresh: bool | Sequence[bool] = False,
+    sync: bool = True,
+    ritz_block: bool = False,
     seed: int = 0,
 ) -> SpectralEstimate:
-    """Estimate sigma_max and sigma_min (the min(m, n)-th singular value), with their singular vectors and a residual
-    error bound, for one matrix or a list of matrices of any shapes, batched.
+    """sigma_max and sigma_min (the min(m, n)-th singular value) of one matrix or many, with singular vectors and
+    certified brackets, batched over same-shape groups and warm-started from ``state``.
 
     Args:
-        weights: a 2-D tensor or a list of 2-D tensors (use ``as_matrices`` for conv weights). Any float dtype;
-            products accumulate in ``compute_dtype``.
-        iters: Rayleigh-Ritz restarts (each costs 2*depth+1 passes over the weights, plus one for the residuals).
-        depth: Krylov blocks per restart.
-        block: retained Ritz vectors per matrix (1 for sigma_max, block-1 for the bottom: more helps clustered spectra).
-        state: a ``SpectralState`` to warm-start from and update in place (pass the same object every step). A state
-            for other shapes or another ``block`` is ignored (cold start); one holding NaN/Inf raises ValueError.
-        refresh: compute exactly (float64 SVD per matrix) and reset ``state`` from the exact vectors.
-        compute_dtype: float32 (default for fp32/bf16/fp16) or float64 (default for fp64 weights). kappa beyond ~1e3
-            needs float64: fp32 products bound the attainable sigma_min accuracy at about 1e-6 * sigma_max.
-        tol: if given, every matrix whose residual bound is not within ``tol`` of its estimate
-            (``err_min > tol * sigma_min`` or ``err_max > tol * sigma_max``) is recomputed exactly (float64 SVD) and
-            its warm state reset from the exact vectors; ``SpectralEstimate.refreshed`` says which. Krylov methods
-            converge slowly to a sigma_min that is tiny relative to sigma_max (kappa >~ 1e3 from a cold start):
-            this fallback is what makes the estimate trustworthy there, at the price of an SVD for those layers.
+        weights: a 2-D tensor or a list of 2-D tensors of any float dtype and shapes (``as_matrices`` for convs).
+        rtol: accuracy target: the bracket must prove the estimated kappa_floor within ``rtol`` (relative) of the
+            true one; more rounds, then an exact float64 SVD, are spent on matrices that do not reach it.
+        floor: relative floor of sigma_min in kappa_floor = sigma_max / (sigma_min + floor * sigma_max) (the CNC
+            ``eps``): below ``floor * rtol * sigma_max`` the exact value of sigma_min no longer matters. With the
+            default 0, a matrix whose sigma_min cannot be resolved in float64 (kappa beyond ~1e12, not structurally
+            rank-deficient) raises ValueError.
+        block: retained bottom Ritz vectors per matrix (more helps clustered bottoms on cold starts).
+        iters: inverse-iteration and power steps in the first round (doubled at each further round).
+        max_rounds: rounds before the exact fallback (``sync=True`` only).
+        state: warm-start state, updated in place (pass the same object every step). One for other shapes is
+            ignored (cold start); one holding NaN/Inf raises ValueError.
+        refresh: True (or one bool per matrix): compute those matrices by float64 SVD and reset their warm state.
+        sync: True (default): read the certification flags on the host, run more rounds / the fallback where needed
+            and raise on NaN/Inf weights or unresolvable matrices. False: two fixed rounds, no host sync; the flags in
+            ``certified`` are left on the device for the caller to check (TSCNC does, one step later, on CUDA).
+        ritz_block: also return the bottom Ritz block (``estimate.bottom``) for a soft-min over it (uses ``eigh``,
+            which synchronises on CUDA).
         seed: seed of the random start when there is no warm state.
 
     Returns:
-        a ``SpectralEstimate`` (float64 values, vectors in ``compute_dtype``). An all-zero matrix gives sigma_max =
-        sigma_min = 0 (kappa 1). NaN/Inf weights, or finite weights whose products overflow ``compute_dtype``, raise
-        ValueError naming ``weights[i]``.
+        a ``SpectralEstimate`` (see its docstring for what the brackets guarantee). An all-zero matrix gives
+        sigma_max = sigma_min = 0 (kappa 1).
     """
-    mats = _as_list("weights", weights)
-    for i, m in enumerate(mats):
-        check_tensor(f"weights[{i}]", m, ndim=2, floating=True, nonempty=True)
-        if m.device != mats[0].device:
-            raise ValueError(f"weights[{i}] is on {m.device}, expected all on {mats[0].device}")
-    check_int("iters", iters, minimum=0)
-    check_int("depth", depth, minimum=1)
-    check_int("block", block, minimum=2)
-    if block * (depth + 1) > 16:
-        raise ValueError(f"block * (depth + 1) must be <= 16, got {block} * ({depth} + 1)")
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0):
-        raise ValueError(f"tol must be None or a positive number, got {tol!r}")
-    if state is not None and not isinstance(state, SpectralState):
-        raise TypeError(f"state must be None or a fastcnc.SpectralState, got {type(state).__name__}")
-    if not isinstance(refresh, bool):
-        raise TypeError(f"refresh must be a bool, got {type(refresh).__name__}")
-    check_int("seed", seed, minimum=-(2**63))
-    if compute_dtype is None:
-        compute_dtype = torch.float64 if any(m.dtype == torch.float64 for m in mats) else torch.float32
-    if compute_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
-    device = mats[0].device
+    mats = _validate(weights, state)
+    opt = SpectralOptions(rtol=rtol, floor=floor, block=block, iters=iters, max_rounds=max_rounds, seed=seed)
+    if not isinstance(sync, bool):
+        raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
+    if isinstance(refresh, bool):
+        flags = refresh
+    elif isinstance(refresh, (list, tuple)) and len(refresh) == len(mats) and all(
+            isinstance(f, bool) for f in refresh):
+        flags = list(refresh)
+    else:
+        raise TypeError(f"refresh must be a bool or a list of {len(mats)} bools, got {refresh!r}")
     shapes = [tuple(m.shape) for m in mats]
-    s_total = block * (depth + 1)
-    # tiny matrices (min dim <= s) are solved exactly: the Krylov basis would fill their whole space anyway
-    small = [min(sh) <= s_total or refresh for sh in shapes]
-    n_est = sum(not f for f in small)
-
-    out = {k: [None] * len(mats) for k in ("smax", "smin", "emax", "emin", "umax", "vmax", "umin", "vmin")}
-    new_blocks: list[torch.Tensor | None] = [None] * len(mats)
-    refreshed = [False] * len(mats)
-
-    def solve_exactly(i: int) -> None:
-        m = mats[i]
-        check_tensor(f"weights[{i}]", m, finite=True)
-        U, S, Vh = torch.linalg.svd(m.detach().double(), full_matrices=False)
-        out["smax"][i], out["smin"][i] = S[0], S[-1]
-        out["umax"][i], out["vmax"][i], out["umin"][i], out["vmin"][i] = U[:, 0], Vh[0], U[:, -1], Vh[-1]
-        out["emax"][i] = out["emin"][i] = 0.0
-        refreshed[i] = True
-        if min(m.shape) > block:  # warm state from the exact right vectors (tall orientation)
-            V = Vh.T if m.shape[0] >= m.shape[1] else U
-            new_blocks[i] = torch.cat([V[:, :1], V[:, -(block - 1):]], 1).to(compute_dtype)
-
-    for i in range(len(mats)):
-        if small[i]:
-            solve_exactly(i)
-
-    if n_est:
-        idx = [i for i in range(len(mats)) if not small[i]]
-        ops = _LayerProducts([mats[i] for i in idx], compute_dtype)
-        L, n_max = len(idx), ops.n_max
-        cols = torch.tensor(ops.cols, device=device)
-        rows = torch.tensor(ops.rows, device=device)
-        col_mask = (torch.arange(n_max, device=device)[None, :] < cols[:, None]).to(compute_dtype)[:, :, None]
-        row_mask = (torch.arange(ops.m_max, device=device)[None, :] < rows[:, None]).to(compute_dtype)[:, :, None]
-        X = torch.zeros(L, n_max, block, dtype=compute_dtype, device=device)
-        gen = torch.Generator().manual_seed(seed)
-        # a state saved with another ``block`` (or a damaged one) cannot warm-start: start cold instead
-        warm = state is not None and state.matches(shapes) and len(state.blocks) == len(mats) and all(
-            isinstance(state.blocks[i], torch.Tensor) and tuple(state.blocks[i].shape) == (ops.cols[j], block)
-            for j, i in enumerate(idx))
+    blocks_in, lower_in = _warm_state(state, mats, shapes, opt, sync)
+    work = {"grams": len(mats), "rounds": 0, "factorizations": 0, "inverse_steps": 0, "fallbacks": 0}
+    gen = torch.Generator().manual_seed(opt.seed)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, (a, b) in enumerate(shapes):
+        by_shape.setdefault((max(a, b), min(a, b)), []).append(i)
+    L = len(mats)
+    per: list = [None] * L  # (group, row) of each matrix
+    results = []
+    for idx in by_shape.values():
+        g = _Group(idx, [mats[i] for i in idx])
+        if sync and not bool(g.finite.all()):
+            bad = idx[int((~g.finite).nonzero()[0, 0])]
+            check_tensor(f"weights[{bad}]", mats[bad], finite=True)
+        grp_flags = flags if isinstance(flags, bool) else [flags[i] for i in idx]
+        warm_ok = blocks_in is not None and all(blocks_in[i] is not None for i in idx)
+        lower = torch.stack([lower_in[i] for i in idx]).to(g.A.device) if warm_ok and lower_in is not None else None
+        res = _solve_group(g, opt, [blocks_in[i] for i in idx] if warm_ok else None, lower, grp_flags, sync, gen,
+                           work)
+        results.append((g, res))
         for j, i in enumerate(idx):
-            n = ops.cols[j]
-            X[j, :n] = state.blocks[i].to(device=device, dtype=compute_dtype) if warm else _random_block(
-                n, block, gen, compute_dtype, device)
-        X = _orthonormalize(X, None, col_mask)
-        tiny = torch.finfo(compute_dtype).tiny
-        for _ in range(max(iters, 1)):
-            Q_blocks, AQ_blocks = [X], [ops.matmul(X, trans=False)]
-            for _d in range(depth):
-                # scale each layer's block by a power of two (exact) to max |.| ~ 1 first: only span(A^T A Q) matters,
-                # and A^T A would under/overflow fp32 for weights of magnitude <~1e-19 or >~1e19 (a torn Krylov
-                # basis then breaks the bracketing). One scale per layer keeps the columns' relative sizes.
-                AQ_last = AQ_blocks[-1]
-                exponent = torch.frexp(AQ_last.abs().amax(dim=(1, 2), keepdim=True)).exponent
-                Z = ops.matmul(torch.ldexp(AQ_last, -exponent.to(AQ_last.dtype)), trans=True)
-                Qn = _orthonormalize(Z, torch.cat(Q_blocks, 2), col_mask)
-                Q_blocks.append(Qn)
-                AQ_blocks.append(ops.matmul(Qn, trans=False))
-            Q, AQ = torch.cat(Q_blocks, 2), torch.cat(AQ_blocks, 2)
-            if not bool(torch.isfinite(AQ).all()):
-                # NaN/Inf weights propagate into the products: find the culprit only then (a full check is a pass)
-                for i in idx:
-                    check_tensor(f"weights[{i}]", mats[i], finite=True)
-                if warm and not all(bool(torch.isfinite(state.blocks[i]).all()) for i in idx):
-                    raise ValueError("state holds NaN/Inf warm-start blocks (a corrupt SpectralState); "
-                                     "pass a fresh fastcnc.SpectralState()")
-                bad = idx[int((~torch.isfinite(AQ)).flatten(1).any(1).nonzero()[0, 0])]
-                raise ValueError(f"weights[{bad}] is finite but its products overflow {compute_dtype} "
-                                 f"(max |w| = {float(mats[bad].detach().abs().max()):.3g}); rescale it or pass "
-                                 "compute_dtype=torch.float64")
-            Us, S, Vh = torch.linalg.svd(AQ, full_matrices=False)  # S descending, [L, s]
-            V = Q @ Vh.transpose(1, 2)  # right Ritz vectors [L, n_max, s]
-            X = torch.cat([V[:, :, :1], V[:, :, -(block - 1):]], 2)
-        smax, smin = S[:, 0], S[:, -1]
-        v2 = torch.cat([V[:, :, :1], V[:, :, -1:]], 2)  # [L, n, 2]
-        u2 = torch.cat([Us[:, :, :1], Us[:, :, -1:]], 2) * row_mask  # [L, m, 2]
-        s2 = torch.stack([smax, smin], 1)[:, None, :]
-        # certified residuals: |A v - s u| (rounding only, by construction) and |A^T u - s v| (one more pass)
-        # (norms taken relative to sigma_max: squares of tiny or huge residuals would under/overflow)
-        scale = smax.clamp_min(tiny)[:, None, None]
-        res_fwd = ((AQ @ Vh.transpose(1, 2)[:, :, [0, -1]] - u2 * s2) / scale).norm(dim=1)
-        res_bwd = ((ops.matmul(u2, trans=True) - v2 * s2) / scale).norm(dim=1)
-        err = torch.maximum(res_fwd, res_bwd) * scale[:, 0]
-        for j, i in enumerate(idx):
-            m_l, n_l = ops.rows[j], ops.cols[j]
-            vmax, vmin, umax, umin = v2[j, :n_l, 0], v2[j, :n_l, 1], u2[j, :m_l, 0], u2[j, :m_l, 1]
-            if mats[i].shape[0] < mats[i].shape[1]:  # back to the matrix's own orientation: W = A^T
-                vmax, umax, vmin, umin = umax, vmax, umin, vmin
-            out["smax"][i], out["smin"][i] = smax[j], smin[j]
-            out["emax"][i], out["emin"][i] = err[j, 0], err[j, 1]
-            out["umax"][i], out["vmax"][i], out["umin"][i], out["vmin"][i] = umax, vmax, umin, vmin
-            new_blocks[i] = X[j, :n_l].clone()
-        if tol is not None:
-            uncertified = (err[:, 1] > tol * smin) | (err[:, 0] > tol * smax)
-            for j in uncertified.nonzero().flatten().tolist():
-                solve_exactly(idx[j])
-
+            per[i] = (len(results) - 1, j)
+    est = _pack(mats, results, per, opt, work, ritz_block)
+    if sync:
+        _raise_unresolved(est, results, per, mats, opt)
     if state is not None:
         state.shapes = shapes
-        state.blocks = [b if b is not None else torch.empty(0) for b in new_blocks]
+        state.blocks = [results[gi][1]["blocks"][j] for gi, j in per]
+        state.lower = [torch.ldexp(results[gi][1]["smin_lo"][j], results[gi][0].exp[j]) for gi, j in per]
+    return est
 
-    def vec(key):
-        return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in out[key]])
 
-    def vecs(key):
-        return [torch.as_tensor(v).to(device=device, dtype=compute_dtype) for v in out[key]]
+def _warm_state(state, mats, shapes, opt: SpectralOptions, sync: bool):
+    """The state's blocks and shifts where they fit these matrices and options (else None: cold start)."""
+    if state is None or not state.matches(shapes) or len(state.blocks) != len(mats):
+        return None, None
+    blocks = []
+    for m, b in zip(mats, state.blocks, strict=True):
+        n = min(m.shape)
+        want = (n, min(opt.block, n) + min(2, n))
+        blocks.append(b if isinstance(b, torch.Tensor) and tuple(b.shape) == want else None)
+    if sync and any(b is not None and not bool(torch.isfinite(b).all()) for b in blocks):
+        raise ValueError("state holds NaN/Inf warm-start blocks (a corrupt SpectralState); "
+                         "pass a fresh fastcnc.SpectralState()")
+    lower = state.lower if isinstance(state.lower, list) and len(state.lower) == len(mats) else None
+    if lower is not None and any(not isinstance(v, torch.Tensor) or v.numel() != 1 for v in lower):
+        lower = None
+    if lower is not None:
+        lower = [v.reshape(()).to(_F64) for v in lower]
+    return blocks, lower
 
-    return SpectralEstimate(vec("smax"), vec("smin"), vec("emax"), vec("emin"),
-                            vecs("umax"), vecs("vmax"), vecs("umin"), vecs("vmin"),
-                            torch.tensor(refreshed, device=device))
+
+@dataclass
+class VectorGroup:
+    """The bilinear-form vectors of one shape group, stacked for batched forward/backward products."""
+
+    index: list[int]
+    wide: list[bool]
+    U: torch.Tensor  # [B, m, k] tall orientation, float64
+    V: torch.Tensor  # [B, n, k]
+
+
+def _pack(mats, results, per, opt: SpectralOptions, work: dict, ritz_block: bool) -> SpectralEstimate:
+    """Per-matrix values in true units, in the input order; vectors in each matrix's own orientation."""
+    def scalar(key):
+        return torch.stack([torch.ldexp(results[gi][1][key][j], results[gi][0].exp[j]) for gi, j in per])
+
+    def flag(key):
+        return torch.stack([results[gi][1][key][j] for gi, j in per])
+
+    u_max, v_max, u_min, v_min, groups = [], [], [], [], []
+    for g, res in results:
+        groups.append(VectorGroup(g.index, g.wide, torch.stack([res["u_max"], res["u_min"]], 2),
+                                 torch.stack([res["y"], res["x"]], 2)))
+    for gi, j in per:
+        g, res = results[gi]
+        um, vm, un, vn = res["u_max"][j], res["y"][j], res["u_min"][j], res["x"][j]
+        if g.wide[j]:  # W = A^T: swap left and right
+            um, vm, un, vn = vm, um, vn, un
+        u_max.append(um)
+        v_max.append(vm)
+        u_min.append(un)
+        v_min.append(vn)
+    structural = torch.stack([results[gi][0].structural[j] for gi, j in per])
+    finite = torch.stack([results[gi][0].finite[j] for gi, j in per])
+    bottom = _ritz_blocks(results, per) if ritz_block else None
+    return SpectralEstimate(
+        sigma_max=scalar("smax"), sigma_min=scalar("smin"), sigma_max_lo=scalar("smax_lo"),
+        sigma_max_hi=scalar("smax_hi"), sigma_min_lo=scalar("smin_lo"), sigma_min_hi=scalar("smin_hi"),
+        certified=flag("certified"), fallback=flag("fallback"), structural=structural, finite=finite,
+        u_max=u_max, v_max=v_max, u_min=u_min, v_min=v_min, work=dict(work), rtol=opt.rtol, floor=opt.floor,
+        bottom=bottom, groups=groups)
+
+
+def _ritz_blocks(results, per) -> list:
+    """Rayleigh-Ritz on each matrix's retained bottom block: (sigmas ascending [r], U [m, r], V [n, r]), own
+    orientation, true units. Uses eigh (a host sync on CUDA)."""
+    out = []
+    for gi, j in per:
+        g, res = results[gi]
+        r = res["blocks"].shape[-1] - min(2, g.n)
+        X = _orth(res["blocks"][j][None, :, :r])[0]  # the retained bottom block (it spans the Ritz vector x)
+        _, W = torch.linalg.eigh(X.mT @ g.G[j] @ X)
+        V = X @ W
+        V = V / V.norm(dim=0, keepdim=True)
+        AV = g.A[j] @ V
+        s = AV.norm(dim=0)
+        U = AV / s.clamp_min(torch.finfo(_F64).tiny)
+        order = s.argsort()
+        s, U, V = s[order], U[:, order], V[:, order]
+        if bool(g.structural[j]):
+            s, U = torch.zeros_like(s), torch.zeros_like(U)
+        s = torch.ldexp(s, g.exp[j])
+        out.append((s, V, U) if g.wide[j] else (s, U, V))
+    return out
+
+
+def _raise_unresolved(est: SpectralEstimate, results, per, mats, opt: SpectralOptions) -> None:
+    for i, (gi, j) in enumerate(per):
+        if not bool(results[gi][1]["resolved"][j]):
+            smax, smin = float(est.sigma_max[i]), float(est.sigma_min[i])
+            raise ValueError(
+                f"weights[{i}] ({tuple(mats[i].shape)}): sigma_min = {smin:.3g} is below what float64 resolves next "
+                f"to sigma_max = {smax:.3g} (kappa ~ {smax / max(smin, 1e-300):.3g}); certifying kappa to "
+                f"rtol={opt.rtol:g} needs more than float64 (double-double / quad precision), or pass floor > 0 "
+                "(e.g. the CNC eps) to certify the floored kappa instead")

@@ -122,8 +122,9 @@ def build_regularizer(cfg: Config, model: nn.Module):
     from fastcnc.regularizer import TSCNC
 
     return TSCNC(model, lambda_tsc=cfg.lambda_tsc, lambda_cnc=cfg.lambda_cnc, cnc=cfg.cnc,
-                 kappa_target=cfg.kappa_target, eps=cfg.cnc_eps, a=cfg.tsc_a, iters=cfg.cnc_iters, depth=cfg.cnc_depth,
-                 block=cfg.cnc_block, refresh_every=cfg.cnc_refresh_every, tol=cfg.cnc_tol or None)
+                 kappa_target=cfg.kappa_target, eps=cfg.cnc_eps, a=cfg.tsc_a, rtol=cfg.cnc_rtol, iters=cfg.cnc_iters,
+                 block=cfg.cnc_block, max_rounds=cfg.cnc_max_rounds, smooth_min=cfg.cnc_smooth_min,
+                 refresh_every=cfg.cnc_refresh_every)
 
 
 class _Pruning:

@@ -13,32 +13,48 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, shrink_configs
+from ._common import AUTOTUNE, INTERPRET, device_guard, m_bucket, shrink_configs
 
 
 def _configs():
-    # BLOCK_N/BLOCK_K are fixed by the tile table; only the row tile and the pipeline are tuned. A first guess from
-    # the Triton matmul tutorial's configs, not yet swept on a GPU (none was available when this was written).
+    # BLOCK_N/BLOCK_K are fixed by the tile table; only the row tile and the pipeline are tuned. Started from the
+    # Triton matmul tutorial's configs; _prune_configs drops the ones that spill (not yet swept for speed on a GPU).
+    # The first one is the interpreter's (tests) and must be valid for every BLOCK.
     return shrink_configs([
         triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 32}, num_warps=2, num_stages=4),
+        triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=4),
     ])
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "BLOCK"])
-@triton.jit
+# At most this many elements of the larger operand tile per thread. Measured with `ptxas -v` for sm_90 (triton 3.6
+# and 3.9, tests/test_compile_sm90.py): every config above this spilled for some dtype (64x64 tiles at 4 warps:
+# 100-650 B with bf16/fp16/TF32, 6-20 KB with IEEE fp32 before its dots were sliced), none at or below it did.
+MAX_TILE_ELEMENTS_PER_THREAD = 16
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    block = {**named_args, **kwargs}["BLOCK"]
+    kept = [c for c in configs
+            if max(c.kwargs["BLOCK_M"], block) * block <= MAX_TILE_ELEMENTS_PER_THREAD * 32 * c.num_warps]
+    return kept if AUTOTUNE else kept[:1]
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "BLOCK", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _masked_mm_fwd_kernel(
     # pointers
     a_ptr, w_ptr, keep_ptr, bias_ptr, c_ptr, k_idx_ptr, k_cnt_ptr,
-    # sizes (per group)
-    M, N, K, L, N_TILES, K_TILES,
+    # sizes (per group); M_BUCKET is only the autotune key
+    M, N, K, L, N_TILES, K_TILES, M_BUCKET,
     # strides
-    stride_ab, stride_ak, stride_al, stride_wn, stride_wk, stride_keep_n, stride_cb, stride_cn, stride_cl,
+    stride_ab, stride_ak, stride_al, stride_wn, stride_wk, stride_keep_n, stride_bias, stride_cb, stride_cn, stride_cl,
     # meta
-    BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, SUB_K: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     # -- program -> (row tile, N tile, group); row tiles vary fastest so neighbours share the weight tile in L2
@@ -46,9 +62,10 @@ def _masked_mm_fwd_kernel(
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
-    offs_t = tl.arange(0, BLOCK)
-    # -- pointers: row m lives at (m // L, m % L); int64 because B * L * channels can pass 2**31
+    offs_n = tl.max_contiguous(tl.multiple_of(pid_n * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
+    offs_t = tl.arange(0, SUB_K)
+    # -- pointers: row m lives at (m // L, m % L). Every offset tensor is int64: index x stride products pass 2**31
+    # for large B * L * channels (tests/test_compile_sm90.py checks that no pointer takes an int32 offset tensor)
     row_a = (offs_m // L).to(tl.int64) * stride_ab + (offs_m % L).to(tl.int64) * stride_al
     a_base = a_ptr + g.to(tl.int64) * K * stride_ak + row_a[:, None]
     w_rows = (g * N + offs_n).to(tl.int64)
@@ -62,18 +79,22 @@ def _masked_mm_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)
     for i in range(0, count):
         kt = tl.load(k_idx_ptr + table_row * K_TILES + i)
-        offs_k = kt * BLOCK + offs_t
-        k_ok = offs_k[None, :] < K
-        a = tl.load(a_base + offs_k[None, :] * stride_ak, mask=m_ok & k_ok, other=0.0)
-        w = tl.load(w_base + offs_k[None, :] * stride_wk, mask=n_ok & k_ok, other=0.0)
-        keep = tl.load(keep_base + offs_k[None, :], mask=n_ok & k_ok, other=0)
-        w = tl.where(keep != 0, w, tl.zeros_like(w))
-        if UPCAST:  # the interpreter's bf16/fp16 dot is wrong: compute in fp32 there
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        # a tile's K range in SUB_K slices: an IEEE fp32 dot runs on FMAs and holds its operands' whole reduction
+        # range in registers, so 64-wide slices spill (SUB_K = BLOCK for tensor-core dots)
+        for kk in tl.static_range(0, BLOCK, SUB_K):
+            offs_k = tl.max_contiguous(tl.multiple_of(kt * BLOCK + kk + offs_t, SUB_K), SUB_K)
+            k_ok = offs_k[None, :] < K
+            offs_k64 = offs_k.to(tl.int64)[None, :]
+            a = tl.load(a_base + offs_k64 * stride_ak, mask=m_ok & k_ok, other=0.0)
+            w = tl.load(w_base + offs_k64 * stride_wk, mask=n_ok & k_ok, other=0.0)
+            keep = tl.load(keep_base + offs_k64, mask=n_ok & k_ok, other=0)
+            w = tl.where(keep != 0, w, tl.zeros_like(w))
+            if UPCAST:  # the interpreter's bf16/fp16 dot is wrong: compute in fp32 there
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + g * N + offs_n, mask=offs_n < N, other=0.0)
+        bias = tl.load(bias_ptr + w_rows * stride_bias, mask=offs_n < N, other=0.0)
         acc += bias[None, :].to(tl.float32)
     # -- store C[b, g*N + n, l]
     row_c = (offs_m // L).to(tl.int64) * stride_cb + (offs_m % L).to(tl.int64) * stride_cl
@@ -81,62 +102,68 @@ def _masked_mm_fwd_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "BLOCK"])
-@triton.jit
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "BLOCK", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _masked_mm_bwd_dx_kernel(
     # pointers
     dc_ptr, w_ptr, keep_ptr, da_ptr, n_idx_ptr, n_cnt_ptr,
-    # sizes (per group)
-    M, N, K, L, N_TILES, K_TILES,
+    # sizes (per group); M_BUCKET is only the autotune key
+    M, N, K, L, N_TILES, K_TILES, M_BUCKET,
     # strides
     stride_dcb, stride_dcn, stride_dcl, stride_wn, stride_wk, stride_keep_n, stride_dab, stride_dak, stride_dal,
     # meta
-    BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, SUB_K: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     # -- program -> (row tile, K tile, group): dA[rows, g*K + k] = dC[rows, g*N + n] @ (W*M)[g*N + n, k]
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     g = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
-    offs_t = tl.arange(0, BLOCK)
-    # -- pointers
+    offs_k = tl.max_contiguous(tl.multiple_of(pid_k * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
+    offs_t = tl.arange(0, SUB_K)
+    # -- pointers (int64 offsets throughout, as in the forward)
     row_dc = (offs_m // L).to(tl.int64) * stride_dcb + (offs_m % L).to(tl.int64) * stride_dcl
     dc_base = dc_ptr + row_dc[:, None] + (g * N).to(tl.int64) * stride_dcn
     m_ok = offs_m[:, None] < M
     k_ok = offs_k[None, :] < K
+    offs_k64 = offs_k.to(tl.int64)[None, :]
     # -- N-loop over the nonzero tiles of this K-tile only
     table_row = g * K_TILES + pid_k
     count = tl.load(n_cnt_ptr + table_row)
     acc = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)
     for i in range(0, count):
         nt = tl.load(n_idx_ptr + table_row * N_TILES + i)
-        offs_n = nt * BLOCK + offs_t
-        n_ok = offs_n[:, None] < N
-        dc = tl.load(dc_base + offs_n[None, :] * stride_dcn, mask=m_ok & (offs_n[None, :] < N), other=0.0)
-        w_rows = (g * N + offs_n).to(tl.int64)
-        w = tl.load(w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=n_ok & k_ok, other=0.0)
-        keep = tl.load(keep_ptr + w_rows[:, None] * stride_keep_n + offs_k[None, :], mask=n_ok & k_ok, other=0)
-        w = tl.where(keep != 0, w, tl.zeros_like(w))
-        if UPCAST:
-            dc = dc.to(tl.float32)
-            w = w.to(tl.float32)
-        else:  # dC may arrive in another dtype than W (autocast); the dot needs one
-            dc = dc.to(w.dtype)
-        acc = tl.dot(dc, w, acc, input_precision=INPUT_PRECISION)
+        for nn in tl.static_range(0, BLOCK, SUB_K):  # SUB_K slices of the reduction, as in the forward
+            offs_n = tl.max_contiguous(tl.multiple_of(nt * BLOCK + nn + offs_t, SUB_K), SUB_K)
+            n_ok = offs_n[:, None] < N
+            dc = tl.load(dc_base + offs_n.to(tl.int64)[None, :] * stride_dcn, mask=m_ok & (offs_n[None, :] < N),
+                         other=0.0)
+            w_rows = (g * N + offs_n).to(tl.int64)
+            w = tl.load(w_ptr + w_rows[:, None] * stride_wn + offs_k64 * stride_wk, mask=n_ok & k_ok, other=0.0)
+            keep = tl.load(keep_ptr + w_rows[:, None] * stride_keep_n + offs_k64, mask=n_ok & k_ok, other=0)
+            w = tl.where(keep != 0, w, tl.zeros_like(w))
+            if UPCAST:
+                dc = dc.to(tl.float32)
+                w = w.to(tl.float32)
+            else:  # dC may arrive in another dtype than W (autocast); the dot needs one
+                dc = dc.to(w.dtype)
+            acc = tl.dot(dc, w, acc, input_precision=INPUT_PRECISION)
     # -- store dA[b, g*K + k, l]; tiles with no nonzero mask column get zeros
     row_da = (offs_m // L).to(tl.int64) * stride_dab + (offs_m % L).to(tl.int64) * stride_dal
     da = da_ptr + row_da[:, None] + (g * K + offs_k).to(tl.int64)[None, :] * stride_dak
     tl.store(da, acc.to(da_ptr.dtype.element_ty), mask=m_ok & k_ok)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "BLOCK"])
-@triton.jit
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "BLOCK", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _masked_mm_bwd_dw_kernel(
     # pointers
     dc_ptr, a_ptr, keep_ptr, nonzero_ptr, dw_ptr,
-    # sizes (per group)
-    M, N, K, L, N_TILES, K_TILES, ROWS_PER_SPLIT,
+    # sizes (per group); M_BUCKET is only the autotune key
+    M, N, K, L, N_TILES, K_TILES, ROWS_PER_SPLIT, M_BUCKET,
     # strides
     stride_dcb, stride_dcn, stride_dcl, stride_ab, stride_ak, stride_al, stride_keep_n, stride_dws, stride_dwn,
     stride_dwk,
@@ -150,12 +177,13 @@ def _masked_mm_bwd_dw_kernel(
     g = tl.program_id(2)
     pid_n = pid_t // K_TILES
     pid_k = pid_t % K_TILES
-    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
-    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.max_contiguous(tl.multiple_of(pid_n * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
+    offs_k = tl.max_contiguous(tl.multiple_of(pid_k * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
     offs_r = tl.arange(0, BLOCK_M)
     n_ok = offs_n[:, None] < N
     k_ok = offs_k[None, :] < K
     w_rows = (g * N + offs_n).to(tl.int64)
+    offs_k64 = offs_k.to(tl.int64)[None, :]
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     # -- an all-zero mask tile needs no reduction: its gradient is exactly zero
     tile_nonzero = tl.load(nonzero_ptr + (g * N_TILES + pid_n) * K_TILES + pid_k)
@@ -177,9 +205,9 @@ def _masked_mm_bwd_dw_kernel(
                 dct = dct.to(a.dtype)
             acc = tl.dot(dct, a, acc, input_precision=INPUT_PRECISION)
     # -- re-mask so pruned weights get exactly zero gradient
-    keep = tl.load(keep_ptr + w_rows[:, None] * stride_keep_n + offs_k[None, :], mask=n_ok & k_ok, other=0)
+    keep = tl.load(keep_ptr + w_rows[:, None] * stride_keep_n + offs_k64, mask=n_ok & k_ok, other=0)
     acc = tl.where(keep != 0, acc, 0.0)
-    dw = dw_ptr + pid_s.to(tl.int64) * stride_dws + w_rows[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
+    dw = dw_ptr + pid_s.to(tl.int64) * stride_dws + w_rows[:, None] * stride_dwn + offs_k64 * stride_dwk
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=n_ok & k_ok)
 
 
@@ -190,6 +218,11 @@ def _precision(t: torch.Tensor) -> str:
     if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def _sub_k(t: torch.Tensor, block: int) -> int:
+    # reduction slice of the fwd/dX dots: 16 for IEEE fp32 (FMA dots; see the forward kernel), the tile otherwise
+    return 16 if t.dtype == torch.float32 and _precision(t) == "ieee" else block
 
 
 def _upcast(t: torch.Tensor) -> bool:
@@ -221,14 +254,17 @@ def masked_mm_fwd(a, weight, keep, k_idx, k_cnt, bias, out, *, groups: int, bloc
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), n_tiles, groups)
 
-    _masked_mm_fwd_kernel[grid](
-        a_ptr=a, w_ptr=weight, keep_ptr=keep, bias_ptr=bias, c_ptr=out, k_idx_ptr=k_idx, k_cnt_ptr=k_cnt,
-        M=m, N=n, K=k, L=rows_l, N_TILES=n_tiles, K_TILES=k_tiles,
-        stride_ab=a.stride(0), stride_ak=a.stride(1), stride_al=a.stride(2),
-        stride_wn=weight.stride(0), stride_wk=weight.stride(1), stride_keep_n=keep.stride(0),
-        stride_cb=out.stride(0), stride_cn=out.stride(1), stride_cl=out.stride(2),
-        BLOCK=block, HAS_BIAS=bias is not None, UPCAST=_upcast(a), INPUT_PRECISION=_precision(a),
-    )
+    with device_guard(a):
+        _masked_mm_fwd_kernel[grid](
+            a_ptr=a, w_ptr=weight, keep_ptr=keep, bias_ptr=bias, c_ptr=out, k_idx_ptr=k_idx, k_cnt_ptr=k_cnt,
+            M=m, N=n, K=k, L=rows_l, N_TILES=n_tiles, K_TILES=k_tiles, M_BUCKET=m_bucket(m),
+            stride_ab=a.stride(0), stride_ak=a.stride(1), stride_al=a.stride(2),
+            stride_wn=weight.stride(0), stride_wk=weight.stride(1), stride_keep_n=keep.stride(0),
+            stride_bias=bias.stride(0) if bias is not None else 0,
+            stride_cb=out.stride(0), stride_cn=out.stride(1), stride_cl=out.stride(2),
+            BLOCK=block, SUB_K=_sub_k(a, block), HAS_BIAS=bias is not None, UPCAST=_upcast(a),
+            INPUT_PRECISION=_precision(a),
+        )
     return out
 
 
@@ -248,14 +284,15 @@ def masked_mm_bwd_dx(grad_out, weight, keep, n_idx, n_cnt, out, *, groups: int, 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), k_tiles, groups)
 
-    _masked_mm_bwd_dx_kernel[grid](
-        dc_ptr=grad_out, w_ptr=weight, keep_ptr=keep, da_ptr=out, n_idx_ptr=n_idx, n_cnt_ptr=n_cnt,
-        M=m, N=n, K=k, L=rows_l, N_TILES=n_tiles, K_TILES=k_tiles,
-        stride_dcb=grad_out.stride(0), stride_dcn=grad_out.stride(1), stride_dcl=grad_out.stride(2),
-        stride_wn=weight.stride(0), stride_wk=weight.stride(1), stride_keep_n=keep.stride(0),
-        stride_dab=out.stride(0), stride_dak=out.stride(1), stride_dal=out.stride(2),
-        BLOCK=block, UPCAST=_upcast(weight), INPUT_PRECISION=_precision(weight),
-    )
+    with device_guard(weight):
+        _masked_mm_bwd_dx_kernel[grid](
+            dc_ptr=grad_out, w_ptr=weight, keep_ptr=keep, da_ptr=out, n_idx_ptr=n_idx, n_cnt_ptr=n_cnt,
+            M=m, N=n, K=k, L=rows_l, N_TILES=n_tiles, K_TILES=k_tiles, M_BUCKET=m_bucket(m),
+            stride_dcb=grad_out.stride(0), stride_dcn=grad_out.stride(1), stride_dcl=grad_out.stride(2),
+            stride_wn=weight.stride(0), stride_wk=weight.stride(1), stride_keep_n=keep.stride(0),
+            stride_dab=out.stride(0), stride_dak=out.stride(1), stride_dal=out.stride(2),
+            BLOCK=block, SUB_K=_sub_k(weight, block), UPCAST=_upcast(weight), INPUT_PRECISION=_precision(weight),
+        )
     return out
 
 
@@ -288,14 +325,16 @@ def masked_mm_bwd_dw(grad_out, a, keep, nonzero, out, *, groups: int, block: int
     splits = triton.cdiv(rows, rows_per_split) if rows else 1
     target = out.unsqueeze(0) if splits == 1 else torch.empty(splits, *out.shape, device=out.device,
                                                               dtype=torch.float32)
-    _masked_mm_bwd_dw_kernel[(n_tiles * k_tiles, splits, groups)](
-        dc_ptr=grad_out, a_ptr=a, keep_ptr=keep, nonzero_ptr=nonzero, dw_ptr=target,
-        M=rows, N=n, K=k, L=rows_l, N_TILES=n_tiles, K_TILES=k_tiles, ROWS_PER_SPLIT=rows_per_split,
-        stride_dcb=grad_out.stride(0), stride_dcn=grad_out.stride(1), stride_dcl=grad_out.stride(2),
-        stride_ab=a.stride(0), stride_ak=a.stride(1), stride_al=a.stride(2), stride_keep_n=keep.stride(0),
-        stride_dws=target.stride(0), stride_dwn=target.stride(1), stride_dwk=target.stride(2),
-        BLOCK=block, UPCAST=_upcast(a), INPUT_PRECISION=_precision(a),
-    )
+    with device_guard(a):
+        _masked_mm_bwd_dw_kernel[(n_tiles * k_tiles, splits, groups)](
+            dc_ptr=grad_out, a_ptr=a, keep_ptr=keep, nonzero_ptr=nonzero, dw_ptr=target,
+            M=rows, N=n, K=k, L=rows_l, N_TILES=n_tiles, K_TILES=k_tiles, ROWS_PER_SPLIT=rows_per_split,
+            M_BUCKET=m_bucket(rows_per_split),
+            stride_dcb=grad_out.stride(0), stride_dcn=grad_out.stride(1), stride_dcl=grad_out.stride(2),
+            stride_ab=a.stride(0), stride_ak=a.stride(1), stride_al=a.stride(2), stride_keep_n=keep.stride(0),
+            stride_dws=target.stride(0), stride_dwn=target.stride(1), stride_dwk=target.stride(2),
+            BLOCK=block, UPCAST=_upcast(a), INPUT_PRECISION=_precision(a),
+        )
     if splits > 1:
         out.copy_(target.sum(0))
     return out

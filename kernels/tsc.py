@@ -9,12 +9,13 @@ by a second tiny kernel in a fixed order: no float atomics, bit-identical result
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import device_guard, upload
 
 DEFAULT_BLOCK = 4096
 REDUCE_BLOCK = 1024
@@ -102,8 +103,7 @@ def _layer_table(device: torch.device, data_ptrs: tuple[int, ...], numels: tuple
     for nb in n_blocks:
         first_block.append(first_block[-1] + nb)
     block_layer = [layer for layer, nb in enumerate(n_blocks) for _ in range(nb)]
-    table = torch.tensor([*data_ptrs, *numels, *first_block, *block_layer], dtype=torch.int64)
-    return table.to(device), tuple(first_block)
+    return upload([*data_ptrs, *numels, *first_block, *block_layer], torch.int64, device), tuple(first_block)
 
 
 def tsc_value_grad(
@@ -150,8 +150,7 @@ def tsc_value_grad(
     partials = torch.empty(n_blocks, dtype=acc_torch, device=device) if compute_value else a_buf
     grad_flat = torch.empty(n_blocks * block, dtype=dtype, device=device) if scale is not None else weights[0]
     num_warps = 8 if block >= 2048 else 4
-    # launch on the weights' GPU even when another one is current (triton launches on the current device)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_guard(weights[0]):
         _tsc_value_grad_kernel[(n_blocks,)](
             meta_ptr=table, w_type_ptr=weights[0], a_ptr=a_buf,
             scale_ptr=scale if scale is not None else a_buf, grad_ptr=grad_flat, partial_ptr=partials,

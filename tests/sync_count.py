@@ -163,11 +163,16 @@ class HostSyncCounter(TorchDispatchMode):
             dst_host, src_host = self.is_host(args[0]), self.is_host(args[1])
             if src_host and not dst_host:
                 self.record(str(func), "host-to-device copy (synchronous for pageable memory)")
-            elif dst_host and not src_host:
+            elif dst_host and not src_host and not (_non_blocking(args, kwargs) and args[0].is_pinned()):
+                # (a non_blocking copy into pinned memory is queued on the stream: the host does not wait)
                 self.record(str(func), "device-to-host copy")
         elif any(host) and any(h and t.dim() > 0 for t, h in zip(tensors, host, strict=True)):
             self.record(str(func), "mixes device tensors with a host tensor, which is uploaded first")
         return out
+
+
+def _non_blocking(args, kwargs) -> bool:
+    return bool(kwargs.get("non_blocking", args[2] if len(args) > 2 else False))
 
 
 _ACTIVE: list[HostSyncCounter] = []

@@ -66,6 +66,8 @@ class LaunchCase:
     every_config: bool = True  # compile every config of an autotuned kernel (False: its first config only)
     slow: bool = False  # run only with -m slow (a separate worker, outside the default suite's budget)
     weight: float = 1.0  # rough relative compile time, to balance the cases over the worker processes
+    int64_offsets: bool = False  # every tensor of pointer offsets must be int64 (index x stride can pass 2**31)
+    no_tf32: bool = True  # the PTX must not contain TF32 (the case compiles IEEE-precision products only)
 
 
 @dataclass
@@ -80,6 +82,8 @@ class CompileCase:
     aligned: tuple[str, ...] | None = None
     slow: bool = False
     weight: float = 0.2
+    int64_offsets: bool = False
+    no_tf32: bool = True
 
 
 # -- launch cases: small CPU inputs through the real launchers --------------------------------------------------------
@@ -147,13 +151,14 @@ def _masked_case(dtype: str, block: int, precision: str, has_bias: bool, product
         f"{'-all_configs' if every_config else ''}",
         functools.partial(_launch_masked_matmul, dtype, block, precision, has_bias, products),
         every_config=every_config, slow=slow, weight=(5.0 if every_config else 1.0) * (products.count("+") + 1),
+        int64_offsets=True, no_tf32=precision != "tf32",
     )
 
 
-# Default tier: every kernel on every dtype path (first autotune config), plus every config of the product with the
-# largest shared memory (dW, fp32, 64x64 tiles: up to 128 KiB). fp32 "ieee" products run on FMAs, not tensor cores,
-# and their 64x64 tiles spill heavily: those are also the slowest to compile (~3-5 s each), hence the split. The
-# slow tier compiles the whole dtype x tile x bias x product x config product (~5 min on 2 cores).
+# Default tier: every kernel on every dtype path (first autotune config that survives the pruning), plus every
+# config of the product with the largest shared memory (dW, fp32, 64x64 tiles). fp32 "ieee" products run on FMAs,
+# not tensor cores, and are the slowest to compile (~1-5 s each), hence the split. The slow tier compiles the whole
+# dtype x tile x bias x product x config product (~6 min on 2 cores). Every tier fails on a register spill.
 MASKED_DEFAULT = [
     _masked_case("float32", 64, "ieee", True),
     _masked_case("float32", 64, "ieee", True, "dw", every_config=True),
@@ -182,6 +187,12 @@ CASES: list[LaunchCase | CompileCase] = [
         options={"num_warps": 4},
     ),
 ]
+
+# JITFunction.run copies these knobs into the compile options when the installed triton has them (3.9 added
+# fpsan_homomorphic_casts; 3.6 has only instrumentation_mode).
+_RUN_KNOBS = ("instrumentation_mode", "fpsan_homomorphic_casts")
+_INT32_TENSOR_ADDPTR = re.compile(r"tt\.addptr [^\n]*: tensor<[^\n]*!tt\.ptr<[^\n]*>>, tensor<[0-9x]*xi32>")
+_TF32_PTX = re.compile(r"tf32")
 
 # @triton.jit functions that are not launched on their own (device helpers) and are compiled through their callers.
 COMPILED_THROUGH_CALLERS: dict[str, str] = {}
@@ -240,6 +251,7 @@ def _compile_record(fn, signature: dict, constexprs: dict, attrs: dict, options:
     ptx = asm.get("ptx", "")
     registers = re.search(r"Used (\d+) registers", ptxas_log.getvalue())
     spills = re.search(r"(\d+) bytes spill stores", ptxas_log.getvalue())
+    stack = re.search(r"(\d+) bytes stack frame", ptxas_log.getvalue())
     return {
         **record,
         "ok": True,
@@ -250,6 +262,10 @@ def _compile_record(fn, signature: dict, constexprs: dict, attrs: dict, options:
         "shared_bytes": compiled.metadata.shared,
         "registers": int(registers.group(1)) if registers else None,  # per thread, from ptxas -v
         "spill_store_bytes": int(spills.group(1)) if spills else None,
+        "stack_bytes": int(stack.group(1)) if stack else None,
+        # pointer arithmetic on whole tiles with 32-bit offsets: wraps once index x stride passes 2**31
+        "int32_tensor_offsets": _INT32_TENSOR_ADDPTR.findall(asm.get("ttir", "")),
+        "tf32": bool(_TF32_PTX.search(ptx)),
         "num_warps": compiled.metadata.num_warps,
         "expected_num_warps": options.get("num_warps", 4),
     }
@@ -274,8 +290,10 @@ class _Interceptor:
 
         def compile_instead_of_launch(fn, *args, grid, warmup, **kwargs):
             kwargs["debug"] = kwargs.get("debug", fn.debug) or triton.knobs.runtime.debug
-            kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
-            kwargs["fpsan_homomorphic_casts"] = triton.knobs.compilation.fpsan_homomorphic_casts
+            # the compile options JITFunction.run adds from the knobs; the set differs between triton versions
+            for knob in _RUN_KNOBS:
+                if hasattr(triton.knobs.compilation, knob):
+                    kwargs[knob] = getattr(triton.knobs.compilation, knob)
             backend = make_backend(_sm90())
             binder = create_function_from_signature(fn.signature, fn.params, backend)
             bound_args, specialization, options = binder(*args, **kwargs)
@@ -294,7 +312,11 @@ class _Interceptor:
             return None
 
         def run_configs(autotuner, *args, **kwargs):
-            for config in autotuner.configs if interceptor.every_config else autotuner.configs[:1]:
+            # the configs the autotuner would benchmark for these arguments, after its early_config_prune
+            autotuner.nargs = dict(zip(autotuner.arg_names, args, strict=False))  # args may be fewer
+            configs = autotuner.prune_configs(kwargs)
+            autotuner.nargs = None
+            for config in configs if interceptor.every_config else configs[:1]:
                 autotuner.fn.run(*args, **kwargs, **config.all_kwargs())
 
         JITFunction.run = compile_instead_of_launch
@@ -340,6 +362,7 @@ def _compile_in_workers(case_ids: list[str], cache_dir: Path, n_workers: int = 2
     env["TRITON_CACHE_DIR"] = str(cache_dir)  # fresh: a cache hit would skip the compile under test
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the current default, stated to silence triton's notice
     env["TRITON_DUMP_PTXAS_LOG"] = "1"  # register and spill counts for the report
+    env["TRITON_ALWAYS_COMPILE"] = "1"  # a specialisation shared by two cases must run ptxas (and report) in both
     chunks: list[list[str]] = [[] for _ in range(n_workers)]
     loads = [0.0] * n_workers
     for case_id in sorted(case_ids, key=lambda c: -ALL_CASES[c].weight):  # heaviest first onto the lightest worker
@@ -379,6 +402,7 @@ def compile_results(request, tmp_path_factory) -> dict:
 
 
 def _check_result(case_id: str, result: dict) -> None:
+    case = ALL_CASES[case_id]
     assert result["error"] is None, f"{case_id}: {result['error']}"
     assert result["compiles"], f"{case_id} compiled nothing"
     failed = [f"{r['kernel']} [{r['variant']}]:\n{r['error']}" for r in result["compiles"] if not r["ok"]]
@@ -391,6 +415,14 @@ def _check_result(case_id: str, result: dict) -> None:
         assert r["cubin_is_elf"], where
         assert r["shared_bytes"] <= SM90_MAX_SHARED_BYTES, f"{where}: {r['shared_bytes']} B of shared memory"
         assert r["num_warps"] == r["expected_num_warps"], where
+        # spilled registers go to local memory (L1/L2 traffic on every access): no shipped configuration may spill
+        assert r["registers"] is not None and r["spill_store_bytes"] is not None, f"{where}: no ptxas -v report"
+        assert r["spill_store_bytes"] == 0, (f"{where}: {r['spill_store_bytes']} B spill stores "
+                                             f"({r['registers']} registers, {r['stack_bytes']} B stack)")
+        if case.int64_offsets:
+            assert not r["int32_tensor_offsets"], f"{where}: int32 tile offsets: {r['int32_tensor_offsets'][:3]}"
+        if case.no_tf32:
+            assert not r["tf32"], f"{where}: the PTX uses TF32 where IEEE fp32 products were asked for"
 
 
 @pytest.mark.parametrize("case_id", [case.id for case in CASES if not case.slow])

@@ -19,7 +19,7 @@ from fastcnc.tsc import tsc_penalty
 
 # Without a GPU the CUDA code path runs on CPU tensors (TRITON_INTERPRET=1, set by conftest.py); with one, on the GPU.
 SIMULATE = _backend.INTERPRET
-DEVICE = "cpu" if SIMULATE else "cuda"
+DEVICE = "cuda" if not SIMULATE and torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not SIMULATE and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 (CPU) or a CUDA device")
 
@@ -60,7 +60,7 @@ PLANTED = {
     "tolist": lambda: _x.tolist(),
     "cpu": lambda: _x.cpu(),
     "to-cpu-string": lambda: _x.to("cpu"),
-    "numpy": lambda: _x.numpy(),
+    "numpy": lambda: _x.numpy(force=True),
     "upload-python-list": lambda: torch.tensor([1, 2, 3], device=_x.device),
     "upload-host-tensor": lambda: torch.tensor([1, 2, 3]).to(_x.device),
     "host-index-on-device-tensor": lambda: _x[torch.tensor([0, 2])],
@@ -138,14 +138,14 @@ def test_masked_linear_step_has_no_host_syncs(keep, one_intra_op_thread):
 
     counter = _count(step)
     assert not counter.syncs, f"MaskedLinear forward+backward on the CUDA path syncs:\n{format_syncs(counter.syncs)}"
-    if keep < 1.0 and SIMULATE:
-        assert counter.launches == 3, "the block-sparse layer must run the fwd, dX and dW kernels"
+    if SIMULATE:  # the CUDA dispatch rule: kernels for a block-sparse mask, W*M + cuBLAS for a dense one
+        assert counter.launches == (3 if keep < 1.0 else 0), counter.launches
 
 
 @pytest.mark.parametrize("groups", [1, 2])
 def test_masked_conv2d_step_has_no_host_syncs(groups, one_intra_op_thread):
-    layer = MaskedConv2d(8, 16, 3, padding=1, stride=2, groups=groups, device=DEVICE)
-    layer.set_mask(_block_mask(16, 8 // groups * 9, 16, 0.5).reshape(layer.weight.shape))
+    layer = MaskedConv2d(8, 32, 3, padding=1, stride=2, groups=groups, device=DEVICE)
+    layer.set_mask(_block_mask(32, 8 // groups * 9, 16, 0.2).reshape(layer.weight.shape))
     x = torch.randn(2, 8, 7, 7, device=DEVICE, requires_grad=True)
 
     def step():
@@ -180,3 +180,75 @@ def test_tsc_penalty_finite_check_is_counted(one_intra_op_thread):
     weights = _tsc_weights()
     syncs = _syncs(lambda: tsc_penalty(weights).backward())
     assert syncs and all("tsc.py" in s.where for s in syncs), format_syncs(syncs)
+
+
+# -- the TSCNC step (owned by the spectral engine; see docs/spectral.md) -----------------------------------------------
+
+
+def _tscnc_model():
+    from torch import nn
+
+    from fastcnc.layers import MaskedConv2d, MaskedLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskedConv2d(3, 8, 3), nn.ReLU(), MaskedConv2d(8, 8, 3, groups=2), nn.Flatten(),
+                          MaskedLinear(8 * 2 * 2, 10)).to(DEVICE)
+    mask = (torch.rand(8, 3, 3, 3, device=DEVICE) > 0.5).float()
+    model[0].set_mask(mask)
+    return model
+
+
+def _tscnc_step_syncs(lambda_tsc: float):
+    from fastcnc.regularizer import TSCNC
+
+    model = _tscnc_model()
+    reg = TSCNC(model, lambda_tsc=lambda_tsc, lambda_cnc=1e-2)
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        reg().backward()
+
+    # two warm-up calls: the first is the exact refresh (an SVD, which syncs by design: first call and mask changes)
+    counter = _count(step, warmup=2)
+    syncs = counter.syncs
+    if SIMULATE:  # on CPU the previous step's flags are not in pinned memory: reading them is the one simulated copy
+        syncs = [s for s in syncs if "_read_pending" not in s.where]
+        assert len(syncs) < len(counter.syncs), "the deferred certificate read must run (and be the only exemption)"
+    assert reg.last_estimate.work["rounds"] == 2 and reg.last_estimate.work["fallbacks"] == 0  # fixed, sync-free
+    return syncs
+
+
+def test_tscnc_cnc_step_has_no_host_syncs(one_intra_op_thread):
+    syncs = _tscnc_step_syncs(lambda_tsc=0.0)
+    assert not syncs, f"TSCNC (CNC term) forward+backward on the CUDA path syncs:\n{format_syncs(syncs)}"
+
+
+@pytest.mark.xfail(strict=True, reason="kernels/tsc.py _layer_table uploads its pointer table at every call (the "
+                   "effective weights W*M are new tensors each step): issue 10, TSC side")
+def test_tscnc_full_step_has_no_host_syncs(one_intra_op_thread):
+    syncs = _tscnc_step_syncs(lambda_tsc=1e-3)
+    assert not syncs, f"TSCNC forward+backward on the CUDA path syncs:\n{format_syncs(syncs)}"
+
+
+def test_tscnc_uncertified_layer_is_warned_and_refreshed_next_call(one_intra_op_thread):
+    from torch import nn
+
+    from fastcnc.layers import MaskedLinear
+    from fastcnc.reference import matrix_with_spectrum
+    from fastcnc.regularizer import TSCNC
+
+    model = nn.Sequential(MaskedLinear(300, 200), nn.ReLU(), MaskedLinear(200, 10)).to(DEVICE)
+    with torch.no_grad():  # kappa 1e6: beyond what the float64 Gram of a 200x300 matrix can certify
+        s = torch.logspace(0, -6, 200, dtype=torch.float64)
+        w = matrix_with_spectrum(200, 300, s, generator=torch.Generator().manual_seed(0))
+        model[0].weight.copy_(w.to(device=DEVICE, dtype=torch.float32))
+    reg = TSCNC(model, lambda_tsc=0.0, lambda_cnc=1e-2)
+    with _backend.cuda_code_path() if SIMULATE else contextlib.nullcontext():
+        reg()  # exact refresh (first call)
+        reg()  # sync-free rounds: that layer's certificate fails, the flags wait on the device
+        assert reg.last_estimate.certified.tolist() == [False, True]
+        assert not any(reg.last_estimate.fallback.tolist())
+        with pytest.warns(RuntimeWarning, match=r"certificate of matrices \[0\] failed"):
+            reg()  # reads them: warns, and recomputes that layer exactly in this call
+        assert reg.last_estimate.fallback.tolist() == [True, False] and reg.work["uncertified_late"] == 1

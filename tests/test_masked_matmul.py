@@ -111,6 +111,37 @@ def test_masked_linear_batched_noncontiguous(backend, launches):
     assert bool(launches) == (backend == "triton")
 
 
+def test_strided_bias_and_weight(backend, launches):
+    """Bias and weight views with non-unit strides: the kernels must follow the strides, not assume contiguity."""
+    wb = _leaves(torch.randn(20, 9))[0]
+    bb = _leaves(torch.randn(18))[0]
+    w, b = wb.t(), bb[::2]  # weight [9, 20] with strides (1, 9); bias [9] with stride 2
+    x = _leaves(torch.randn(13, 20))[0]
+    mask = _mask((9, 20), "random")
+    y = masked_linear(x, w, mask, b)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x64, wb64, bb64 = _leaves(x.double(), wb.double(), bb.double())
+    y_ref = F.linear(x64, wb64.t() * mask.double(), bb64[::2])
+    y_ref.backward(grad.double())
+    torch.testing.assert_close(y.double(), y_ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(wb.grad.double(), wb64.grad, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(bb.grad.double(), bb64.grad, atol=ATOL, rtol=RTOL)
+    assert bool(launches) == (backend == "triton")
+
+
+@pytest.mark.interpret
+def test_autotune_key_does_not_retune_per_batch_size():
+    mm = _backend.kernels("masked_matmul")
+    common = _backend.kernels("_common")
+    for kernel in (mm._masked_mm_fwd_kernel, mm._masked_mm_bwd_dx_kernel, mm._masked_mm_bwd_dw_kernel):
+        assert "M" not in kernel.keys and "M_BUCKET" in kernel.keys, kernel.keys
+    # CIFAR batches of 100 and 128 at 32x32 (and any larger M) share one tuned config; small M get their own bucket
+    assert common.m_bucket(100 * 32 * 32) == common.m_bucket(128 * 32 * 32) == common.m_bucket(10**9)
+    assert [common.m_bucket(m) for m in (1, 5, 16, 17)] == [1, 8, 16, 32]
+
+
 def test_masked_matmul_alias(backend):
     a, w = torch.randn(6, 13), torch.randn(5, 13)
     mask = _mask((5, 13), "random")

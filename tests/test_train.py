@@ -105,15 +105,17 @@ def test_config_names_follow_the_library_and_old_names_still_work(capsys):
     for kind in CNC_KINDS:
         assert load_config(overrides={"cnc": kind}).cnc == kind
     # every TSCNC engine option and the CNC floor reach the regulariser
-    cfg = load_config("quick", overrides={"cnc_eps": "1e-3", "cnc_iters": "2", "cnc_depth": "2", "cnc_block": "3",
-                                          "cnc_tol": "0.01", "cnc_refresh_every": "5", "cnc": "kappa"})
+    cfg = load_config("quick", overrides={"cnc_eps": "1e-3", "cnc_iters": "2", "cnc_block": "3", "cnc_rtol": "0.05",
+                                          "cnc_max_rounds": "2", "cnc_smooth_min": "0.1", "cnc_refresh_every": "5",
+                                          "cnc": "kappa"})
     reg = build_regularizer(cfg, build_model("resnet18", 10, 1, width=4))
-    assert (reg.eps, reg.cnc, reg.refresh_every) == (1e-3, "kappa", 5)
-    assert reg.engine == {"iters": 2, "depth": 2, "block": 3, "tol": 0.01}
+    assert (reg.eps, reg.cnc, reg.refresh_every, reg.smooth_min) == (1e-3, "kappa", 5, 0.1)
+    o = reg.options
+    assert (o.rtol, o.floor, o.iters, o.block, o.max_rounds) == (0.05, 1e-3, 2, 3, 2)
     with pytest.raises(ValueError, match="cnc_eps' must be < 1"):
         load_config(overrides={"cnc_eps": "1.5"})
-    with pytest.raises(ValueError, match=r"block \* \(depth \+ 1\) must be <= 16"):
-        load_config(overrides={"cnc_block": "8", "cnc_depth": "2"})
+    with pytest.raises(ValueError, match="cnc_rtol' must be in"):
+        load_config(overrides={"cnc_rtol": "0"})
     # a config stored by an older version (old names, fields missing) loads with the current names and defaults
     old = {k: v for k, v in config_to_dict(Config()).items() if not k.startswith("cnc_") and k != "attack_eps"}
     old.update(eps=0.05, power_iters=3)

@@ -1,0 +1,449 @@
+"""Trajectory benchmark: the CNC penalty's value+grad on weights recorded along real training runs.
+
+Recording (cached under runs/trajectories/, deterministic): the project's own pieces (``fastcnc.models.build_model``,
+the embedded digits via ``fastcnc.data``, SGD with Nesterov momentum, ``fastcnc.GradualPruner``, and ``fastcnc.TSCNC``
+in the loss for ResNet-18) run a dense phase, gradual magnitude pruning to the target sparsity, then fine-tuning; the
+effective weights W*M of every conv/linear layer are saved every ``record_every`` steps. Clean cross-entropy (no PGD)
+keeps the CPU recording affordable; the pruning schedule, optimiser and regulariser are the main job's.
+
+Evaluation, per recorded step and side by side in one run:
+  fastcnc      the certified engine as TSCNC runs it on that device (warm state carried from the previous snapshot,
+               so the drift between two calls is ``record_every`` training steps: harder than training itself)
+  eigh64       exact penalty through torch.linalg.eigvalsh of the float64 small-side Gram, autograd backward
+  eigh32       the same in float32 (faster, but fp32 rounding of the Gram swamps sigma_min^2 once kappa >~ 300)
+  svdvals      torch.linalg.svdvals of the weights (their dtype), autograd backward
+Every method's kappa is compared with float64 SVD (not timed) for every layer; fastcnc also reports its certified
+bracket, certification flags, fallbacks and work. Baselines are batched per shape group, like the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import environment, write_result
+
+import fastcnc
+from fastcnc.cnc import penalty_from_estimate
+from fastcnc.data import load_dataset
+from fastcnc.models import build_model
+from fastcnc.pruning import GradualPruner
+from fastcnc.regularizer import TSCNC, constrained_layers
+from fastcnc.spectral import SpectralState, as_matrices, extreme_singular_values
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "runs" / "trajectories"
+EPS = 1e-6  # the CNC floor (TSCNC's default eps)
+METHODS = ("fastcnc", "eigh64", "eigh32", "svdvals")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One recorded training run."""
+
+    model: str
+    width: int
+    sparsity: float
+    dense_steps: int
+    prune_steps: int
+    finetune_steps: int
+    record_every: int
+    batch_size: int = 32
+    tscnc: bool = True  # TSCNC(lambda_tsc=1e-5, lambda_cnc=1e-3) in the loss while recording
+    lr: float = 0.05
+    prune_every: int = 2  # steps between two gradual mask updates (each one costs TSCNC an exact refresh)
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-w{self.width}-s{round(self.sparsity * 100)}"
+
+    @property
+    def steps(self) -> int:
+        return self.dense_steps + self.prune_steps + self.finetune_steps
+
+    def phase(self, step: int) -> str:
+        if step < self.dense_steps:
+            return "dense"
+        return "pruning" if step < self.dense_steps + self.prune_steps else "finetune"
+
+
+PRESETS = {
+    # CPU-sized: every phase covered, full-width runs shorter
+    "cpu": [
+        Run("resnet18", 16, 0.95, 10, 30, 10, 5), Run("resnet18", 16, 0.99, 10, 30, 10, 5),
+        Run("resnet18", 64, 0.95, 6, 18, 6, 6), Run("resnet18", 64, 0.99, 6, 18, 6, 6),
+        Run("resnet50", 64, 0.95, 2, 8, 2, 4, batch_size=8, tscnc=False),
+        Run("resnet50", 64, 0.99, 2, 8, 2, 4, batch_size=8, tscnc=False),
+    ],
+    # for the GPU session (sized to finish in < 3 min on an H100, recording included)
+    "gpu": [
+        Run("resnet18", 64, 0.95, 10, 30, 10, 10, prune_every=5),
+        Run("resnet18", 64, 0.99, 10, 30, 10, 10, prune_every=5),
+        Run("resnet50", 64, 0.95, 4, 16, 4, 8, batch_size=16, prune_every=4),
+        Run("resnet50", 64, 0.99, 4, 16, 4, 8, batch_size=16, prune_every=4),
+    ],
+    # seconds: the pytest-benchmark smoke test and CI
+    "tiny": [Run("resnet18", 16, 0.95, 2, 4, 2, 2, batch_size=16)],
+}
+
+
+# ------------------------------------------------------------------------------------------------ recording
+
+
+def _cache_path(run: Run, device: str) -> Path:
+    key = "-".join(f"{v}" for v in asdict(run).values())  # (hashlib: str hashes are salted per process)
+    return CACHE / f"{run.name}-{device}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
+
+
+def record(run: Run, device: torch.device, *, refresh: bool = False, log=print) -> list[dict]:
+    """Snapshots [{step, phase, sparsity, names, weights (CPU fp32, W*M per layer), groups}] of one run (cached)."""
+    path = _cache_path(run, device.type)
+    if path.exists() and not refresh:
+        return torch.load(path, weights_only=False)
+    torch.manual_seed(run.seed)
+    data = load_dataset("digits")
+    x_all = data.x_train.repeat(1, 3, 1, 1).to(device)  # 3 channels: the first conv is the CIFAR 64x27 one
+    y_all = data.y_train.to(device)
+    model = build_model(run.model, data.num_classes, in_channels=3, width=run.width).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=run.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    pruner = GradualPruner(model, run.sparsity, start_step=run.dense_steps,
+                           end_step=run.dense_steps + run.prune_steps - 1, frequency=run.prune_every)
+    reg = TSCNC(model, lambda_tsc=1e-5, lambda_cnc=1e-3) if run.tscnc else None
+    gen = torch.Generator().manual_seed(run.seed)
+    layers = constrained_layers(model)
+    snaps, t0 = [], time.perf_counter()
+    for step in range(run.steps + 1):
+        if step % run.record_every == 0 or step == run.steps:
+            weights = [_effective(m).detach().float().cpu().clone() for _, m in layers]
+            total = sum(w.numel() for w in weights)
+            snaps.append({"step": step, "phase": run.phase(min(step, run.steps - 1)),
+                          "sparsity": sum(int((w == 0).sum()) for w in weights) / total,
+                          "names": [n for n, _ in layers], "weights": weights,
+                          "groups": [getattr(m, "groups", 1) for _, m in layers]})
+        if step == run.steps:
+            break
+        pruner.step(step)
+        idx = torch.randint(0, len(y_all), (run.batch_size,), generator=gen).to(device)
+        model.train()
+        loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+        if reg is not None:
+            loss = loss + reg()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _apply_masks(model)
+    log(f"recorded {run.name}: {run.steps} steps, {len(snaps)} snapshots, {time.perf_counter() - t0:.1f} s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(snaps, path)
+    return snaps
+
+
+def _effective(layer):
+    return layer.effective_weight() if hasattr(layer, "effective_weight") else layer.weight
+
+
+@torch.no_grad()
+def _apply_masks(model) -> None:
+    for m in model.modules():
+        if isinstance(getattr(m, "mask", None), torch.Tensor):
+            m.weight.mul_(m.mask)
+
+
+# ------------------------------------------------------------------------------------------------ methods
+
+
+def _matrices(snap: dict, device: torch.device) -> list[torch.Tensor]:
+    mats = []
+    for w, g in zip(snap["weights"], snap["groups"], strict=True):
+        mats.extend(as_matrices(w.to(device), g))
+    return mats
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _log_kappa(smax: torch.Tensor, smin: torch.Tensor) -> torch.Tensor:
+    return torch.log(smax / (smin.clamp_min(0) + EPS * smax))
+
+
+def _by_shape(mats):
+    groups: dict = {}
+    for i, m in enumerate(mats):
+        groups.setdefault(tuple(m.shape), []).append(i)
+    return groups.values()
+
+
+def _exact_method(mats: list[torch.Tensor], kind: str) -> tuple[torch.Tensor, list[float]]:
+    """Penalty sum and per-matrix kappa via eigvalsh of the small-side Gram (float64/float32) or svdvals."""
+    total = mats[0].new_zeros((), dtype=torch.float64)
+    kappas: list = [None] * len(mats)
+    for idx in _by_shape(mats):
+        W = torch.stack([mats[i] for i in idx])
+        if kind == "svdvals":
+            s = torch.linalg.svdvals(W)
+            smax, smin = s[:, 0], s[:, -1]
+        else:
+            A = W.to(torch.float64 if kind == "eigh64" else torch.float32)
+            G = A.mT @ A if A.shape[1] >= A.shape[2] else A @ A.mT
+            lam = torch.linalg.eigvalsh(G)
+            smax, smin = lam[:, -1].clamp_min(0).sqrt(), lam[:, 0].clamp_min(0).sqrt()
+        total = total + _log_kappa(smax, smin).double().sum()
+        for j, i in enumerate(idx):
+            kappas[i] = (smax[j], smin[j])
+    return total, kappas
+
+
+def _time_exact(mats, kind, device):
+    """(seconds, kappa_eps per matrix), or (nan, None) where the LAPACK/cuSOLVER routine gave up (it does: eigh
+    fails to converge on some pruned layers' Grams)."""
+    leaves = [m.detach().clone().requires_grad_() for m in mats]
+    _sync(device)
+    t = time.perf_counter()
+    try:
+        total, sig = _exact_method(leaves, kind)
+        total.backward()
+    except torch.linalg.LinAlgError:
+        return math.nan, None
+    _sync(device)
+    dt = time.perf_counter() - t
+    return dt, [float(a) / (float(b) + EPS * float(a)) if float(a) > 0 else 1.0 for a, b in
+                ((a.detach(), b.detach()) for a, b in sig)]
+
+
+def _time_fastcnc(mats, state: SpectralState, device, refresh):
+    """What TSCNC does per step: synchronous certificates on CPU; on CUDA one sync-free round, and the matrices whose
+    certificate failed at the previous call recomputed exactly (``refresh``)."""
+    leaves = [m.detach().clone().requires_grad_() for m in mats]
+    sync = device.type != "cuda"
+    _sync(device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        est = extreme_singular_values([m.detach() for m in leaves], floor=EPS, state=state, sync=sync,
+                                      refresh=refresh)
+    p = penalty_from_estimate(leaves, est, eps=EPS, from_these_weights=True)
+    p.backward()
+    _sync(device)
+    return time.perf_counter() - t, est
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate(run: Run, snaps: list[dict], device: torch.device, *, repeats: int = 1, log=print) -> dict:
+    state = SpectralState()
+    steps, refresh, prev = [], False, None
+    for k, snap in enumerate(snaps):
+        mats = _matrices(snap, device)
+        ref = [torch.linalg.svdvals(m.double().cpu()) for m in mats]
+        ref_kappa = [float(s[0] / s[-1]) if float(s[-1]) > 0 else math.inf for s in ref]
+        ref_kfloor = [float(s[0] / (s[-1] + EPS * s[0])) if float(s[0]) > 0 else 1.0 for s in ref]  # 1: all-zero
+        times, kappa_err = {}, {}
+        failed = []
+        for kind in ("eigh64", "eigh32", "svdvals"):
+            best, kap = math.inf, None
+            for _ in range(repeats):
+                dt, kap = _time_exact(mats, kind, device)
+                best = min(best, dt)
+            times[kind] = best
+            if kap is None:
+                failed.append(kind)
+                kappa_err[kind] = math.inf
+            else:
+                kappa_err[kind] = max(_rel(a, b) for a, b in zip(kap, ref_kfloor, strict=True))
+        if k == 0:  # the state a training run would hold: warm from the first snapshot on (the first call is cold)
+            extreme_singular_values([m.detach() for m in mats], floor=EPS, state=state)
+        best, est = math.inf, None
+        for _ in range(repeats):
+            trial = copy.deepcopy(state)
+            dt, est = _time_fastcnc(mats, trial, device, refresh)
+            best = min(best, dt)
+        state = trial
+        late = sum(refresh) if isinstance(refresh, list) else 0
+        flags = est.certified.tolist()  # read after the timed call (TSCNC reads them one step late on CUDA)
+        refresh = [not c for c in flags] if not all(flags) else False
+        times["fastcnc"] = best
+        smax, smin = est.sigma_max.tolist(), est.sigma_min.tolist()
+        kfloor = [a / (b + EPS * a) if a > 0 else 1.0 for a, b in zip(smax, smin, strict=True)]
+        errs = [_rel(a, b) for a, b in zip(kfloor, ref_kfloor, strict=True)]
+        certified = est.certified.tolist()
+        layers = []
+        lo_min, hi_min = est.sigma_min_lo.tolist(), est.sigma_min_hi.tolist()
+        lo_max, hi_max = est.sigma_max_lo.tolist(), est.sigma_max_hi.tolist()
+        contains = []
+        for i, m in enumerate(mats):
+            s0, s1 = float(ref[i][0]), float(ref[i][-1])
+            slack = 1e-13 * s0
+            ok = lo_min[i] - slack <= s1 <= hi_min[i] + slack and lo_max[i] - slack <= s0 <= hi_max[i] + slack
+            contains.append(ok)
+            layers.append({"shape": list(m.shape), "kappa_exact": ref_kappa[i], "kappa_eps_exact": ref_kfloor[i],
+                           "kappa_eps_est": kfloor[i], "rel_err": errs[i], "certified": certified[i],
+                           "fallback": bool(est.fallback[i]), "structural": bool(est.structural[i]),
+                           "bracket_contains_truth": ok, "sigma_min_bracket": [lo_min[i], hi_min[i]],
+                           "sigma_max_bracket": [lo_max[i], hi_max[i]]})
+        kappa_err["fastcnc"] = max(errs)
+        weyl = _weyl_carry(prev, mats, run.record_every, est.rtol) if prev is not None else None
+        prev = (mats, lo_min, hi_min, lo_max, hi_max)
+        row = {"step": snap["step"], "phase": snap["phase"], "sparsity": snap["sparsity"], "matrices": len(mats),
+               "kappa_exact_max": max(ref_kappa), "times_s": times, "kappa_rel_err_max": kappa_err,
+               "baseline_failures": failed,
+               "certified": sum(certified), "brackets_contain_truth": sum(contains),
+               "fallbacks": est.work["fallbacks"], "refreshed_after_failed_certificate": late,
+               "rounds": est.work["rounds"],
+               "factorizations": est.work["factorizations"], "weyl_carry_would_certify": weyl, "layers": layers}
+        steps.append(row)
+        log(f"  {run.name} step {snap['step']:4d} {snap['phase']:8s} sparsity {snap['sparsity']:.3f} "
+            f"kappa_max {max(ref_kappa):9.3g} | fastcnc err {kappa_err['fastcnc']:.1e} cert {sum(certified)}/"
+            f"{len(mats)} fb {est.work['fallbacks']} rounds {est.work['rounds']} | "
+            + " ".join(f"{k} {times[k] * 1e3:7.1f} ms" for k in METHODS))
+    return {"run": asdict(run) | {"name": run.name}, "steps": steps, "summary": _summary(steps)}
+
+
+def _weyl_carry(prev, mats, steps_between: int, rtol: float) -> float:
+    """Fraction of matrices whose previous certified bracket, widened by one training step's drift (Weyl:
+    |sigma_i(A + dA) - sigma_i(A)| <= |dA|_2 <= |dA|_F, with |dA|_F estimated as the drift between the two snapshots
+    divided by the steps between them), would still certify kappa_eps to rtol: how often a certificate carried from
+    step to step could skip the Gram."""
+    old, lo_min, hi_min, lo_max, hi_max = prev
+    ok = 0
+    for i, (a, b) in enumerate(zip(old, mats, strict=True)):
+        d = float((b.double() - a.double()).norm()) / steps_between
+        smin_lo, smin_hi = max(lo_min[i] - d, 0.0), hi_min[i] + d
+        smax_lo, smax_hi = max(lo_max[i] - d, 0.0), hi_max[i] + d
+        if smax_lo <= 0:
+            continue
+        ok += (smin_hi / smax_lo + EPS) <= (1 + rtol) * (smin_lo / smax_hi + EPS)
+    return ok / len(mats)
+
+
+def _rel(a: float, b: float) -> float:
+    if a == b:
+        return 0.0
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return math.inf
+    return abs(a / b - 1)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _summary(steps: list[dict]) -> dict:
+    n = sum(s["matrices"] for s in steps)
+    med = {}
+    for k in METHODS:
+        ok = sorted(s["times_s"][k] for s in steps if math.isfinite(s["times_s"][k]))
+        med[k] = ok[len(ok) // 2] if ok else math.nan
+    return {
+        "snapshots": len(steps), "matrix_evaluations": n,
+        "kappa_rel_err_max": {k: max(s["kappa_rel_err_max"][k] for s in steps) for k in METHODS},
+        "certified_fraction": sum(s["certified"] for s in steps) / n,
+        "brackets_contain_truth_fraction": sum(s["brackets_contain_truth"] for s in steps) / n,
+        "fallbacks": sum(s["fallbacks"] for s in steps),
+        "weyl_carry_would_certify": _mean([s["weyl_carry_would_certify"] for s in steps[1:]]),
+        "median_time_s": med,
+        "speedup_median": {k: med[k] / med["fastcnc"] for k in METHODS if k != "fastcnc"},
+        "baseline_failures": {k: sum(k in s["baseline_failures"] for s in steps) for k in METHODS},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [f"# Trajectory benchmark: CNC value+grad along recorded training runs ({meta['device']})", "",
+             f"date {meta['date']} {meta['time']}, commit {meta['commit']}, torch {meta['torch']}, "
+             f"preset `{meta['preset']}`, CPU threads {meta['threads']}, wall {meta['wall_s']:.0f} s, "
+             f"repeats {meta['repeats']} (min). Times are for all layers of the model together (one value+grad).",
+             "kappa error: relative error of kappa_eps = sigma_max / (sigma_min + 1e-6 sigma_max) (the quantity the "
+             "penalty uses) vs float64 SVD, max over every layer and every recorded step; `inf` where the routine "
+             "failed (eigh not converging) at some step (count in the JSON, `baseline_failures`).", "",
+             "| run | snapshots | kappa_max (exact) | fastcnc err | certified | brackets hold | fallbacks | "
+             "Weyl carry | eigh64 err | eigh32 err | svdvals err | fastcnc ms | eigh64 ms | eigh32 ms | svdvals ms | "
+             "x vs eigh64 | x vs eigh32 | x vs svdvals |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        s, e, t, x = r["summary"], r["summary"]["kappa_rel_err_max"], r["summary"]["median_time_s"], r[
+            "summary"]["speedup_median"]
+        kmax = max(st["kappa_exact_max"] for st in r["steps"])
+        lines.append(f"| {r['run']['name']} | {s['snapshots']} | {kmax:.3g} | {e['fastcnc']:.1e} | "
+                     f"{s['certified_fraction']:.1%} | {s['brackets_contain_truth_fraction']:.1%} | {s['fallbacks']} "
+                     f"| {s['weyl_carry_would_certify']:.1%} "
+                     f"| {e['eigh64']:.1e} | {e['eigh32']:.1e} | {e['svdvals']:.1e} | {t['fastcnc'] * 1e3:.1f} | "
+                     f"{t['eigh64'] * 1e3:.1f} | {t['eigh32'] * 1e3:.1f} | {t['svdvals'] * 1e3:.1f} | "
+                     f"{x['eigh64']:.2f} | {x['eigh32']:.2f} | {x['svdvals']:.2f} |")
+    lines += ["", "Times are medians over the recorded steps. Per step and per layer: the JSON file next to this one. "
+              "Weyl carry: fraction of layers whose previous certified bracket, widened by one training step's drift, "
+              "would still certify (how often carrying a certificate could skip the Gram).", ""]
+    for r in result["runs"]:
+        lines += [f"## {r['run']['name']}", "", "| step | phase | sparsity | kappa_max | fastcnc err | certified | "
+                  "fallbacks | rounds | fastcnc ms | eigh64 ms | eigh32 ms | svdvals ms | eigh32 err |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for st in r["steps"]:
+            t = st["times_s"]
+            lines.append(f"| {st['step']} | {st['phase']} | {st['sparsity']:.3f} | {st['kappa_exact_max']:.3g} | "
+                         f"{st['kappa_rel_err_max']['fastcnc']:.1e} | {st['certified']}/{st['matrices']} | "
+                         f"{st['fallbacks']} | {st['rounds']} | {t['fastcnc'] * 1e3:.1f} | {t['eigh64'] * 1e3:.1f} | "
+                         f"{t['eigh32'] * 1e3:.1f} | {t['svdvals'] * 1e3:.1f} | "
+                         f"{st['kappa_rel_err_max']['eigh32']:.1e} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python benchmarks/run.py trajectory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="run list (default: cpu or gpu by device)")
+    p.add_argument("--runs", default="", help="comma-separated run names to keep (e.g. resnet18-w16-s95)")
+    p.add_argument("--repeats", type=int, default=1, help="timed repetitions per method and step (min is kept)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default: 1 on CPU, stable on a shared machine; untouched on CUDA)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON and markdown")
+    p.add_argument("--tag", default="", help="suffix of the result file names")
+    p.add_argument("--rerecord", action="store_true", help="record the trajectories again (ignore the cache)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    runs = PRESETS[preset]
+    if args.runs:
+        keep = set(args.runs.split(","))
+        runs = [r for r in runs if r.name in keep]
+        if not runs:
+            p.error(f"--runs {args.runs!r} names none of the preset's runs: {[r.name for r in PRESETS[preset]]}")
+    t0 = time.perf_counter()
+    results = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"trajectory-{device.type}{('-' + args.tag) if args.tag else ''}"
+    for run in runs:
+        snaps = record(run, device, refresh=args.rerecord)
+        results.append(evaluate(run, snaps, device, repeats=args.repeats))
+        # written after every run, so a time limit keeps what was measured
+        meta = environment(device) | {
+            "time": _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M UTC"), "fastcnc": fastcnc.__version__,
+            "preset": preset, "repeats": args.repeats, "threads": torch.get_num_threads(),
+            "wall_s": time.perf_counter() - t0}
+        result = {"meta": meta, "runs": results}
+        write_result(out, stem, result, markdown(result))
+    print(markdown(result).split("\n\n## ")[0])
+    print(f"wrote {out / stem}.json/.md in {meta['wall_s']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

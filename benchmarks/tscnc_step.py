@@ -1,0 +1,169 @@
+"""Time one whole TSCNC regulariser step (``reg()`` forward + backward) against exact baselines and the memory floor.
+
+    python benchmarks/tscnc_step.py [--model resnet50] [--repeats 20] [--out DIR]
+
+impls, all computing lambda_tsc * TSC + lambda_cnc * sum_l log kappa(W_l) over every Conv2d/Linear and its gradient:
+  fastcnc        ``fastcnc.TSCNC(model)()`` warm-started (the state of the previous step), then ``.backward()``
+  eigvalsh-gram  exact: sigma_max/min from ``eigvalsh`` of the smaller Gram matrix of each layer, autograd
+  svdvals        exact: ``torch.linalg.svdvals`` of each layer, autograd
+Times are medians (CUDA events on a GPU). The memory floor is the least traffic a step needs, every weight read once
+and every gradient written once (2 x 4 bytes x parameters), over the device-to-device copy bandwidth measured in the
+same run. On CUDA the number of host syncs of one fastcnc step is counted too (tests/sync_count.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fastcnc
+from fastcnc import as_matrices
+
+LAMBDA_TSC, LAMBDA_CNC, EPS = 1e-4, 1e-3, 1e-6  # TSCNC's defaults (cnc="log", a=100)
+
+
+def _time_ms(fn, device: str, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def copy_bandwidth(device: str, nbytes: int) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (median of 10)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = statistics.median(_time_ms(lambda: dst.copy_(src), device, 10, 3))
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+def exact_step(model, how: str):
+    layers = _layers(model)
+
+    def step():
+        for m in layers:
+            m.weight.grad = None
+        weights = [m.weight for m in layers]
+        sig = []
+        for m in layers:
+            for mat in as_matrices(m.weight, getattr(m, "groups", 1)):
+                if how == "svdvals":
+                    s = torch.linalg.svdvals(mat)
+                    sig.append(torch.stack([s[0], s[-1]]))
+                else:
+                    gram = mat @ mat.T if mat.shape[0] <= mat.shape[1] else mat.T @ mat
+                    ev = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+                    sig.append(torch.stack([ev[-1], ev[0]]))
+        sig = torch.stack(sig)
+        log_kappa = torch.log(sig[:, 0] / (sig[:, 1].clamp_min(0) + EPS * sig[:, 0]))
+        total = LAMBDA_TSC * fastcnc.tsc_penalty(weights, check_finite=False) + LAMBDA_CNC * log_kappa.sum()
+        total.backward()
+
+    return step
+
+
+def fastcnc_step(model):
+    reg = fastcnc.TSCNC(model, lambda_tsc=LAMBDA_TSC, lambda_cnc=LAMBDA_CNC)
+    layers = _layers(model)
+
+    def step():
+        for m in layers:
+            m.weight.grad = None
+        reg().backward()
+
+    return step, reg
+
+
+def count_syncs(step) -> int | None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    try:
+        from sync_count import count_host_syncs
+    except ImportError:
+        return None
+    with count_host_syncs(simulate=False) as counter:
+        step()
+    for s in counter.syncs[:20]:
+        print(f"  host sync: {s}")
+    return len(counter.syncs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet50", choices=["resnet18", "resnet50"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=None, help="fastcnc repeats (default 30 on CUDA, 3 on CPU)")
+    p.add_argument("--baseline-repeats", type=int, default=None, help="exact baselines (default 5 on CUDA, 1 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed fastcnc steps first, the exact refresh included "
+                   "(default 3 on CUDA, 1 on CPU)")
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    device = a.device
+    repeats = a.repeats or (30 if device == "cuda" else 3)
+    baseline_repeats = a.baseline_repeats or (5 if device == "cuda" else 1)
+    warmup = a.warmup or (3 if device == "cuda" else 1)
+    torch.manual_seed(0)
+    model = fastcnc.build_model(a.model, num_classes=1000 if a.model == "resnet50" else 10,
+                                stem="imagenet" if a.model == "resnet50" else "cifar").to(device)
+    params = sum(m.weight.numel() for m in _layers(model))
+    n_mats = sum(len(as_matrices(m.weight, getattr(m, "groups", 1))) for m in _layers(model))
+
+    step, reg = fastcnc_step(model)
+    times = {"fastcnc": _time_ms(step, device, repeats, warmup=warmup)}  # the first call is the exact refresh
+    syncs = count_syncs(step) if device == "cuda" else None
+    for how in ("eigvalsh-gram", "svdvals"):
+        times[how] = _time_ms(exact_step(model, how), device, baseline_repeats, warmup=1 if device == "cuda" else 0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    bandwidth = copy_bandwidth(device, 1 << 30 if device == "cuda" else 1 << 26)
+    floor_bytes = 2 * 4 * params
+    floor_ms = floor_bytes / bandwidth * 1e3
+    res = {
+        "benchmark": "TSCNC step (reg() forward + backward)", "model": a.model, "matrices": n_mats,
+        "params": params, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__, "date": datetime.date.today().isoformat(), "repeats": repeats,
+        "ms_median": med, "ms_all": times,
+        "speedup_vs_svdvals": med["svdvals"] / med["fastcnc"],
+        "speedup_vs_eigvalsh_gram": med["eigvalsh-gram"] / med["fastcnc"],
+        "copy_bandwidth_GBps": bandwidth / 1e9, "floor_bytes": floor_bytes, "floor_ms": floor_ms,
+        "fastcnc_over_floor": med["fastcnc"] / floor_ms, "host_syncs_per_step": syncs,
+    }
+    md = (f"TSCNC step on {a.model} ({n_mats} matrices, {params / 1e6:.1f}M weights), {res['device']}, torch "
+          f"{res['torch']}, {res['date']}; medians (fastcnc of {repeats}).\n\n"
+          "| fastcnc ms | eigvalsh-gram ms | svdvals ms | x vs svdvals | x vs eigvalsh | floor ms (GB/s) | "
+          "fastcnc / floor | host syncs |\n|---|---|---|---|---|---|---|---|\n"
+          f"| {med['fastcnc']:.3f} | {med['eigvalsh-gram']:.2f} | {med['svdvals']:.2f} | "
+          f"{res['speedup_vs_svdvals']:.1f} | {res['speedup_vs_eigvalsh_gram']:.1f} | {floor_ms:.3f} "
+          f"({bandwidth / 1e9:.0f}) | {res['fastcnc_over_floor']:.1f} | {syncs if syncs is not None else '-'} |\n")
+    print(md)
+    if a.out is not None:
+        a.out.mkdir(parents=True, exist_ok=True)
+        tag = "gpu" if device == "cuda" else "cpu"
+        (a.out / f"tscnc-step-{tag}-{a.model}.json").write_text(json.dumps(res, indent=2))
+        (a.out / f"tscnc-step-{tag}-{a.model}.md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
