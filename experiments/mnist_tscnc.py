@@ -277,7 +277,7 @@ def _plots(rows: list[dict], folder: Path) -> None:
         for k, arm in enumerate(arms + ["trades-none", "trades-tscnc"]):
             pts = {}
             for r in rows:
-                if r["arm"] == arm:
+                if r["arm"] == arm and math.isfinite(_num(r[metric])):  # an infinite kappa has no place on the axis
                     pts.setdefault(r["sparsity_target"], []).append(_num(r[metric]))
             if not pts:
                 continue
@@ -348,7 +348,9 @@ def main(argv=None) -> int:
     if args.cells:
         wanted = {(c.split(":")[0], float(c.split(":")[1])) for c in args.cells}
         grid = [g for g in GRID if g in wanted]
-    command = "python experiments/mnist_tscnc.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    # --report-only renders the tables of the grid that the other arguments describe: record that grid's command
+    command = "python experiments/mnist_tscnc.py " + " ".join(
+        a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only")
     if not args.report_only:
         todo = [(arm, sp, seed) for seed in args.seeds for arm, sp in grid
                 if not (runs / f"{_cell_name(arm, sp, seed)}.json").exists()]
