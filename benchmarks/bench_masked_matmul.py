@@ -168,20 +168,24 @@ def render(path: str) -> str:
 # ------------------------------------------------------------------------------------------- quick CLI (GPU session)
 
 
-def _time_ms(fn, device: str, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn`` in ms: CUDA events on a GPU, perf_counter on CPU."""
+def _time_ms(fn, device: str, repeats: int, warmup: int) -> tuple[float, float]:
+    """Medians in ms of ``fn``'s wall time (CUDA events on a GPU, perf_counter on CPU) and of its host time (the
+    Python call alone, no sync: on a GPU the time to enqueue the work). Host time close to the wall time means the
+    step is bound by host-side overhead, not by the kernels."""
     import statistics
     import time
 
     for _ in range(warmup):
         fn()
-    times = []
+    times, host = [], []
     if device == "cuda":
         torch.cuda.synchronize()
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             fn()
+            host.append((time.perf_counter() - t0) * 1e3)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
@@ -190,7 +194,8 @@ def _time_ms(fn, device: str, repeats: int, warmup: int) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        host = times
+    return statistics.median(times), statistics.median(host)
 
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -216,7 +221,8 @@ def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, 
                 w64, x64, dy64, m64 = w.double() * mask.double(), x.detach().double(), dy.double(), mask.double()
                 want = (x64 @ w64.t(), dy64 @ w64, (dy64.t() @ x64) * m64)
                 row = {"layer": name, "M": m, "N": n, "K": k, "dtype": dtype_name, "sparsity": sparsity,
-                       "tile_density": masked.build_tile_table(mask, block=TILE).density, "ms": {}, "error": {}}
+                       "tile_density": masked.build_tile_table(mask, block=TILE).density, "ms": {}, "host_ms": {},
+                       "error": {}}
                 for impl in impls:
                     threshold = getattr(masked, "DENSE_FALLBACK_TILE_DENSITY", None)
                     if impl == "triton":
@@ -229,7 +235,7 @@ def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, 
                         row["error"][impl] = err
                         if not err < TOLERANCE[dtype] or torch.count_nonzero(_dense(got[2])[mask == 0]):
                             raise AssertionError(f"relative error {err:.2e} (or a pruned weight got a gradient)")
-                        row["ms"][impl] = _time_ms(step, DEVICE, repeats, warmup=2)
+                        row["ms"][impl], row["host_ms"][impl] = _time_ms(step, DEVICE, repeats, warmup=2)
                     except Exception as exc:  # one broken impl must not hide the other rows
                         failures += 1
                         row["ms"][impl] = None
@@ -241,7 +247,8 @@ def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, 
                 row["ratio"] = {i: (t / base if t and base else None) for i, t in row["ms"].items() if i != "dense"}
                 rows.append(row)
                 _quick_result(rows, batch, repeats, out_dir)
-                cells = "  ".join(f"{i} {t:.3f} ms" if t else f"{i} FAILED" for i, t in row["ms"].items())
+                cells = "  ".join(f"{i} {t:.3f} ms (host {row['host_ms'][i]:.3f})" if t else f"{i} FAILED"
+                                  for i, t in row["ms"].items())
                 print(f"{dtype_name:9s} {name:16s} M={m:<7d} s={sparsity:.0%}  {cells}", flush=True)
     md = render_quick(_quick_result(rows, batch, repeats, out_dir))
     print(md)
@@ -266,10 +273,12 @@ def _quick_result(rows: list[dict], batch: int, repeats: int, out_dir: str | Non
 
 def render_quick(res: dict) -> str:
     out = [f"Masked layer fwd+bwd (y, dX, dW), block-32 masks. Device: {res['device']}; torch {res['torch']}; "
-           f"date {res['date']}; batch {res['batch']}; median of {res['repeats']}; ratio = time / dense (same run).",
+           f"date {res['date']}; batch {res['batch']}; median of {res['repeats']}; ratio = time / dense (same run); "
+           "host ms = the Python call alone (enqueue time, no sync): close to the wall time means host-bound.",
            "",
-           "| dtype | layer (MxNxK) | sparsity | tile density | dense ms | fastcnc ms (ratio) | triton ms (ratio) |",
-           "|---|---|---|---|---|---|---|"]
+           "| dtype | layer (MxNxK) | sparsity | tile density | dense ms | fastcnc ms (ratio) | triton ms (ratio) "
+           "| host ms dense / fastcnc / triton |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         def cell(impl, r=r):
             t = r["ms"].get(impl)
@@ -279,9 +288,11 @@ def render_quick(res: dict) -> str:
                 return "FAILED"
             return f"{t:.3f} ({r['ratio'][impl]:.2f})" if r["ratio"].get(impl) else f"{t:.3f}"
         dense = r["ms"].get("dense")
+        host = " / ".join(f"{h:.3f}" if h is not None else "-"
+                          for h in (r.get("host_ms", {}).get(i) for i in ("dense", "fastcnc", "triton")))
         out.append(f"| {r['dtype']} | {r['layer']} ({r['M']}x{r['N']}x{r['K']}) | {r['sparsity']:.0%} | "
-                   f"{r['tile_density']:.2f} | {dense:.3f} | {cell('fastcnc')} | {cell('triton')} |"
-                   if dense else f"| {r['dtype']} | {r['layer']} | {r['sparsity']:.0%} | - | FAILED | | |")
+                   f"{r['tile_density']:.2f} | {dense:.3f} | {cell('fastcnc')} | {cell('triton')} | {host} |"
+                   if dense else f"| {r['dtype']} | {r['layer']} | {r['sparsity']:.0%} | - | FAILED | | | |")
     return "\n".join(out) + "\n"
 
 

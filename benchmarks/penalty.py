@@ -68,7 +68,10 @@ def make_step(impl: str, mats: list[torch.Tensor], **engine):
         def step():
             for m in mats:
                 m.grad = None
-            p = cnc_penalty(mats, state=state, **engine)
+            # the engine's options (iters, block, ...) go to the engine; the penalty takes its estimate, as TSCNC does
+            with torch.no_grad():
+                est = extreme_singular_values([m.detach() for m in mats], state=state, **engine)
+            p = cnc_penalty(mats, estimate=est)
             p.backward()
             return p
         return step

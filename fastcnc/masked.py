@@ -51,6 +51,7 @@ class TileTable:
     n_cnt: torch.Tensor  # [G, K_TILES] int32
     keep: torch.Tensor  # [G*N, K] uint8
     density: float  # fraction of tiles with a nonzero
+    n_nonzero: int  # number of tiles with a nonzero (host int: sizes the dW row split without reading the table)
 
 
 def _tile_nonzero(mask3: torch.Tensor, block: int) -> torch.Tensor:
@@ -92,7 +93,7 @@ def build_tile_table(mask: torch.Tensor, block: int | None = None) -> TileTable:
         block=block, groups=g, nonzero=nz.to(torch.int8).contiguous(), k_idx=k_idx.contiguous(),
         k_cnt=nz.sum(2, dtype=torch.int32).contiguous(), n_idx=n_idx.contiguous(),
         n_cnt=nzt.sum(2, dtype=torch.int32).contiguous(), keep=(mask3 != 0).to(torch.uint8).reshape(g * n, k),
-        density=float(nz.float().mean()) if nz.numel() else 0.0,
+        density=float(nz.float().mean()) if nz.numel() else 0.0, n_nonzero=int(nz.sum()),
     )
 
 
@@ -143,7 +144,8 @@ class MaskedMatmulFunction(torch.autograd.Function):
                                block=tiles.block)
         if ctx.needs_input_grad[1]:
             grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
-            k.masked_mm_bwd_dw(grad_out, a, tiles.keep, tiles.nonzero, grad_w, groups=groups, block=tiles.block)
+            k.masked_mm_bwd_dw(grad_out, a, tiles.keep, tiles.nonzero, grad_w, groups=groups, block=tiles.block,
+                               busy_tiles=tiles.n_nonzero)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(dim=(0, 2), dtype=torch.float32).to(grad_out.dtype)
         return grad_a, grad_w, grad_b, None, None, None
@@ -194,7 +196,8 @@ def _linear(x, weight, mask, bias, tiles, pruned_finite):
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     out = MaskedMatmulFunction.apply(x2.t().unsqueeze(0), weight, bias, tiles, 1, True)
-    return out[0].t().reshape(*x.shape[:-1], n)
+    # squeeze, not [0]: select's backward would allocate a zero [1, N, M] gradient and copy dy into it
+    return out.squeeze(0).t().reshape(*x.shape[:-1], n)
 
 
 def _conv2d(x, weight, mask, bias, stride, padding, dilation, groups, tiles, pruned_finite):
@@ -215,7 +218,7 @@ def _conv2d(x, weight, mask, bias, stride, padding, dilation, groups, tiles, pru
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, C_in*kh*kw, L]
     out = MaskedMatmulFunction.apply(cols, weight.reshape(c_out, -1), bias, tiles, groups, False)
     out = out.view(b, c_out, h_out, w_out)
-    return out[0] if unbatched else out
+    return out.squeeze(0) if unbatched else out
 
 
 def _pair(v, name: str) -> tuple[int, int]:

@@ -64,6 +64,41 @@ def _kernel_ready(w: torch.Tensor) -> torch.Tensor:
     return w
 
 
+# (device, dtype, shapes, block) -> aligned views of one persistent buffer, see _kernel_inputs
+_STAGING: dict[tuple, list[torch.Tensor]] = {}
+MAX_STAGING = 8
+
+
+def _kernel_inputs(group: list[torch.Tensor], block: int) -> list[torch.Tensor]:
+    """The tensors the kernel reads for ``group``, without a host->device upload of a pointer table per call.
+
+    The kernel finds its layers through a device table of data pointers, cached per pointer set. Weights at the same
+    addresses as before (parameters, or products that the caching allocator placed where the last ones were) reuse
+    their table. New addresses (``W * M`` products recomputed each step) would need a fresh upload, one host-to-device
+    copy per call; they are copied instead into a persistent buffer of the same layer shapes, whose table is built
+    once (one batched device copy of the weights, no host involvement).
+    """
+    kt = _backend.kernels("tsc")
+    weights = [_kernel_ready(w) for w in group]
+    if kt.has_layer_table(weights, block):
+        return weights
+    key = (weights[0].device, weights[0].dtype, tuple(w.shape for w in weights), block)
+    views = _STAGING.get(key)
+    if views is None:
+        align = max(1, kt.POINTER_ALIGN // weights[0].element_size())
+        sizes = [-(-w.numel() // align) * align for w in weights]
+        flat = torch.empty(sum(sizes), dtype=weights[0].dtype, device=weights[0].device)
+        offsets = [0]
+        for size in sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        views = [flat[o : o + w.numel()].view(w.shape) for o, w in zip(offsets, weights, strict=True)]
+        if len(_STAGING) >= MAX_STAGING:
+            _STAGING.pop(next(iter(_STAGING)))
+        _STAGING[key] = views
+    torch._foreach_copy_(views, weights)
+    return views
+
+
 def _dtype_groups(weights: list[torch.Tensor]) -> list[list[int]]:
     groups: dict[torch.dtype, list[int]] = {}
     for i, w in enumerate(weights):
@@ -91,9 +126,8 @@ class TSCPenaltyFunction(torch.autograd.Function):
         for idx in groups:
             group = [weights[i] for i in idx]
             if _backend.use_triton(group[0]):
-                values, _ = _backend.kernels("tsc").tsc_value_grad(
-                    [_kernel_ready(w) for w in group], a, None, block=_kernel_block()
-                )
+                block = _kernel_block()
+                values, _ = _backend.kernels("tsc").tsc_value_grad(_kernel_inputs(group, block), a, None, block=block)
             else:
                 values = _values_torch(group, a)
             parts.append(values.to(out_dtype))
@@ -118,8 +152,9 @@ class TSCPenaltyFunction(torch.autograd.Function):
                 scale = grad_values[torch.tensor(idx, device=grad_values.device)]
             scale = scale.to(_acc_dtype(group[0].dtype))
             if _backend.use_triton(group[0]):
+                block = _kernel_block()
                 _, group_grads = _backend.kernels("tsc").tsc_value_grad(
-                    [_kernel_ready(w) for w in group], ctx.a, scale, compute_value=False, block=_kernel_block()
+                    _kernel_inputs(group, block), ctx.a, scale, compute_value=False, block=block
                 )
             else:
                 group_grads = _grads_torch(group, ctx.a, scale)

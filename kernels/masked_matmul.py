@@ -9,11 +9,13 @@ for an all-zero tile without reading A or dC. Accumulation is fp32; fp32 inputs 
 ``torch.backends.cuda.matmul.allow_tf32`` is set, matching what cuBLAS would do.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE, INTERPRET, device_guard, m_bucket, shrink_configs
+from ._common import AUTOTUNE, INTERPRET, device_guard, launch_autotuned, m_bucket, shrink_configs
 
 
 def _configs():
@@ -254,16 +256,18 @@ def masked_mm_fwd(a, weight, keep, k_idx, k_cnt, bias, out, *, groups: int, bloc
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), n_tiles, groups)
 
+    precision, bucket = _precision(a), m_bucket(m)
     with device_guard(a):
-        _masked_mm_fwd_kernel[grid](
+        launch_autotuned(
+            _masked_mm_fwd_kernel, grid, (bucket, n, k, block, precision),
             a_ptr=a, w_ptr=weight, keep_ptr=keep, bias_ptr=bias, c_ptr=out, k_idx_ptr=k_idx, k_cnt_ptr=k_cnt,
-            M=m, N=n, K=k, L=rows_l, N_TILES=n_tiles, K_TILES=k_tiles, M_BUCKET=m_bucket(m),
+            M=m, N=n, K=k, L=rows_l, N_TILES=n_tiles, K_TILES=k_tiles, M_BUCKET=bucket,
             stride_ab=a.stride(0), stride_ak=a.stride(1), stride_al=a.stride(2),
             stride_wn=weight.stride(0), stride_wk=weight.stride(1), stride_keep_n=keep.stride(0),
             stride_bias=bias.stride(0) if bias is not None else 0,
             stride_cb=out.stride(0), stride_cn=out.stride(1), stride_cl=out.stride(2),
             BLOCK=block, SUB_K=_sub_k(a, block), HAS_BIAS=bias is not None, UPCAST=_upcast(a),
-            INPUT_PRECISION=_precision(a),
+            INPUT_PRECISION=precision,
         )
     return out
 
@@ -284,34 +288,44 @@ def masked_mm_bwd_dx(grad_out, weight, keep, n_idx, n_cnt, out, *, groups: int, 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), k_tiles, groups)
 
+    precision, bucket = _precision(weight), m_bucket(m)
     with device_guard(weight):
-        _masked_mm_bwd_dx_kernel[grid](
+        launch_autotuned(
+            _masked_mm_bwd_dx_kernel, grid, (bucket, n, k, block, precision),
             dc_ptr=grad_out, w_ptr=weight, keep_ptr=keep, da_ptr=out, n_idx_ptr=n_idx, n_cnt_ptr=n_cnt,
-            M=m, N=n, K=k, L=rows_l, N_TILES=n_tiles, K_TILES=k_tiles, M_BUCKET=m_bucket(m),
+            M=m, N=n, K=k, L=rows_l, N_TILES=n_tiles, K_TILES=k_tiles, M_BUCKET=bucket,
             stride_dcb=grad_out.stride(0), stride_dcn=grad_out.stride(1), stride_dcl=grad_out.stride(2),
             stride_wn=weight.stride(0), stride_wk=weight.stride(1), stride_keep_n=keep.stride(0),
             stride_dab=out.stride(0), stride_dak=out.stride(1), stride_dal=out.stride(2),
-            BLOCK=block, SUB_K=_sub_k(weight, block), UPCAST=_upcast(weight), INPUT_PRECISION=_precision(weight),
+            BLOCK=block, SUB_K=_sub_k(weight, block), UPCAST=_upcast(weight), INPUT_PRECISION=precision,
         )
     return out
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _row_splits(rows: int, programs: int, device: torch.device) -> int:
-    # aim at ~4 programs per SM, but keep >= 1024 rows per split so the fp32 partials stay small next to the work
+    # aim at ~4 busy programs per SM, but keep >= 1024 rows per split so the fp32 partials stay small next to the work
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(rows, 1024)))
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(triton.cdiv(4 * sms, max(programs, 1)), triton.cdiv(rows, 1024)))
 
 
-def masked_mm_bwd_dw(grad_out, a, keep, nonzero, out, *, groups: int, block: int, splits: int | None = None):
+def masked_mm_bwd_dw(grad_out, a, keep, nonzero, out, *, groups: int, block: int, splits: int | None = None,
+                     busy_tiles: int | None = None):
     """``out[g*N + n, k] = keep * sum_{b,l} grad_out[b, g*N + n, l] * a[b, g*K + k, l]`` (pruned entries exactly 0).
 
     Args:
         grad_out: ``[B, G*N, L]``. a: ``[B, G*K, L]``. keep: uint8 ``[G*N, K]``. nonzero: int8
         ``[G, N_TILES, K_TILES]`` tile table. out: ``[G*N, K]``, written in full.
         splits: split the B*L reduction into this many fp32 partial sums (summed in torch, deterministic);
-            None picks one from the SM count (1 off CUDA).
+            None picks one from the SM count and ``busy_tiles`` (1 off CUDA).
+        busy_tiles: how many tiles of ``nonzero`` are nonzero (a host int; None: all of them). Only those programs
+            reduce, so at 90% block sparsity the split must feed the SMs from the few busy tiles.
     """
     _check(a, out, keep, groups, block)
     b, _, rows_l = a.shape
@@ -319,21 +333,24 @@ def masked_mm_bwd_dw(grad_out, a, keep, nonzero, out, *, groups: int, block: int
     n_tiles, k_tiles = nonzero.shape[1], nonzero.shape[2]
     rows = b * rows_l
     if splits is None:
-        splits = _row_splits(rows, n_tiles * k_tiles * groups, a.device)
+        busy = n_tiles * k_tiles * groups if busy_tiles is None else busy_tiles
+        splits = _row_splits(rows, busy, a.device)
     # split boundaries are multiples of 128 rows, hence of every BLOCK_M in _configs()
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), 128) * 128
     splits = triton.cdiv(rows, rows_per_split) if rows else 1
     target = out.unsqueeze(0) if splits == 1 else torch.empty(splits, *out.shape, device=out.device,
                                                               dtype=torch.float32)
+    precision, bucket = _precision(a), m_bucket(rows_per_split)
     with device_guard(a):
-        _masked_mm_bwd_dw_kernel[(n_tiles * k_tiles, splits, groups)](
+        launch_autotuned(
+            _masked_mm_bwd_dw_kernel, (n_tiles * k_tiles, splits, groups), (bucket, n, k, block, precision),
             dc_ptr=grad_out, a_ptr=a, keep_ptr=keep, nonzero_ptr=nonzero, dw_ptr=target,
             M=rows, N=n, K=k, L=rows_l, N_TILES=n_tiles, K_TILES=k_tiles, ROWS_PER_SPLIT=rows_per_split,
-            M_BUCKET=m_bucket(rows_per_split),
+            M_BUCKET=bucket,
             stride_dcb=grad_out.stride(0), stride_dcn=grad_out.stride(1), stride_dcl=grad_out.stride(2),
             stride_ab=a.stride(0), stride_ak=a.stride(1), stride_al=a.stride(2), stride_keep_n=keep.stride(0),
             stride_dws=target.stride(0), stride_dwn=target.stride(1), stride_dwk=target.stride(2),
-            BLOCK=block, UPCAST=_upcast(a), INPUT_PRECISION=_precision(a),
+            BLOCK=block, UPCAST=_upcast(a), INPUT_PRECISION=precision,
         )
     if splits > 1:
         out.copy_(target.sum(0))

@@ -9,7 +9,7 @@ by a second tiny kernel in a fixed order: no float atomics, bit-identical result
 
 from __future__ import annotations
 
-import functools
+import collections
 
 import torch
 import triton
@@ -95,15 +95,38 @@ def _tsc_layer_sum_kernel(
     tl.store(value_ptr + layer, tl.sum(acc, axis=0))
 
 
-@functools.lru_cache(maxsize=32)
+# (device, data pointers, numels, block) -> (device table, first_block); least recently used entries are dropped
+_TABLES: collections.OrderedDict[tuple, tuple[torch.Tensor, tuple[int, ...]]] = collections.OrderedDict()
+MAX_TABLES = 32
+
+
+def table_key(weights: list[torch.Tensor], block: int) -> tuple:
+    """The key of ``weights``' layer table: it depends on their device, data pointers and sizes only."""
+    return weights[0].device, tuple(w.data_ptr() for w in weights), tuple(w.numel() for w in weights), block
+
+
+def has_layer_table(weights: list[torch.Tensor], block: int) -> bool:
+    """Whether a launch on ``weights`` finds its pointer table on the device (else it uploads one)."""
+    return table_key(weights, block) in _TABLES
+
+
 def _layer_table(device: torch.device, data_ptrs: tuple[int, ...], numels: tuple[int, ...], block: int):
-    """Device int64 table [w_ptrs | numel | first_block | block_layer]; cached because it depends only on its key."""
+    """Device int64 table [w_ptrs | numel | first_block | block_layer], uploaded once per key and kept."""
+    key = (device, data_ptrs, numels, block)
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
     n_blocks = [triton.cdiv(n, block) for n in numels]
     first_block = [0]
     for nb in n_blocks:
         first_block.append(first_block[-1] + nb)
     block_layer = [layer for layer, nb in enumerate(n_blocks) for _ in range(nb)]
-    return upload([*data_ptrs, *numels, *first_block, *block_layer], torch.int64, device), tuple(first_block)
+    hit = upload([*data_ptrs, *numels, *first_block, *block_layer], torch.int64, device), tuple(first_block)
+    _TABLES[key] = hit
+    if len(_TABLES) > MAX_TABLES:
+        _TABLES.popitem(last=False)
+    return hit
 
 
 def tsc_value_grad(
@@ -142,9 +165,7 @@ def tsc_value_grad(
         assert scale.shape == (n_layers,) and scale.dtype == acc_torch and scale.device == device
         scale = scale.contiguous()
 
-    table, first_block = _layer_table(
-        device, tuple(w.data_ptr() for w in weights), tuple(w.numel() for w in weights), block
-    )
+    table, first_block = _layer_table(*table_key(weights, block))
     n_blocks = first_block[-1]
     a_buf = torch.full((1,), a, dtype=acc_torch, device=device)
     partials = torch.empty(n_blocks, dtype=acc_torch, device=device) if compute_value else a_buf

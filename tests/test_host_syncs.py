@@ -224,8 +224,6 @@ def test_tscnc_cnc_step_has_no_host_syncs(one_intra_op_thread):
     assert not syncs, f"TSCNC (CNC term) forward+backward on the CUDA path syncs:\n{format_syncs(syncs)}"
 
 
-@pytest.mark.xfail(strict=True, reason="kernels/tsc.py _layer_table uploads its pointer table at every call (the "
-                   "effective weights W*M are new tensors each step): issue 10, TSC side")
 def test_tscnc_full_step_has_no_host_syncs(one_intra_op_thread):
     syncs = _tscnc_step_syncs(lambda_tsc=1e-3)
     assert not syncs, f"TSCNC forward+backward on the CUDA path syncs:\n{format_syncs(syncs)}"

@@ -252,6 +252,48 @@ def test_launcher_fused_value_and_grad_in_one_pass():
     assert torch.equal(flat[~written], torch.zeros(int((~written).sum())))
 
 
+@pytest.mark.interpret
+def test_layer_table_follows_the_weights_storage():
+    # the pointer table is cached per (device, data pointers, sizes): a new storage gets its own table, and the
+    # values follow the new storage, never a stale table
+    from fastcnc.kernels import tsc as kt
+
+    weights = [w.detach() for w in make_weights(torch.float32, [(5, 7), (40,)])]
+    kt.tsc_value_grad(weights, 3.0, block=16)
+    assert kt.has_layer_table(weights, 16)
+    moved = [w.clone() * 2 for w in weights]  # new storages, other values
+    assert not kt.has_layer_table(moved, 16)
+    values, _ = kt.tsc_value_grad(moved, 3.0, block=16)
+    assert kt.has_layer_table(moved, 16) and kt.has_layer_table(weights, 16)
+    torch.testing.assert_close(values.double(), tsc_ref(moved, 3.0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.interpret
+def test_fresh_tensors_each_call_are_staged_not_uploaded(monkeypatch):
+    # W*M products are new tensors every step: the penalty copies them into one persistent buffer whose table is
+    # already on the device, so no pointer table is uploaded after the first call, and results stay exact
+    from fastcnc.kernels import tsc as kt
+
+    uploads = []
+    real_upload = kt.upload
+    monkeypatch.setattr(kt, "upload", lambda *args: uploads.append(1) or real_upload(*args))
+    _backend.force_backend("triton")
+    base = make_weights(torch.float32, [(6, 5), (33,)])
+    grad_values = torch.randn(2, dtype=torch.float64)
+    kept = []  # keep every step's tensors alive, so no address is reused and every call sees new pointers
+    for step in range(3):
+        weights = [(w * (step + 1)).detach().requires_grad_() for w in base]
+        kept.append(weights)
+        values, grads = values_and_grads(weights, 5.0, grad_values)
+        ref_values, ref_grads = ref_values_and_grads(weights, 5.0, grad_values)
+        torch.testing.assert_close(values.double(), ref_values, rtol=1e-5, atol=1e-6)
+        for g, rg in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g.double(), rg, rtol=1e-5, atol=1e-6)
+        if step == 0:
+            first = len(uploads)
+    assert first >= 1 and len(uploads) == first  # the staging buffer's table, built once
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
