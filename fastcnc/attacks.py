@@ -3,9 +3,16 @@
 The functions do not switch the model between train and eval mode: the caller decides (the training loop crafts
 attacks in eval mode, so batch-norm statistics are not updated by attack iterates). They run under whatever autocast
 context the caller opened.
+
+Step sizes follow the radius: ``default_step_size(eps, steps) = 2.5 * eps / steps`` (Madry et al. 2018 use 2.5 eps /
+steps, so that ``steps`` signed steps can cross the ball even from a random start). A step that cannot reach the
+radius (``steps * step_size < eps``) makes the attack weaker than its name says; ``pgd`` and ``trades_adversary`` warn
+with ``StepSizeWarning`` then.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +21,30 @@ from torch import nn
 from fastcnc._checks import check_choice, check_int, check_positive
 
 ATTACK_LOSSES = ("ce", "cw")
+STEP_FACTOR = 2.5  # default step = STEP_FACTOR * eps / steps
+
+
+class StepSizeWarning(UserWarning):
+    """An attack's steps cannot reach the L-inf radius: ``steps * step_size < eps``."""
+
+
+def default_step_size(eps: float, steps: int) -> float:
+    """``2.5 * eps / steps``: the step that lets ``steps`` signed steps cross the L-inf ball of radius ``eps``."""
+    check_positive("eps", eps, allow_zero=True)
+    check_int("steps", steps, minimum=1)
+    return STEP_FACTOR * eps / steps
+
+
+def check_step_size(eps: float, step_size: float, steps: int, *, what: str = "attack") -> bool:
+    """Warn (``StepSizeWarning``) and return False when ``steps * step_size < eps``: such an attack cannot reach the
+    boundary of the ball it claims to search, so its robust accuracy is an overestimate."""
+    if steps >= 1 and eps > 0 and steps * step_size < eps * (1 - 1e-9):
+        warnings.warn(f"{what}: {steps} steps of {step_size:.4g} cover only {steps * step_size:.4g} < eps {eps:.4g}; "
+                      f"the attack cannot reach the radius (use step_size >= eps / steps, e.g. the default "
+                      f"{STEP_FACTOR} * eps / steps = {default_step_size(eps, steps):.4g})", StepSizeWarning,
+                      stacklevel=3)
+        return False
+    return True
 
 
 def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -50,6 +81,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
     check_positive("step_size", step_size, allow_zero=True)
     check_int("steps", steps, minimum=0)
     check_choice("loss", loss, ATTACK_LOSSES)
+    check_step_size(eps, step_size, steps, what=f"PGD-{steps}")
     x = x.detach()
     if random_start:
         noise = torch.rand(x.shape, generator=generator, device="cpu" if generator is not None else x.device)
@@ -69,6 +101,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
 
 def trades_adversary(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: float, steps: int) -> torch.Tensor:
     """TRADES inner maximisation: PGD on ``KL(p(x) || p(x'))`` from a small Gaussian start (Zhang et al. 2019)."""
+    check_step_size(eps, step_size, steps, what=f"TRADES-{steps}")
     x = x.detach()
     with torch.no_grad():
         p_clean = F.softmax(model(x).float(), dim=1)
@@ -89,3 +122,51 @@ def trades_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.T
     robust = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_clean.float(), dim=1),
                       reduction="batchmean")
     return natural + beta * robust
+
+
+def minimal_linf_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, max_eps: float = 0.5,
+                        bisections: int = 10, steps: int = 50, restarts: int = 2,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-image smallest L-inf radius at which PGD finds an adversarial example, by bisection on each image's eps.
+
+    For every image the bracket ``[lo, hi]`` starts at ``[0, max_eps]``; each bisection runs PGD-``steps`` (step
+    ``2.5 * eps / steps``, random start, ``restarts`` tries, cross-entropy and CW-margin losses alternating) at the
+    midpoint and keeps the half that contains the boundary. Returns ``hi`` ``[N]`` (float64): an upper bound of
+    the true minimal radius (an attack only ever shows that a radius suffices), ``0`` for images that are
+    misclassified clean and ``inf`` for images no attack fooled at ``max_eps``.
+    """
+    check_positive("max_eps", max_eps)
+    check_int("bisections", bisections, minimum=1)
+    check_int("steps", steps, minimum=1)
+    check_int("restarts", restarts, minimum=1)
+    x, n = x.detach(), len(x)
+
+    def fooled(eps: torch.Tensor) -> torch.Tensor:
+        """Whether PGD at per-image radius ``eps`` [N] fools the model on each image."""
+        radius = eps.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        hit = torch.zeros(n, dtype=torch.bool, device=x.device)
+        for r in range(restarts):
+            noise = torch.rand(x.shape, generator=generator, device="cpu" if generator is not None else x.device)
+            x_adv = (x + (noise.to(device=x.device, dtype=x.dtype) * 2 - 1) * radius).clamp(0, 1)
+            for _ in range(steps):
+                x_adv.requires_grad_(True)
+                with torch.enable_grad():
+                    (grad,) = torch.autograd.grad(_attack_loss(ATTACK_LOSSES[r % 2], model(x_adv), y), x_adv)
+                x_adv = x_adv.detach() + (STEP_FACTOR / steps) * radius * grad.sign()
+                x_adv = torch.min(torch.max(x_adv, x - radius), x + radius).clamp(0, 1)
+            with torch.no_grad():
+                hit |= model(x_adv).argmax(1) != y
+        return hit
+
+    with torch.no_grad():
+        wrong = model(x).argmax(1) != y
+    lo = torch.zeros(n, dtype=torch.float64, device=x.device)
+    hi = torch.full((n,), float(max_eps), dtype=torch.float64, device=x.device)
+    never = ~fooled(hi) & ~wrong
+    for _ in range(bisections):
+        mid = (lo + hi) / 2
+        hit = fooled(mid)
+        hi = torch.where(hit, mid, hi)
+        lo = torch.where(hit, lo, mid)
+    hi = torch.where(wrong, torch.zeros_like(hi), hi)
+    return torch.where(never, torch.full_like(hi, float("inf")), hi)

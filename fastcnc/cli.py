@@ -20,9 +20,11 @@ from fastcnc.config import (
     validate,
 )
 
-# fields that `fastcnc eval` may change on a trained run
-EVAL_FIELDS = ("attack_eps", "step_size", "eval_pgd_steps", "eval_cw_steps", "eval_batch_size", "eval_max_examples",
-               "device", "threads", "amp", "channels_last", "progress", "seed", "data_dir")
+# fields that `fastcnc eval` may change on a trained run (the attacks' steps follow eval_eps: 2.5 * eps / steps)
+EVAL_FIELDS = ("eval_eps", "eval_pgd_steps", "eval_cw_steps", "eval_batch_size", "eval_max_examples", "autoattack",
+               "autoattack_max_examples", "device", "threads", "amp", "channels_last", "progress", "seed", "data_dir")
+# in `fastcnc eval`, these names mean the evaluation radius
+EVAL_EPS_NAMES = ("eps", "attack_eps")
 
 
 def _add_field_options(parser: argparse.ArgumentParser, names=None) -> None:
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder (holding checkpoint.pt) or a checkpoint file")
     p.add_argument("--out", dest="eval_out", help="folder for eval.{json,md} (default: the run folder)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help=f"override one of {', '.join(EVAL_FIELDS)}")
+    p.add_argument("--eps", dest="field_eval_eps", default=None, metavar="V",
+                   help="evaluation L-inf radius (same as --eval_eps; the PGD/CW steps scale with it)")
     _add_field_options(p, EVAL_FIELDS)
 
     p = sub.add_parser("report", help="re-render one run's report, or compare several runs")
@@ -111,7 +115,8 @@ def _cmd_eval(args) -> int:
     ckpt = path / CHECKPOINT_NAME if path.is_dir() else path
     state = load_checkpoint(ckpt)
     cfg = config_from_dict(state["config"])
-    overrides = _collect_overrides(args)
+    overrides = {("eval_eps" if k.replace("-", "_") in EVAL_EPS_NAMES else k): v
+                 for k, v in _collect_overrides(args).items()}
     bad = sorted(set(DEPRECATED_FIELDS.get(k, k) for k in (k.replace("-", "_") for k in overrides)) - set(EVAL_FIELDS))
     if bad:
         raise ValueError(f"fastcnc eval can only change {', '.join(EVAL_FIELDS)}; got {', '.join(bad)}")

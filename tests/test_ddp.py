@@ -26,6 +26,7 @@ def _worker(rank: int, world_size: int, port: int, out: str, adv: str) -> None:
     from fastcnc.train import fit
 
     cfg = load_config("quick", overrides={
+        "dataset": "digits", "stem": "cifar", "autoattack": "",
         "width": 4, "epochs": 2, "batch_size": 128, "attack_steps": 2, "adv": adv, "prune_start_epoch": 0.5,
         "prune_end_epoch": 1.5, "prune_frequency": 2, "eval_pgd_steps": 2, "eval_cw_steps": 2,
         "eval_max_examples": 32, "checkpoint_every": 5, "progress": False, "out": out})

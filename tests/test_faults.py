@@ -153,7 +153,7 @@ _TRAIN_ON_FULL_DISK = """
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1, 1))  # no file can grow beyond 1 byte: a full disk
     cfg = load_config("quick", overrides={"out": out, "epochs": 1, "prune_start_epoch": 0, "prune_end_epoch": 1,
-                                          "progress": False})
+                                          "progress": False, "dataset": "digits", "stem": "cifar", "autoattack": ""})
     try:
         train(cfg)
     except OutputDirError as exc:
@@ -228,7 +228,8 @@ def test_truncated_checkpoint_is_refused_at_any_length(tmp_path):
 
 
 def _tiny(out, **overrides):
-    values = {"width": 4, "epochs": 1, "batch_size": 128, "attack_steps": 1, "eval_pgd_steps": 1, "eval_cw_steps": 1,
+    values = {"dataset": "digits", "stem": "cifar", "autoattack": "",
+              "width": 4, "epochs": 1, "batch_size": 128, "attack_steps": 1, "eval_pgd_steps": 1, "eval_cw_steps": 1,
               "eval_max_examples": 32, "prune_start_epoch": 0, "prune_end_epoch": 1, "prune_frequency": 2,
               "checkpoint_every": 1, "log_every": 1, "progress": False, "out": str(out)}
     values.update(overrides)

