@@ -121,3 +121,19 @@ def render_ratio_table(path: str | Path, *, title: str, notes: list[str], impls:
             cells.append(f"{t * 1e3:.1f} ({t / base:.2f})" if base else f"{t * 1e3:.1f}")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def exact_extreme_sigmas(mats: list[torch.Tensor], how: str) -> torch.Tensor:
+    """[L, 2] (sigma_max, sigma_min) of each matrix by an exact routine a user could pick, differentiable through
+    autograd: ``"svdvals"`` of the matrix, or ``"eigvalsh-gram"``, eigvalsh of its smaller Gram (the strongest exact
+    baseline), in the matrices' own dtype."""
+    sig = []
+    for m in mats:
+        if how == "svdvals":
+            s = torch.linalg.svdvals(m)
+            sig.append(torch.stack([s[0], s[-1]]))
+        else:
+            gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+            ev = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+            sig.append(torch.stack([ev[-1], ev[0]]))
+    return torch.stack(sig)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 
 import torch
-from common import environment, time_call
+from common import environment, exact_extreme_sigmas, time_call
 
 from fastcnc.cnc import cnc_from_sigmas, cnc_penalty
 from fastcnc.models import build_model
@@ -47,16 +47,7 @@ def drift(mats: list[torch.Tensor], scale: float = 1e-3, seed: int = 1) -> list[
 
 
 def penalty_exact(mats: list[torch.Tensor], how: str) -> torch.Tensor:
-    sig = []
-    for m in mats:
-        if how == "svdvals":
-            s = torch.linalg.svdvals(m)
-            sig.append(torch.stack([s[0], s[-1]]))
-        else:
-            gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-            ev = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
-            sig.append(torch.stack([ev[-1], ev[0]]))
-    return cnc_from_sigmas(torch.stack(sig)).sum()
+    return cnc_from_sigmas(exact_extreme_sigmas(mats, how)).sum()
 
 
 def make_step(impl: str, mats: list[torch.Tensor], **engine):

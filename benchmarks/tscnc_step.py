@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import exact_extreme_sigmas
 
 import fastcnc
 from fastcnc import as_matrices
@@ -67,17 +68,8 @@ def exact_step(model, how: str):
         for m in layers:
             m.weight.grad = None
         weights = [m.weight for m in layers]
-        sig = []
-        for m in layers:
-            for mat in as_matrices(m.weight, getattr(m, "groups", 1)):
-                if how == "svdvals":
-                    s = torch.linalg.svdvals(mat)
-                    sig.append(torch.stack([s[0], s[-1]]))
-                else:
-                    gram = mat @ mat.T if mat.shape[0] <= mat.shape[1] else mat.T @ mat
-                    ev = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
-                    sig.append(torch.stack([ev[-1], ev[0]]))
-        sig = torch.stack(sig)
+        sig = exact_extreme_sigmas([mat for m in layers for mat in as_matrices(m.weight, getattr(m, "groups", 1))],
+                                   how)
         log_kappa = torch.log(sig[:, 0] / (sig[:, 1].clamp_min(0) + EPS * sig[:, 0]))
         total = LAMBDA_TSC * fastcnc.tsc_penalty(weights, check_finite=False) + LAMBDA_CNC * log_kappa.sum()
         total.backward()
