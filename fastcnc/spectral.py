@@ -2,7 +2,8 @@
 
 Each matrix is taken in its tall orientation A ([m, n], m >= n, so sigma_min is the n-th singular value), scaled by a
 power of two (exact) and its small-side Gram G = A^T A formed in float64. Matrices of one tall shape are stacked into
-a [B, m, n] group, so fifty ragged layers and thousands of same-shape blocks go through the same batched ops.
+a [B, m, n] group for the Gram, and groups of equal n into one batch for everything after it (which depends on n
+only), so fifty ragged layers and thousands of same-shape blocks go through the same batched ops.
 
 Per round, for every matrix of a group at once:
   - sigma_min: shifted block inverse iteration with a Cholesky factor of G - s I (s a certified lower bound of
