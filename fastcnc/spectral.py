@@ -2,7 +2,8 @@
 
 Each matrix is taken in its tall orientation A ([m, n], m >= n, so sigma_min is the n-th singular value), scaled by a
 power of two (exact) and its small-side Gram G = A^T A formed in float64. Matrices of one tall shape are stacked into
-a [B, m, n] group, so fifty ragged layers and thousands of same-shape blocks go through the same batched ops.
+a [B, m, n] group for the Gram, and groups of equal n into one batch for everything after it (which depends on n
+only), so fifty ragged layers and thousands of same-shape blocks go through the same batched ops.
 
 Per round, for every matrix of a group at once:
   - sigma_min: shifted block inverse iteration with a Cholesky factor of G - s I (s a certified lower bound of
@@ -245,8 +246,43 @@ class _Group:
         self.eye = torch.eye(self.n, dtype=_F64, device=self.A.device)
         self.margin0 = self.gram_err + 2 * _gamma(self.n + 2) * self.trace + 4 * _U * self.lam_max_bound
         self.margin1 = 2 * _gamma(self.n + 2) * self.n + 4 * _U
+        # m-dependent rounding coefficients of |A x| and of the SVD (floats here; [B] tensors in a merged batch)
+        self.val_coef = 2 * _gamma(self.m + self.n + 2)
+        self.svd_coef = 4 * (self.m + self.n) * _U
+        self.parts = [(index, self.wide, 0, self.B, self.m)]  # (index, wide, first row, end row, m) per tall shape
+        self.row_m = [self.m] * self.B
         # an all-zero matrix (values 0, set by the caller's flags) iterates on I instead of a singular G
         self.G = torch.where(self.zero[:, None, None], self.eye, self.G)
+
+    @classmethod
+    def merged(cls, parts: list[_Group]) -> _Group:
+        """One batch of groups that share n (different m): everything after the Gram depends on n only, so the
+        iteration and the certificates run once for all of them (each op is a launch on CUDA). A is zero-padded to the
+        largest m: zero rows change neither A x nor its norm (adding an exact 0 is exact), so values, vectors (padded
+        with zeros) and their bounds, which keep each matrix's own m, are those of the separate groups."""
+        if len(parts) == 1:
+            return parts[0]
+        g = cls.__new__(cls)
+        first = parts[0]
+        g.n, g.eye, g.margin1 = first.n, first.eye, first.margin1
+        g.m = max(p.m for p in parts)
+        g.B = sum(p.B for p in parts)
+        g.index = [i for p in parts for i in p.index]
+        g.wide = [w for p in parts for w in p.wide]
+        g.row_m = [p.m for p in parts for _ in range(p.B)]
+        g.parts, start = [], 0
+        for p in parts:
+            g.parts.append((p.index, p.wide, start, start + p.B, p.m))
+            start += p.B
+        g.A = first.A.new_zeros(g.B, g.m, g.n)
+        for p, (_, _, a, b, m) in zip(parts, g.parts, strict=True):
+            g.A[a:b, :m] = p.A
+        for key in ("exp", "G", "gram_err", "structural", "finite", "trace", "fro", "zero", "lam_max_bound", "margin0"):
+            setattr(g, key, torch.cat([getattr(p, key) for p in parts]))
+        dev = first.A.device
+        g.val_coef = torch.tensor([p.val_coef for p in parts for _ in range(p.B)], dtype=_F64).to(dev)
+        g.svd_coef = torch.tensor([p.svd_coef for p in parts for _ in range(p.B)], dtype=_F64).to(dev)
+        return g
 
     def margin(self, shift: torch.Tensor, rows=slice(None)) -> torch.Tensor:
         """mu(shift): bound on all rounding between fl(G) -/+ shift I and the exact A^T A -/+ shift I."""
@@ -346,8 +382,13 @@ def _values(g: _Group, rows, x: torch.Tensor, y: torch.Tensor):
     AV = A @ torch.stack([x, y], 2)  # [b, m, 2]
     s = AV.norm(dim=1)
     u = AV / s.clamp_min(torch.finfo(_F64).tiny)[:, None, :]
-    err = 2 * _gamma(g.m + g.n + 2) * (s + g.fro[rows][:, None])
+    err = _per_row(g.val_coef, rows) * (s + g.fro[rows][:, None])
     return s[:, 0], s[:, 1], u[..., 0], u[..., 1], err[:, 0], err[:, 1]
+
+
+def _per_row(coef, rows):
+    """An m-dependent coefficient for the rows: a float for one tall shape, a [b, 1] column in a merged batch."""
+    return coef if isinstance(coef, float) else coef[rows][:, None]
 
 
 def _shifted(G: torch.Tensor, xi: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
@@ -477,13 +518,17 @@ def _meets(smin_lo, smin_hi, smax_lo, smax_hi, opt: SpectralOptions) -> torch.Te
     return ok | (smax_hi == 0)
 
 
-def _initial_blocks(g: _Group, state_blocks, r: int, r_top: int, gen: torch.Generator):
-    """Warm blocks from the state (already validated), else random orthonormal ones."""
+def _start_blocks(g: _Group, state_blocks, r: int, r_top: int, gen: torch.Generator) -> torch.Tensor:
+    """Unorthogonalised start [B, n, r + r_top] of one tall shape: warm blocks from the state (already validated),
+    else random ones (drawn per tall shape in input order, so merging shapes does not change the draws)."""
     if state_blocks is not None:
-        W = torch.stack([b.to(device=g.A.device, dtype=_F64) for b in state_blocks])
-        return _orth(W[..., :r]), _orth(W[..., r:r + r_top])
-    Z = torch.randn(g.B, g.n, r + r_top, generator=gen, dtype=_F64).to(g.A.device)
-    return _orth(Z[..., :r]), _orth(Z[..., r:])
+        return torch.stack([b.to(device=g.A.device, dtype=_F64) for b in state_blocks])
+    return torch.randn(g.B, g.n, r + r_top, generator=gen, dtype=_F64).to(g.A.device)
+
+
+def _initial_blocks(W: torch.Tensor, r: int, r_top: int):
+    """Orthonormal bottom and top blocks from a start."""
+    return _orth(W[..., :r]), _orth(W[..., r:r + r_top])
 
 
 _FIRST_SHIFTS = (0.99, 0.7, 0.3)  # fractions of the previous certified lower bound of sigma_min tried as shifts
@@ -529,11 +574,12 @@ def _factor_or_identity(L: torch.Tensor, ok: torch.Tensor, eye: torch.Tensor) ->
 
 def _exact(g: _Group, rows, opt: SpectralOptions):
     """Float64 SVD of the rows; values certified where the Cholesky test agrees, else the SVD's error bound."""
-    U, S, Vh = torch.linalg.svd(g.A[rows], full_matrices=False)
+    U, S, Vh = _svd_rows(g, rows)
     smax, smin = S[:, 0], S[:, -1]
     x, y = Vh[:, -1], Vh[:, 0]
     u_min, u_max = U[:, :, -1], U[:, :, 0]
-    delta = 4 * (g.m + g.n) * _U * g.fro[rows]  # backward-stable SVD: |sigma_i - computed| <~ p(m,n) u |A|
+    # backward-stable SVD: |sigma_i - computed| <~ p(m,n) u |A|
+    delta = (g.svd_coef if isinstance(g.svd_coef, float) else g.svd_coef[rows]) * g.fro[rows]
     lower_sq, upper_ok, t, *_ = _certify(g, rows, smin, smax, smin + delta, (smax - delta).clamp_min(0), opt, True,
                                          loose=False)
     structural, zero = g.structural[rows], g.zero[rows]
@@ -553,16 +599,31 @@ def _exact(g: _Group, rows, opt: SpectralOptions):
                 X=Vh.mT.flip(-1)[..., :min(opt.block, g.n)], Y=Vh.mT[..., :min(2, g.n)])
 
 
+def _svd_rows(g: _Group, rows: torch.Tensor):
+    """SVD of the rows (ascending), each of its own unpadded m (U zero-padded to the batch's m)."""
+    if len(g.parts) == 1:
+        return torch.linalg.svd(g.A[rows], full_matrices=False)
+    Us, Ss, Vhs = [], [], []
+    for *_, a, b, m in g.parts:
+        sub = rows[(rows >= a) & (rows < b)]
+        if sub.numel():
+            U, S, Vh = torch.linalg.svd(g.A[sub, :m], full_matrices=False)
+            Us.append(torch.nn.functional.pad(U, (0, 0, 0, g.m - m)))
+            Ss.append(S)
+            Vhs.append(Vh)
+    return torch.cat(Us), torch.cat(Ss), torch.cat(Vhs)
+
+
 _FIELDS = ("x", "y", "smin", "smax", "u_min", "u_max", "smin_lo", "smin_hi", "smax_lo", "smax_hi", "certified")
 
 
-def _solve_group(g: _Group, opt: SpectralOptions, state_blocks, lower, refresh, sync: bool, gen, work: dict) -> dict:
+def _solve_group(g: _Group, opt: SpectralOptions, start: torch.Tensor, lower, refresh, sync: bool, work: dict) -> dict:
     """All rounds for one group; returns per-row tensors (scaled units) plus the new warm blocks."""
     r, r_top = min(opt.block, g.n), min(2, g.n)
     res: dict = {}
     fallback = torch.zeros(g.B, dtype=torch.bool, device=g.A.device)
     todo = list(range(g.B)) if refresh is True else [i for i in range(g.B) if refresh is not False and refresh[i]]
-    X, Y = _initial_blocks(g, state_blocks, r, r_top, gen)
+    X, Y = _initial_blocks(start, r, r_top)
     small = sync and g.n <= _EIGH_MAX and not g.A.is_cuda
     if len(todo) < g.B:
         rows = torch.arange(g.B, device=g.A.device)
@@ -690,19 +751,28 @@ def extreme_singular_values(
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, (a, b) in enumerate(shapes):
         by_shape.setdefault((max(a, b), min(a, b)), []).append(i)
-    L = len(mats)
-    per: list = [None] * L  # (group, row) of each matrix
-    results = []
+    # Grams (and the rounding terms, which need A) per tall shape; then one batch per (n, warm or cold) for the
+    # rounds and certificates, which depend on n only
+    by_n: dict[tuple[int, bool], list] = {}
     for idx in by_shape.values():
         g = _Group(idx, [mats[i] for i in idx])
         if sync and not bool(g.finite.all()):
             bad = idx[int((~g.finite).nonzero()[0, 0])]
             check_tensor(f"weights[{bad}]", mats[bad], finite=True)
-        grp_flags = flags if isinstance(flags, bool) else [flags[i] for i in idx]
         warm_ok = blocks_in is not None and all(blocks_in[i] is not None for i in idx)
+        start = _start_blocks(g, [blocks_in[i] for i in idx] if warm_ok else None, min(opt.block, g.n),
+                              min(2, g.n), gen)
+        by_n.setdefault((g.n, warm_ok), []).append((g, start))
+    per: list = [None] * len(mats)  # (group, row) of each matrix
+    results = []
+    for (_, warm_ok), members in by_n.items():
+        g = _Group.merged([m[0] for m in members])
+        start = members[0][1] if len(members) == 1 else torch.cat([m[1] for m in members])
+        idx = g.index
+        grp_flags = flags if isinstance(flags, bool) else [flags[i] for i in idx]
         lower = torch.stack([lower_in[i] for i in idx]).to(g.A.device) if warm_ok and lower_in is not None else None
-        res = _solve_group(g, opt, [blocks_in[i] for i in idx] if warm_ok else None, lower, grp_flags, sync, gen,
-                           work)
+        members.clear()  # the merged batch holds its own (padded) copy of A
+        res = _solve_group(g, opt, start, lower, grp_flags, sync, work)
         results.append((g, res))
         for j, i in enumerate(idx):
             per[i] = (len(results) - 1, j)
@@ -755,12 +825,14 @@ def _pack(mats, results, per, opt: SpectralOptions, work: dict, ritz_block: bool
         return torch.stack([results[gi][1][key][j] for gi, j in per])
 
     u_max, v_max, u_min, v_min, groups = [], [], [], [], []
-    for g, res in results:
-        groups.append(VectorGroup(g.index, g.wide, torch.stack([res["u_max"], res["u_min"]], 2),
-                                 torch.stack([res["y"], res["x"]], 2)))
+    for g, res in results:  # split back into tall shapes (a merged batch holds several m, zero-padded)
+        U, V = torch.stack([res["u_max"], res["u_min"]], 2), torch.stack([res["y"], res["x"]], 2)
+        for index, wide, a, b, m in g.parts:
+            groups.append(VectorGroup(index, wide, U[a:b, :m], V[a:b]))
     for gi, j in per:
         g, res = results[gi]
-        um, vm, un, vn = res["u_max"][j], res["y"][j], res["u_min"][j], res["x"][j]
+        m = g.row_m[j]
+        um, vm, un, vn = res["u_max"][j, :m], res["y"][j], res["u_min"][j, :m], res["x"][j]
         if g.wide[j]:  # W = A^T: swap left and right
             um, vm, un, vn = vm, um, vn, un
         u_max.append(um)
@@ -789,7 +861,7 @@ def _ritz_blocks(results, per) -> list:
         _, W = torch.linalg.eigh(X.mT @ g.G[j] @ X)
         V = X @ W
         V = V / V.norm(dim=0, keepdim=True)
-        AV = g.A[j] @ V
+        AV = g.A[j, :g.row_m[j]] @ V
         s = AV.norm(dim=0)
         U = AV / s.clamp_min(torch.finfo(_F64).tiny)
         order = s.argsort()

@@ -153,6 +153,30 @@ def test_mixed_batch_groups_by_shape_and_keeps_order():
             torch.testing.assert_close(u[i] @ W.double() @ v[i], s[i], rtol=1e-10, atol=1e-300)
 
 
+@pytest.mark.parametrize("sync", [True, False])
+def test_shapes_sharing_n_are_batched_like_separate_calls(sync):
+    """Tall shapes with equal n run as one batch (A zero-padded to the largest m): each matrix's values, brackets,
+    flags and vectors are those of a call on it alone, and the backward groups are split back per tall shape."""
+    gen = torch.Generator().manual_seed(6)
+    mats = [torch.randn(40, 12, generator=gen), torch.randn(12, 25, generator=gen), torch.randn(40, 12, generator=gen),
+            torch.randn(12, 12, generator=gen), torch.randn(30, 9, generator=gen)]
+    mats[2][:, 3] = 0  # structurally rank-deficient inside a merged batch
+    est = extreme_singular_values(mats, sync=sync, refresh=[False, True, False, False, False])
+    check_estimate(est, mats)
+    for i, W in enumerate(mats):
+        assert est.u_max[i].shape == (W.shape[0],) and est.v_min[i].shape == (W.shape[1],)
+        if not sync:  # the cold random start of a lone call is another draw: only the brackets compare (above)
+            continue
+        one = extreme_singular_values([W], sync=sync, refresh=i == 1)
+        for key in ("sigma_max", "sigma_min", "sigma_max_lo", "sigma_max_hi", "sigma_min_lo", "sigma_min_hi"):
+            torch.testing.assert_close(getattr(est, key)[i:i + 1], getattr(one, key), rtol=1e-12, atol=0)
+        assert bool(est.certified[i] == one.certified[0]) and bool(est.fallback[i] == one.fallback[0])
+        torch.testing.assert_close(est.u_min[i], one.u_min[0], rtol=1e-10, atol=1e-12)
+    shapes = sorted((g.U.shape[1], g.V.shape[1], tuple(g.index)) for g in est.groups)
+    assert shapes == sorted(
+        [(40, 12, (0, 2)), (25, 12, (1,)), (12, 12, (3,)), (30, 9, (4,))])
+
+
 def test_thousands_of_small_same_shape_blocks_are_one_group():
     gen = torch.Generator().manual_seed(5)
     mats = list(torch.randn(2000, 8, 6, generator=gen, dtype=torch.float64).unbind(0))
