@@ -161,7 +161,7 @@ def _cmd_report(args) -> int:
 
 
 # imported by the training CLI but not by the library: the `train` extra (pyproject.toml)
-TRAIN_EXTRA_MODULES = ("tqdm", "matplotlib", "sklearn") + (("tomli",) if sys.version_info < (3, 11) else ())
+TRAIN_EXTRA_MODULES = ("tqdm", "matplotlib", "sklearn", "mlxtend") + (("tomli",) if sys.version_info < (3, 11) else ())
 
 
 def missing_train_extra() -> list[str]:
