@@ -1,10 +1,12 @@
 """The certified spectral engine against float64 SVD, with DEFAULT arguments, cold and warm."""
 
+import contextlib
 import math
 
 import pytest
 import torch
 
+from fastcnc import _backend
 from fastcnc.reference import matrix_with_spectrum
 from fastcnc.spectral import SpectralState, as_matrices, extreme_singular_values
 
@@ -153,10 +155,17 @@ def test_mixed_batch_groups_by_shape_and_keeps_order():
             torch.testing.assert_close(u[i] @ W.double() @ v[i], s[i], rtol=1e-10, atol=1e-300)
 
 
+@pytest.mark.parametrize("cuda_path", [False, True], ids=["cpu-rule", "cuda-rule"])
 @pytest.mark.parametrize("sync", [True, False])
-def test_shapes_sharing_n_are_batched_like_separate_calls(sync):
-    """Tall shapes with equal n run as one batch (A zero-padded to the largest m): each matrix's values, brackets,
-    flags and vectors are those of a call on it alone, and the backward groups are split back per tall shape."""
+def test_shapes_sharing_n_are_batched_like_separate_calls(sync, cuda_path):
+    """On the CUDA code path, tall shapes with equal n run as one batch (A zero-padded to the largest m); on CPU one
+    batch per tall shape. Either way each matrix's values, brackets, flags and vectors are those of a call on it
+    alone, and the backward groups are split back per tall shape."""
+    with _backend.cuda_code_path() if cuda_path else contextlib.nullcontext():
+        _check_batched_like_separate_calls(sync)
+
+
+def _check_batched_like_separate_calls(sync):
     gen = torch.Generator().manual_seed(6)
     mats = [torch.randn(40, 12, generator=gen), torch.randn(12, 25, generator=gen), torch.randn(40, 12, generator=gen),
             torch.randn(12, 12, generator=gen), torch.randn(30, 9, generator=gen)]
