@@ -738,35 +738,12 @@ def extreme_singular_values(
     opt = SpectralOptions(rtol=rtol, floor=floor, block=block, iters=iters, max_rounds=max_rounds, seed=seed)
     if not isinstance(sync, bool):
         raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
-    if isinstance(refresh, bool):
-        flags = refresh
-    elif isinstance(refresh, (list, tuple)) and len(refresh) == len(mats) and all(
-            isinstance(f, bool) for f in refresh):
-        flags = list(refresh)
-    else:
-        raise TypeError(f"refresh must be a bool or a list of {len(mats)} bools, got {refresh!r}")
+    flags = _refresh_flags(refresh, len(mats))
     shapes = [tuple(m.shape) for m in mats]
     blocks_in, lower_in = _warm_state(state, mats, shapes, opt, sync)
     work = {"grams": len(mats), "rounds": 0, "factorizations": 0, "inverse_steps": 0, "fallbacks": 0}
     gen = torch.Generator().manual_seed(opt.seed)
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for i, (a, b) in enumerate(shapes):
-        by_shape.setdefault((max(a, b), min(a, b)), []).append(i)
-    # Grams (and the rounding terms, which need A) per tall shape; then, on CUDA, one batch per (n, warm or cold) for
-    # the rounds and certificates, which depend on n only: fewer launches (the GPU step is launch-bound) for A
-    # zero-padded to the batch's largest m. On CPU the padding's extra flops cost more than the ops saved (ResNet-50
-    # trajectory, 1 thread: 1739 vs 1577 ms), so a batch stays one tall shape there.
-    merge_by_n = _backend.on_cuda(mats[0])
-    by_n: dict[tuple[int, ...], list] = {}
-    for idx in by_shape.values():
-        g = _Group(idx, [mats[i] for i in idx])
-        if sync and not bool(g.finite.all()):
-            bad = idx[int((~g.finite).nonzero()[0, 0])]
-            check_tensor(f"weights[{bad}]", mats[bad], finite=True)
-        warm_ok = blocks_in is not None and all(blocks_in[i] is not None for i in idx)
-        start = _start_blocks(g, [blocks_in[i] for i in idx] if warm_ok else None, min(opt.block, g.n),
-                              min(2, g.n), gen)
-        by_n.setdefault((g.n, warm_ok) if merge_by_n else (g.m, g.n, warm_ok), []).append((g, start))
+    by_n = _batches(mats, shapes, blocks_in, opt, sync, gen)
     per: list = [None] * len(mats)  # (group, row) of each matrix
     results = []
     for key, members in by_n.items():
@@ -790,6 +767,37 @@ def extreme_singular_values(
         state.lower = [torch.ldexp(results[gi][1]["smin_lo"][j], results[gi][0].exp[j]) for gi, j in per]
     return est
 
+
+def _refresh_flags(refresh, n_mats: int) -> bool | list[bool]:
+    if isinstance(refresh, bool):
+        return refresh
+    if isinstance(refresh, (list, tuple)) and len(refresh) == n_mats and all(isinstance(f, bool) for f in refresh):
+        return list(refresh)
+    raise TypeError(f"refresh must be a bool or a list of {n_mats} bools, got {refresh!r}")
+
+
+def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen) -> dict[tuple[int, ...], list]:
+    """Groups of matrices solved together: key -> [(group of one tall shape, its start blocks)], key ending in
+    whether the group is warm-started."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, (a, b) in enumerate(shapes):
+        by_shape.setdefault((max(a, b), min(a, b)), []).append(i)
+    # Grams (and the rounding terms, which need A) per tall shape; then, on CUDA, one batch per (n, warm or cold) for
+    # the rounds and certificates, which depend on n only: fewer launches (the GPU step is launch-bound) for A
+    # zero-padded to the batch's largest m. On CPU the padding's extra flops cost more than the ops saved (ResNet-50
+    # trajectory, 1 thread: 1739 vs 1577 ms), so a batch stays one tall shape there.
+    merge_by_n = _backend.on_cuda(mats[0])
+    by_n: dict[tuple[int, ...], list] = {}
+    for idx in by_shape.values():
+        g = _Group(idx, [mats[i] for i in idx])
+        if sync and not bool(g.finite.all()):
+            bad = idx[int((~g.finite).nonzero()[0, 0])]
+            check_tensor(f"weights[{bad}]", mats[bad], finite=True)
+        warm_ok = blocks_in is not None and all(blocks_in[i] is not None for i in idx)
+        start = _start_blocks(g, [blocks_in[i] for i in idx] if warm_ok else None, min(opt.block, g.n),
+                              min(2, g.n), gen)
+        by_n.setdefault((g.n, warm_ok) if merge_by_n else (g.m, g.n, warm_ok), []).append((g, start))
+    return by_n
 
 def _warm_state(state, mats, shapes, opt: SpectralOptions, sync: bool):
     """The state's blocks and shifts where they fit these matrices and options (else None: cold start)."""
