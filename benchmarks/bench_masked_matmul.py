@@ -30,7 +30,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from common import device_name, environment, render_ratio_table
+from common import device_name, environment, render_ratio_table, time_ms
 
 from fastcnc import MaskedLinear, masked
 
@@ -168,33 +168,11 @@ def render(path: str) -> str:
 # ------------------------------------------------------------------------------------------- quick CLI (GPU session)
 
 
-def _time_ms(fn, device: str, repeats: int, warmup: int) -> tuple[float, float]:
-    """Medians in ms of ``fn``'s wall time (CUDA events on a GPU, perf_counter on CPU) and of its host time (the
-    Python call alone, no sync: on a GPU the time to enqueue the work). Host time close to the wall time means the
-    step is bound by host-side overhead, not by the kernels."""
+def _median_ms(fn, device: str, repeats: int, warmup: int) -> tuple[float, float]:
+    """Median total and host milliseconds (see ``common.time_ms``)."""
     import statistics
-    import time
 
-    for _ in range(warmup):
-        fn()
-    times, host = [], []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            t0 = time.perf_counter()
-            fn()
-            host.append((time.perf_counter() - t0) * 1e3)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        host = times
+    times, host = time_ms(fn, device, repeats, warmup)
     return statistics.median(times), statistics.median(host)
 
 
@@ -235,7 +213,7 @@ def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, 
                         row["error"][impl] = err
                         if not err < TOLERANCE[dtype] or torch.count_nonzero(_dense(got[2])[mask == 0]):
                             raise AssertionError(f"relative error {err:.2e} (or a pruned weight got a gradient)")
-                        row["ms"][impl], row["host_ms"][impl] = _time_ms(step, DEVICE, repeats, warmup=2)
+                        row["ms"][impl], row["host_ms"][impl] = _median_ms(step, DEVICE, repeats, warmup=2)
                     except Exception as exc:  # one broken impl must not hide the other rows
                         failures += 1
                         row["ms"][impl] = None

@@ -70,6 +70,30 @@ def time_call(fn, device: str | torch.device, repeats: int, warmup: int = 1) -> 
     return out
 
 
+def time_ms(fn, device: str | torch.device, repeats: int, warmup: int = 1) -> tuple[list[float], list[float]]:
+    """Per call: milliseconds of ``fn`` (CUDA events on a GPU, perf_counter on CPU) and of its host side alone (the
+    Python call, no sync: on a GPU the time to enqueue the work; host close to total means host-bound)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times, host = [], []
+    cuda = str(device).startswith("cuda")
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e3)
+        if cuda:
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            times.append(host[-1])
+    return times, host
+
+
 def write_result(out_dir: str | Path, stem: str, result: dict, markdown: str) -> tuple[Path, Path]:
     """``<out_dir>/<stem>.json`` and ``.md``."""
     out_dir = Path(out_dir)

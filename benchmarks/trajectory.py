@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import common
 import torch
 import torch.nn.functional as F
 from common import environment, write_result
@@ -168,11 +169,6 @@ def _matrices(snap: dict, device: torch.device) -> list[torch.Tensor]:
     return mats
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _log_kappa(smax: torch.Tensor, smin: torch.Tensor) -> torch.Tensor:
     return torch.log(smax / (smin.clamp_min(0) + EPS * smax))
 
@@ -208,32 +204,32 @@ def _time_exact(mats, kind, device):
     """(seconds, kappa_eps per matrix), or (nan, None) where the LAPACK/cuSOLVER routine gave up (it does: eigh
     fails to converge on some pruned layers' Grams)."""
     leaves = [m.detach().clone().requires_grad_() for m in mats]
-    _sync(device)
+    common.sync(device)
     t = time.perf_counter()
     try:
         total, sig = _exact_method(leaves, kind)
         total.backward()
     except torch.linalg.LinAlgError:
         return math.nan, None
-    _sync(device)
+    common.sync(device)
     dt = time.perf_counter() - t
     return dt, [float(a) / (float(b) + EPS * float(a)) if float(a) > 0 else 1.0 for a, b in
                 ((a.detach(), b.detach()) for a, b in sig)]
 
 
 def _time_fastcnc(mats, state: SpectralState, device, refresh):
-    """What TSCNC does per step: synchronous certificates on CPU; on CUDA one sync-free round, and the matrices whose
-    certificate failed at the previous call recomputed exactly (``refresh``)."""
+    """What TSCNC does per step: synchronous certificates on CPU; on CUDA two fixed sync-free rounds, and the
+    matrices whose certificate failed at the previous call recomputed exactly (``refresh``)."""
     leaves = [m.detach().clone().requires_grad_() for m in mats]
     sync = device.type != "cuda"
-    _sync(device)
+    common.sync(device)
     t = time.perf_counter()
     with torch.no_grad():
         est = extreme_singular_values([m.detach() for m in leaves], floor=EPS, state=state, sync=sync,
                                       refresh=refresh)
     p = penalty_from_estimate(leaves, est, eps=EPS, from_these_weights=True)
     p.backward()
-    _sync(device)
+    common.sync(device)
     return time.perf_counter() - t, est
 
 

@@ -18,11 +18,10 @@ import datetime
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from common import exact_extreme_sigmas
+from common import exact_extreme_sigmas, time_ms
 
 import fastcnc
 from fastcnc import as_matrices
@@ -30,30 +29,11 @@ from fastcnc import as_matrices
 LAMBDA_TSC, LAMBDA_CNC, EPS = 1e-4, 1e-3, 1e-6  # TSCNC's defaults (cnc="log", a=100)
 
 
-def _time_ms(fn, device: str, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def copy_bandwidth(device: str, nbytes: int) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (median of 10)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = statistics.median(_time_ms(lambda: dst.copy_(src), device, 10, 3))
+    ms = statistics.median(time_ms(lambda: dst.copy_(src), device, 10, 3)[0])
     return 2 * nbytes / (ms * 1e-3)
 
 
@@ -126,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(warmup):  # the first call is the exact refresh
         step()
     work_before = dict(reg.work)
-    times = {"fastcnc": _time_ms(step, device, repeats, warmup=0)}
+    times = {"fastcnc": time_ms(step, device, repeats, warmup=0)[0]}
     # what the timed calls did (read after timing: the flags of the last call are on the device until now): layers
     # recomputed by float64 SVD (each one is a late refresh of a layer whose sync-free certificate failed) and layers
     # left uncertified by the last call; a fast step that refreshes is not the step the goals are about
@@ -135,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     uncertified_last = int((~(est.certified | est.fallback)).sum())
     syncs = count_syncs(step) if device == "cuda" else None
     for how in ("eigvalsh-gram", "svdvals"):
-        times[how] = _time_ms(exact_step(model, how), device, baseline_repeats, warmup=1 if device == "cuda" else 0)
+        times[how] = time_ms(exact_step(model, how), device, baseline_repeats,
+                             warmup=1 if device == "cuda" else 0)[0]
     med = {k: statistics.median(v) for k, v in times.items()}
     bandwidth = copy_bandwidth(device, 1 << 30 if device == "cuda" else 1 << 26)
     floor_bytes = 2 * 4 * params
