@@ -67,11 +67,25 @@ class BilinearFormsFunction(torch.autograd.Function):
             if not any(ctx.needs_input_grad[2 + i] for i in grp.index):
                 continue
             g = torch.stack([coeff[i] for i in grp.index])  # [B, k]
-            grad_tall = (grp.U * g[:, None, :]) @ grp.V.mT  # sum_j g_j u_j v_j^T, [B, m, n]
-            for j, (i, wide) in enumerate(zip(grp.index, grp.wide, strict=True)):
-                if ctx.needs_input_grad[2 + i]:
-                    dtype, shape = ctx.meta[i]
-                    grads[i] = _tall(grad_tall[j], wide).to(dtype).reshape(shape)
+            # sum_j g_j u_j v_j^T formed directly in each matrix's own orientation and (at least float32) dtype: the
+            # rank-k product needs no float64, and a transposing or casting pass over a weight-sized tensor costs
+            # more than the product itself
+            work = torch.float32
+            for i in grp.index:
+                work = torch.promote_types(work, ctx.meta[i][0])
+            U, V = (grp.U * g[:, None, :]).to(work), grp.V.to(work)
+            for wide in (False, True):
+                rows = [j for j, w in enumerate(grp.wide) if w == wide]
+                if not rows:
+                    continue
+                sel = slice(None) if len(rows) == len(grp.wide) else torch.tensor(rows, device=U.device)
+                Ur, Vr = U[sel], V[sel]
+                G = Vr @ Ur.mT if wide else Ur @ Vr.mT
+                for jj, j in enumerate(rows):
+                    i = grp.index[j]
+                    if ctx.needs_input_grad[2 + i]:
+                        dtype, shape = ctx.meta[i]
+                        grads[i] = G[jj].to(dtype).reshape(shape)
         return (None, None, *grads)
 
 

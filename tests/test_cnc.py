@@ -7,7 +7,7 @@ from torch import nn
 import fastcnc
 from fastcnc.cnc import BilinearFormsFunction, cnc_from_sigmas
 from fastcnc.reference import matrix_with_spectrum, sigma_extremes_ref
-from fastcnc.spectral import extreme_singular_values
+from fastcnc.spectral import VectorGroup, extreme_singular_values
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -19,10 +19,14 @@ def _exact_cnc(W, kind="log", kappa_target=10.0, eps=1e-6):
 
 def test_bilinear_forms_function_gradcheck_float64():
     mats = [torch.randn(9, 6, dtype=torch.float64, requires_grad=True),
-            torch.randn(6, 9, dtype=torch.float64, requires_grad=True)]  # tall and wide: one shape group
+            torch.randn(6, 9, dtype=torch.float64, requires_grad=True)]  # one tall shape, both orientations
     est = extreme_singular_values([m.detach() for m in mats])
-    assert len(est.groups) == 1
+    assert [g.wide for g in est.groups] == [[False], [True]]  # the engine keeps one orientation per group
     assert torch.autograd.gradcheck(lambda a, b: BilinearFormsFunction.apply(None, est.groups, a, b), tuple(mats))
+    # a caller-built group may mix orientations: the backward forms each one's gradient in its own layout
+    mixed = [VectorGroup([0, 1], [False, True], torch.cat([g.U for g in est.groups]),
+                         torch.cat([g.V for g in est.groups]))]
+    assert torch.autograd.gradcheck(lambda a, b: BilinearFormsFunction.apply(None, mixed, a, b), tuple(mats))
 
 
 @pytest.mark.parametrize("smooth_min", [0.0, 0.05], ids=["ritz", "softmin"])

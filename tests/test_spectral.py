@@ -76,6 +76,32 @@ def test_graded_spectrum_cold_and_warm_default_arguments(kappa, orient):
         assert bool(est.certified[0]) and not bool(est.fallback[0])
 
 
+def test_later_rounds_certify_every_row_of_a_group_without_fallback():
+    # cold, kappa 1e4: the first round cannot certify either matrix, the later ones must (not the SVD fallback)
+    mats = [_graded(2304, 256, 1e4, seed=s).float() for s in (0, 1)]
+    est = extreme_singular_values(mats)
+    check_estimate(est, mats)
+    assert est.work["rounds"] >= 2 and est.work["fallbacks"] == 0
+    assert bool(est.certified.all())
+
+
+def test_structurally_singular_rows_only_certify_sigma_max():
+    # empty columns: sigma_min = 0 from the zero pattern; no factor of G - s I exists, so none is attempted
+    mats = [_pruned(600, 256, 0.05, seed=s) for s in range(3)]
+    for W in mats:
+        W[:, :3] = 0
+    state = SpectralState()
+    for step in range(2):
+        est = extreme_singular_values(mats, state=state)
+        check_estimate(est, mats)
+        assert bool(est.structural.all()) and bool(est.certified.all())
+        assert est.work["inverse_steps"] == 0
+        # upper certificates only: one per matrix and round (warm: one round)
+        assert est.work["factorizations"] <= est.work["rounds"] * len(mats)
+        assert step == 0 or est.work["factorizations"] == len(mats)
+        mats = [W + 1e-3 * (W != 0) for W in mats]
+
+
 def test_kappa_beyond_float64_raises_naming_the_precision_and_floor_certifies():
     A = _graded(120, 60, 1e14).double()
     with pytest.raises(ValueError, match=r"weights\[0\].*needs more than float64.*floor"):
