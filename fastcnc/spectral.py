@@ -281,35 +281,47 @@ class _Group:
         # m-dependent rounding coefficients of |A x| and of the SVD (floats here; [B] tensors in a merged batch)
         self.val_coef = 2 * _gamma(self.m + self.n + 2)
         self.svd_coef = 4 * (self.m + self.n) * _U
-        self.parts = [(index, self.wide, 0, self.B, self.m)]  # (index, wide, first row, end row, m) per tall shape
-        self.row_m = [self.m] * self.B
+        # (index, wide, first row, end row, m, n) per tall shape
+        self.parts = [(index, self.wide, 0, self.B, self.m, self.n)]
+        self.row_m, self.row_n = [self.m] * self.B, [self.n] * self.B
+        self.pad = None  # [B, n] True on the padding coordinates of a batch merged across n (see merged)
         # an all-zero matrix (values 0, set by the caller's flags) iterates on I instead of a singular G
         self.G = torch.where(self.zero[:, None, None], self.eye, self.G)
 
     @classmethod
     def merged(cls, parts: list[_Group]) -> _Group:
-        """One batch of groups that share n (different m): everything after the Gram depends on n only, so the
-        iteration and the certificates run once for all of them (each op is a launch on CUDA). A is zero-padded to the
-        largest m: zero rows change neither A x nor its norm (adding an exact 0 is exact), so values, vectors (padded
-        with zeros) and their bounds, which keep each matrix's own m, are those of the separate groups."""
+        """One batch of groups: everything after the Gram runs once for all of them (each op is a launch on CUDA, a
+        few microseconds of Python on CPU). A is zero-padded to the largest m: zero rows change neither A x nor its
+        norm (adding an exact 0 is exact), so values, vectors (padded with zeros) and their bounds, which keep each
+        matrix's own m, are those of the separate groups. Groups of different n (small ones on CPU) are also padded
+        to the largest n: A with zero columns and G with a zero block, marked in ``pad``; whatever factors or
+        diagonalises G puts a unit (certificates) or a large (eigh) diagonal there, so each matrix's block is
+        computed exactly as it would be alone (its padding rows and columns hold exact zeros throughout)."""
         if len(parts) == 1:
             return parts[0]
         g = cls.__new__(cls)
         first = parts[0]
-        g.n, g.eye, g.margin1 = first.n, first.eye, first.margin1
-        g.m = max(p.m for p in parts)
+        g.m, g.n = max(p.m for p in parts), max(p.n for p in parts)
+        g.eye = torch.eye(g.n, dtype=_F64, device=first.A.device)
+        g.margin1 = max(p.margin1 for p in parts)
         g.B = sum(p.B for p in parts)
         g.index = [i for p in parts for i in p.index]
         g.wide = [w for p in parts for w in p.wide]
         g.row_m = [p.m for p in parts for _ in range(p.B)]
+        g.row_n = [p.n for p in parts for _ in range(p.B)]
         g.parts, start = [], 0
         for p in parts:
-            g.parts.append((p.index, p.wide, start, start + p.B, p.m))
+            g.parts.append((p.index, p.wide, start, start + p.B, p.m, p.n))
             start += p.B
         g.A = first.A.new_zeros(g.B, g.m, g.n)
-        for p, (_, _, a, b, m) in zip(parts, g.parts, strict=True):
-            g.A[a:b, :m] = p.A
-        for key in ("exp", "G", "gram_err", "structural", "finite", "trace", "fro", "zero", "lam_max_bound", "margin0"):
+        g.G = first.G.new_zeros(g.B, g.n, g.n)
+        for p, (_, _, a, b, m, n) in zip(parts, g.parts, strict=True):
+            g.A[a:b, :m, :n] = p.A
+            g.G[a:b, :n, :n] = p.G
+        g.pad = None
+        if any(p.n != g.n for p in parts):
+            g.pad = torch.arange(g.n, device=g.A.device)[None, :] >= torch.tensor(g.row_n, device=g.A.device)[:, None]
+        for key in ("exp", "gram_err", "structural", "finite", "trace", "fro", "zero", "lam_max_bound", "margin0"):
             setattr(g, key, torch.cat([getattr(p, key) for p in parts]))
         dev = first.A.device
         g.val_coef = torch.tensor([p.val_coef for p in parts for _ in range(p.B)], dtype=_F64).to(dev)
@@ -419,15 +431,27 @@ def _values(g: _Group, rows, x: torch.Tensor, y: torch.Tensor):
     return s[:, 0], s[:, 1], u[..., 0], u[..., 1], err[:, 0], err[:, 1]
 
 
+def _rows(pad, rows, sub=None):
+    """The padding mask of the rows (and of the sub-selection ``sub`` of those), or None when nothing is padded."""
+    if pad is None:
+        return None
+    pad = pad[rows]
+    return pad if sub is None else pad[sub]
+
+
 def _per_row(coef, rows):
     """An m-dependent coefficient for the rows: a float for one tall shape, a [b, 1] column in a merged batch."""
     return coef if isinstance(coef, float) else coef[rows][:, None]
 
 
-def _shifted(G: torch.Tensor, xi: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """[b, k, n, n] stack of sign_k * (G - xi_k I), written in one pass plus an in-place diagonal update."""
+def _shifted(G: torch.Tensor, xi: torch.Tensor, sign: torch.Tensor, pad=None) -> torch.Tensor:
+    """[b, k, n, n] stack of sign_k * (G - xi_k I), written in one pass plus an in-place diagonal update; a unit
+    diagonal on the padding coordinates ``pad`` ([b, n]) of a batch merged across n."""
     H = G[:, None] * sign[None, :, None, None]
-    H.diagonal(dim1=-2, dim2=-1).sub_((sign[None, :] * xi)[..., None])
+    d = H.diagonal(dim1=-2, dim2=-1)
+    d.sub_((sign[None, :] * xi)[..., None])
+    if pad is not None:
+        d.masked_fill_(pad[:, None, :], 1.0)
     return H
 
 
@@ -451,7 +475,8 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
 
     if top_only:  # sigma_min = 0 exactly: the whole budget goes to the top
         t = (smax * budget**0.95) ** 2
-        L, ok = _chol(_shifted(G, (t - g.margin(t, rows))[:, None], -torch.ones(1, dtype=_F64, device=G.device)))
+        L, ok = _chol(_shifted(G, (t - g.margin(t, rows))[:, None], -torch.ones(1, dtype=_F64, device=G.device),
+                               _rows(g.pad, rows)))
         return torch.zeros_like(t), ok[:, 0], t, None, G.shape[0]
     tau, t = pair(0.3)
     tau_loose = (0.8 * smin) ** 2
@@ -467,7 +492,7 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
     xi = torch.stack(shifts, 1)
     col = torch.arange(xi.shape[1], device=G.device)
     sign = 1 - 2 * ((col == 1) | (col == 4)).to(_F64)  # [1, -1] or [1, -1, 1, 1, -1]
-    L, ok = _chol(_shifted(G, xi, sign))  # lower test: G - xi I; upper test: xi I - G
+    L, ok = _chol(_shifted(G, xi, sign, _rows(g.pad, rows)))  # lower test: G - xi I; upper test: xi I - G
     count = xi.shape[1] * G.shape[0]
     ok_tau, ok_t, L_tau = ok[:, 0], ok[:, 1], L[:, 0]
     next_L = None
@@ -486,7 +511,7 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
         next_L = L_tau  # a view of this call's factors: rows are replaced in place below
         bad = (~ok_tau).nonzero().flatten()
         if bad.numel():
-            Lb, okb = _chol(_shifted(G[bad], xi_loose[bad, None], sign[:1]))
+            Lb, okb = _chol(_shifted(G[bad], xi_loose[bad, None], sign[:1], _rows(g.pad, rows, bad)))
             ok_loose[bad] = okb[:, 0]
             next_L[bad] = torch.where(okb[:, 0, None, None], Lb[:, 0], L_it[bad])
             count += bad.numel()
@@ -522,9 +547,22 @@ def _round(g: _Group, rows, X, Y, L_it, iters: int, opt: SpectralOptions, sync: 
 def _round_eigh(g: _Group, rows, r: int, r_top: int, opt: SpectralOptions) -> _Round:
     """Small matrices on CPU: Rayleigh-Ritz on the whole space (eigh of the float64 Gram) is cheaper than the
     iteration's many small ops; the values and the certificate are the same as a round's."""
-    _, V = torch.linalg.eigh(g.G[rows])
-    X, Y = V[..., :r], V[..., V.shape[-1] - r_top:].flip(-1)
-    return _finish(g, rows, X, Y, V[..., 0], V[..., -1], None, opt, sync=True)
+    G = g.G[rows]
+    if g.pad is None:
+        _, V = torch.linalg.eigh(G)
+        X, Y = V[..., :r], V[..., V.shape[-1] - r_top:].flip(-1)
+        return _finish(g, rows, X, Y, V[..., 0], V[..., -1], None, opt, sync=True)
+    # padding: a diagonal above every eigenvalue of the block (all-zero matrices iterate on I), so each matrix's own
+    # eigenpairs come first, its top one at index n_i - 1; the padding coordinates of those vectors are zeroed
+    pad = g.pad[rows]
+    G = G.clone()
+    G.diagonal(dim1=-2, dim2=-1).masked_scatter_(pad, (2 * g.lam_max_bound[rows] + 2)[:, None].expand_as(pad)[pad])
+    _, V = torch.linalg.eigh(G)
+    V = V.masked_fill(pad[:, :, None], 0.0)
+    n_i = (~pad).sum(1)
+    top = (n_i[:, None] - 1 - torch.arange(r_top, device=G.device)[None, :])  # [b, r_top], descending
+    Y = V.gather(2, top[:, None, :].expand(-1, V.shape[1], -1))
+    return _finish(g, rows, V[..., :r], Y, V[..., 0], Y[..., 0], None, opt, sync=True)
 
 
 def _finish(g: _Group, rows, X, Y, x, y, L_it, opt: SpectralOptions, sync: bool, top_only: bool = False) -> _Round:
@@ -638,10 +676,7 @@ def _factor_or_identity(L: torch.Tensor, ok: torch.Tensor, eye: torch.Tensor) ->
 
 def _exact(g: _Group, rows, opt: SpectralOptions):
     """Float64 SVD of the rows; values certified where the Cholesky test agrees, else the SVD's error bound."""
-    U, S, Vh = _svd_rows(g, rows)
-    smax, smin = S[:, 0], S[:, -1]
-    x, y = Vh[:, -1], Vh[:, 0]
-    u_min, u_max = U[:, :, -1], U[:, :, 0]
+    smax, smin, x, y, u_min, u_max, X, Y = _svd_rows(g, rows, min(opt.block, g.n), min(2, g.n))
     # backward-stable SVD: |sigma_i - computed| <~ p(m,n) u |A|
     delta = (g.svd_coef if isinstance(g.svd_coef, float) else g.svd_coef[rows]) * g.fro[rows]
     lower_sq, upper_ok, t, *_ = _certify(g, rows, smin, smax, smin + delta, (smax - delta).clamp_min(0), opt, True)
@@ -659,22 +694,23 @@ def _exact(g: _Group, rows, opt: SpectralOptions):
     resolved = _meets(smin_lo, smin_hi, smax_lo, smax_hi, opt)
     return dict(x=x, y=y, smin=smin, smax=smax, u_min=u_min, u_max=u_max, smin_lo=smin_lo, smin_hi=smin_hi,
                 smax_lo=smax_lo, smax_hi=smax_hi, certified=proven | zero, resolved=resolved | zero,
-                X=Vh.mT.flip(-1)[..., :min(opt.block, g.n)], Y=Vh.mT[..., :min(2, g.n)])
+                X=X, Y=Y)
 
 
-def _svd_rows(g: _Group, rows: torch.Tensor):
-    """SVD of the rows (ascending), each of its own unpadded m (U zero-padded to the batch's m)."""
-    if len(g.parts) == 1:
-        return torch.linalg.svd(g.A[rows], full_matrices=False)
-    Us, Ss, Vhs = [], [], []
-    for *_, a, b, m in g.parts:
+def _svd_rows(g: _Group, rows: torch.Tensor, r: int, r_top: int):
+    """SVD of the rows, each of its own unpadded m and n: sigma_max, sigma_min, their right (zero-padded to the
+    batch's n) and left (to its m) vectors, and the bottom r / top r_top right singular vectors as warm blocks."""
+    out = []
+    for *_, a, b, m, n in g.parts:
         sub = rows[(rows >= a) & (rows < b)]
-        if sub.numel():
-            U, S, Vh = torch.linalg.svd(g.A[sub, :m], full_matrices=False)
-            Us.append(torch.nn.functional.pad(U, (0, 0, 0, g.m - m)))
-            Ss.append(S)
-            Vhs.append(Vh)
-    return torch.cat(Us), torch.cat(Ss), torch.cat(Vhs)
+        if sub.numel() == 0:
+            continue
+        U, S, Vh = torch.linalg.svd(g.A[sub, :m, :n], full_matrices=False)
+        V = torch.nn.functional.pad(Vh.mT, (0, 0, 0, g.n - n))  # [b, N, n]: columns descending
+        U = torch.nn.functional.pad(U, (0, 0, 0, g.m - m))
+        out.append((S[:, 0], S[:, -1], V[..., -1], V[..., 0], U[..., -1], U[..., 0], V.flip(-1)[..., :r],
+                    V[..., :r_top]))
+    return tuple(torch.cat(x) for x in zip(*out, strict=True))
 
 
 _FIELDS = ("x", "y", "smin", "smax", "u_min", "u_max", "smin_lo", "smin_hi", "smax_lo", "smax_hi", "certified")
@@ -855,7 +891,8 @@ def extreme_singular_values(
     for key, members in by_n.items():
         warm_ok = key[-1]
         g = _Group.merged([m[0] for m in members])
-        start = members[0][1] if len(members) == 1 else torch.cat([m[1] for m in members])
+        start = members[0][1] if len(members) == 1 else torch.cat(
+            [torch.nn.functional.pad(m[1], (0, 0, 0, g.n - m[0].n)) for m in members])
         idx = g.index
         grp_flags = flags if isinstance(flags, bool) else [flags[i] for i in idx]
         lower = torch.stack([lower_in[i] for i in idx]).to(g.A.device) if warm_ok and lower_in is not None else None
@@ -869,7 +906,7 @@ def extreme_singular_values(
         _raise_unresolved(est, results, per, mats, opt)
     if state is not None:
         state.shapes = shapes
-        state.blocks = [results[gi][1]["blocks"][j] for gi, j in per]
+        state.blocks = [results[gi][1]["blocks"][j, :results[gi][0].row_n[j]] for gi, j in per]
         state.lower = [torch.ldexp(results[gi][1]["smin_lo"][j], results[gi][0].exp[j]) for gi, j in per]
     return est
 
@@ -892,7 +929,10 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen) -> 
     # the rounds and certificates, which depend on n only: fewer launches (the GPU step is launch-bound) for A
     # zero-padded to the batch's largest m. On CPU the padding's extra flops cost more than the ops saved (ResNet-50
     # trajectory, 1 thread: 1739 vs 1577 ms), so a batch stays one tall shape there.
+    # Small matrices on CPU (the eigh path) are merged across n as well, zero-padded (see _Group.merged): there the
+    # cost is mostly a few microseconds of Python per op and group (ResNet-18 at width 16 has 12 such groups)
     merge_by_n = _backend.on_cuda(mats[0])
+    merge_small = sync and not merge_by_n
     by_n: dict[tuple[int, ...], list] = {}
     for idx in by_shape.values():
         g = _Group(idx, [mats[i] for i in idx])
@@ -902,7 +942,13 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen) -> 
         warm_ok = blocks_in is not None and all(blocks_in[i] is not None for i in idx)
         start = _start_blocks(g, [blocks_in[i] for i in idx] if warm_ok else None, min(opt.block, g.n),
                               min(2, g.n), gen)
-        by_n.setdefault((g.n, warm_ok) if merge_by_n else (g.m, g.n, warm_ok), []).append((g, start))
+        if merge_small and max(opt.block, 2) <= g.n <= _EIGH_MAX:
+            # one eigh batch per power-of-two bucket of n: padding at most doubles n (eigh's n^3 made a single
+            # batch padded to 128 slower than the groups it replaced); r and r_top are the same for all of them
+            key: tuple = (1 << (g.n - 1).bit_length(), warm_ok)
+        else:
+            key = (g.n, warm_ok) if merge_by_n else (g.m, g.n, warm_ok)
+        by_n.setdefault(key, []).append((g, start))
     return by_n
 
 def _warm_state(state, mats, shapes, opt: SpectralOptions, sync: bool):
@@ -946,12 +992,12 @@ def _pack(mats, results, per, opt: SpectralOptions, work: dict, ritz_block: bool
     u_max, v_max, u_min, v_min, groups = [], [], [], [], []
     for g, res in results:  # split back into tall shapes (a merged batch holds several m, zero-padded)
         U, V = torch.stack([res["u_max"], res["u_min"]], 2), torch.stack([res["y"], res["x"]], 2)
-        for index, wide, a, b, m in g.parts:
-            groups.append(VectorGroup(index, wide, U[a:b, :m], V[a:b]))
+        for index, wide, a, b, m, n in g.parts:
+            groups.append(VectorGroup(index, wide, U[a:b, :m], V[a:b, :n]))
     for gi, j in per:
         g, res = results[gi]
-        m = g.row_m[j]
-        um, vm, un, vn = res["u_max"][j, :m], res["y"][j], res["u_min"][j, :m], res["x"][j]
+        m, n = g.row_m[j], g.row_n[j]
+        um, vm, un, vn = res["u_max"][j, :m], res["y"][j, :n], res["u_min"][j, :m], res["x"][j, :n]
         if g.wide[j]:  # W = A^T: swap left and right
             um, vm, un, vn = vm, um, vn, un
         u_max.append(um)
@@ -976,11 +1022,12 @@ def _ritz_blocks(results, per) -> list:
     for gi, j in per:
         g, res = results[gi]
         r = res["blocks"].shape[-1] - min(2, g.n)
-        X = _orth(res["blocks"][j][None, :, :r])[0]  # the retained bottom block (it spans the Ritz vector x)
-        _, W = torch.linalg.eigh(X.mT @ g.G[j] @ X)
+        m, n = g.row_m[j], g.row_n[j]
+        X = _orth(res["blocks"][j][None, :n, :r])[0]  # the retained bottom block (it spans the Ritz vector x)
+        _, W = torch.linalg.eigh(X.mT @ g.G[j, :n, :n] @ X)
         V = X @ W
         V = V / V.norm(dim=0, keepdim=True)
-        AV = g.A[j, :g.row_m[j]] @ V
+        AV = g.A[j, :m, :n] @ V
         s = AV.norm(dim=0)
         U = AV / s.clamp_min(torch.finfo(_F64).tiny)
         order = s.argsort()

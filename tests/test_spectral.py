@@ -212,6 +212,33 @@ def _check_batched_like_separate_calls(sync):
         [(40, 12, (0, 2)), (25, 12, (1,)), (12, 12, (3,)), (30, 9, (4,))])
 
 
+def test_small_matrices_of_different_n_merge_into_one_padded_batch_like_separate_calls():
+    """On CPU, matrices with n <= 128 of every n run as one zero-padded eigh batch: each matrix's values, brackets,
+    flags and vectors must be those of a call on it alone, cold and warm, including an exact-SVD fallback (kappa 1e7
+    is beyond the Cholesky test's reach), a structurally singular and an all-zero matrix."""
+    gen = torch.Generator().manual_seed(8)
+    mats = [torch.randn(90, 64, generator=gen), torch.randn(5, 27, generator=gen), _graded(100, 40, 1e7).float(),
+            torch.randn(128, 300, generator=gen), torch.zeros(16, 9), torch.randn(50, 6, generator=gen)]
+    mats[5][:, 2] = 0
+    state = SpectralState()
+    for step in range(2):
+        est = extreme_singular_values(mats, state=state, ritz_block=True)
+        check_estimate(est, mats)
+        assert bool(est.fallback[2]) and bool(est.structural[5]) and bool(est.structural[4])
+        assert [tuple(b.shape) for b in state.blocks] == [(min(W.shape), 6) for W in mats]
+        for i, W in enumerate(mats):
+            one = extreme_singular_values([W], ritz_block=True)
+            for key in ("sigma_max", "sigma_min", "sigma_max_lo", "sigma_max_hi", "sigma_min_lo", "sigma_min_hi"):
+                torch.testing.assert_close(getattr(est, key)[i:i + 1], getattr(one, key), rtol=1e-9, atol=0)
+            assert bool(est.certified[i] == one.certified[0]) and bool(est.fallback[i] == one.fallback[0])
+            assert est.v_min[i].shape == (W.shape[1],) and est.u_min[i].shape == (W.shape[0],)
+            torch.testing.assert_close(est.bottom[i][0], one.bottom[0][0], rtol=1e-9, atol=1e-300)
+        mats = [W + 1e-3 * (W != 0) for W in mats]
+    # the backward groups are split back per tall shape and orientation, vectors cut to each matrix's own n
+    assert sorted((g.U.shape[1], g.V.shape[1]) for g in est.groups) == sorted(
+        (max(W.shape), min(W.shape)) for W in mats)
+
+
 def test_thousands_of_small_same_shape_blocks_are_one_group():
     gen = torch.Generator().manual_seed(5)
     mats = list(torch.randn(2000, 8, 6, generator=gen, dtype=torch.float64).unbind(0))
