@@ -234,94 +234,111 @@ class _Group:
     """Matrices of one tall shape [m, n]: stacked float64 copy scaled to max |a| in [1/2, 1), its Gram, the rounding
     bounds that every certificate needs, and the structural-rank test."""
 
-    def __init__(self, index: list[int], mats: list[torch.Tensor]) -> None:
+    def __init__(self, index: list[int], mats: list[torch.Tensor], size: tuple[int, int] | None = None) -> None:
+        """``size`` = (m, n): a ragged batch (small matrices of several shapes, CPU), each zero-padded to [m, n] in
+        the tall orientation, matrices of one shape and orientation next to each other (see ``merged`` for why
+        padding changes nothing)."""
         self.index = index
         self.wide = [w.shape[0] < w.shape[1] for w in mats]
-        if any(w.dtype == _F64 for w in mats):
+        dev = mats[0].device
+        scaled = any(w.dtype == _F64 for w in mats)
+        if scaled:
             # scale by powers of two (exact) read from the stored dtype, so one float64 pass makes the stack
             amax = torch.stack([w.detach().abs().amax() for w in mats]).to(_F64)
             self.exp = torch.frexp(amax).exponent.to(_F64)  # A_true = 2^exp * A
         else:
             # float32 and narrower need no scaling: their squares lie in [2e-90, 1.2e77], so no product or sum of
             # the Gram can underflow or overflow in float64 (and the scan for the largest entry is a pass saved)
-            self.exp = torch.zeros(len(mats), dtype=_F64, device=mats[0].device)
-        rows, cols = max(mats[0].shape), min(mats[0].shape)
-        if all(self.wide):
+            self.exp = torch.zeros(len(mats), dtype=_F64, device=dev)
+        self.row_m = [max(w.shape) for w in mats]
+        self.row_n = [min(w.shape) for w in mats]
+        if size is not None:
+            A = torch.zeros(len(mats), *size, dtype=_F64, device=dev)
+            for j, (w, wd) in enumerate(zip(mats, self.wide, strict=True)):
+                A[j, :self.row_m[j], :self.row_n[j]].copy_(w.detach().T if wd else w.detach())
+        elif all(self.wide):
             # stored as given and used through its transposed view: BLAS takes transposed operands for free, while a
             # transposing copy costs several times a contiguous one
-            A = torch.empty(len(mats), cols, rows, dtype=_F64, device=mats[0].device)
+            A = torch.empty(len(mats), self.row_n[0], self.row_m[0], dtype=_F64, device=dev)
             for j, w in enumerate(mats):
                 A[j].copy_(w.detach())
             A = A.mT
         else:
-            A = torch.empty(len(mats), rows, cols, dtype=_F64, device=mats[0].device)
+            A = torch.empty(len(mats), self.row_m[0], self.row_n[0], dtype=_F64, device=dev)
             for j, (w, wd) in enumerate(zip(mats, self.wide, strict=True)):
                 A[j].copy_(w.detach().T if wd else w.detach())  # cast and (for wide matrices) transpose in one pass
-        self.A = A.mul_(torch.pow(2.0, -self.exp)[:, None, None]) if any(w.dtype == _F64 for w in mats) else A
+        self.A = A.mul_(torch.pow(2.0, -self.exp)[:, None, None]) if scaled else A
         self.B, self.m, self.n = A.shape
+        self.pad = None  # [B, n] True on the padding coordinates of a batch padded across n
+        if any(n != self.n for n in self.row_n):
+            self.pad = torch.arange(self.n, device=dev)[None, :] >= torch.tensor(self.row_n, device=dev)[:, None]
+        m_, n_ = self.row_m, self.row_n
+
+        def coef(f):  # a rounding coefficient of (m, n): a float for one shape, a [B] tensor for a ragged batch
+            if size is None:
+                return f(m_[0], n_[0])
+            return torch.tensor([f(m, n) for m, n in zip(m_, n_, strict=True)], dtype=_F64, device=dev)
+
         self.G = _gram(self.A)
         absA = self.A.abs()
         row_abs = absA.sum(2)  # [B, m]
         # (|A|^T |A|) 1 and the column sums of |A| in one product
         prods = absA.mT @ torch.stack([row_abs, torch.ones_like(row_abs)], 2)  # [B, n, 2]
-        self.gram_err = _gamma(self.m) * prods[..., 0].amax(1) * (1 + 2 * _gamma(self.m + self.n))
+        self.gram_err = coef(lambda m, n: _gamma(m) * (1 + 2 * _gamma(m + n))) * prods[..., 0].amax(1)
         # rank(A) < n when a column is empty or fewer than n rows hold a nonzero: sigma_min = 0 exactly
-        # (sums of |a| are 0 exactly when every term is)
-        self.structural = (prods[..., 1] == 0).any(1) | ((row_abs > 0).sum(1) < self.n)
+        # (sums of |a| are 0 exactly when every term is; padding columns are not the matrix's)
+        empty_col = prods[..., 1] == 0
+        if self.pad is not None:
+            empty_col &= ~self.pad
+        n_t = coef(lambda m, n: float(n))
+        self.structural = empty_col.any(1) | ((row_abs > 0).sum(1) < n_t)
         diag = self.G.diagonal(dim1=1, dim2=2)
         self.finite = torch.isfinite(diag).all(1)  # any NaN/Inf entry reaches its column's squared norm
-        self.trace = diag.sum(1) * (1 + _gamma(self.n))
+        self.trace = diag.sum(1) * coef(lambda m, n: 1 + _gamma(n))
         self.fro = self.trace.sqrt()
         self.zero = self.trace == 0
         # rigorous upper bound on lambda_max(A^T A): row-sum norm of fl(G) plus the Gram's error
-        self.lam_max_bound = self.G.abs().sum(2).amax(1) * (1 + _gamma(self.n)) + self.gram_err
-        self.eye = torch.eye(self.n, dtype=_F64, device=self.A.device)
-        self.margin0 = self.gram_err + 2 * _gamma(self.n + 2) * self.trace + 4 * _U * self.lam_max_bound
-        self.margin1 = 2 * _gamma(self.n + 2) * self.n + 4 * _U
-        # m-dependent rounding coefficients of |A x| and of the SVD (floats here; [B] tensors in a merged batch)
-        self.val_coef = 2 * _gamma(self.m + self.n + 2)
-        self.svd_coef = 4 * (self.m + self.n) * _U
-        # (index, wide, first row, end row, m, n) per tall shape
-        self.parts = [(index, self.wide, 0, self.B, self.m, self.n)]
-        self.row_m, self.row_n = [self.m] * self.B, [self.n] * self.B
-        self.pad = None  # [B, n] True on the padding coordinates of a batch merged across n (see merged)
+        self.lam_max_bound = self.G.abs().sum(2).amax(1) * coef(lambda m, n: 1 + _gamma(n)) + self.gram_err
+        self.eye = torch.eye(self.n, dtype=_F64, device=dev)
+        self.margin0 = self.gram_err + coef(lambda m, n: 2 * _gamma(n + 2)) * self.trace + 4 * _U * self.lam_max_bound
+        self.margin1 = max(2 * _gamma(n + 2) * n + 4 * _U for n in set(n_))
+        # m-dependent rounding coefficients of |A x| and of the SVD (floats for one shape, else [B] tensors)
+        self.val_coef = coef(lambda m, n: 2 * _gamma(m + n + 2))
+        self.svd_coef = coef(lambda m, n: 4 * (m + n) * _U)
+        # (index, wide, first row, end row, m, n) per run of one tall shape and orientation
+        self.parts, a = [], 0
+        for b in range(1, self.B + 1):
+            if b == self.B or (m_[b], n_[b], self.wide[b]) != (m_[a], n_[a], self.wide[a]):
+                self.parts.append((index[a:b], self.wide[a:b], a, b, m_[a], n_[a]))
+                a = b
         # an all-zero matrix (values 0, set by the caller's flags) iterates on I instead of a singular G
         self.G = torch.where(self.zero[:, None, None], self.eye, self.G)
 
     @classmethod
     def merged(cls, parts: list[_Group]) -> _Group:
-        """One batch of groups: everything after the Gram runs once for all of them (each op is a launch on CUDA, a
-        few microseconds of Python on CPU). A is zero-padded to the largest m: zero rows change neither A x nor its
-        norm (adding an exact 0 is exact), so values, vectors (padded with zeros) and their bounds, which keep each
-        matrix's own m, are those of the separate groups. Groups of different n (small ones on CPU) are also padded
-        to the largest n: A with zero columns and G with a zero block, marked in ``pad``; whatever factors or
-        diagonalises G puts a unit (certificates) or a large (eigh) diagonal there, so each matrix's block is
-        computed exactly as it would be alone (its padding rows and columns hold exact zeros throughout)."""
+        """One batch of groups that share n (different m; CUDA): everything after the Gram depends on n only, so the
+        iteration and the certificates run once for all of them (each op is a launch on CUDA). A is zero-padded to
+        the largest m: zero rows change neither A x nor its norm (adding an exact 0 is exact), so values, vectors
+        (padded with zeros) and their bounds, which keep each matrix's own m, are those of the separate groups."""
         if len(parts) == 1:
             return parts[0]
         g = cls.__new__(cls)
         first = parts[0]
-        g.m, g.n = max(p.m for p in parts), max(p.n for p in parts)
-        g.eye = torch.eye(g.n, dtype=_F64, device=first.A.device)
-        g.margin1 = max(p.margin1 for p in parts)
+        g.n, g.eye, g.margin1, g.pad = first.n, first.eye, first.margin1, None
+        g.m = max(p.m for p in parts)
         g.B = sum(p.B for p in parts)
         g.index = [i for p in parts for i in p.index]
         g.wide = [w for p in parts for w in p.wide]
-        g.row_m = [p.m for p in parts for _ in range(p.B)]
-        g.row_n = [p.n for p in parts for _ in range(p.B)]
+        g.row_m = [m for p in parts for m in p.row_m]
+        g.row_n = [n for p in parts for n in p.row_n]
         g.parts, start = [], 0
         for p in parts:
             g.parts.append((p.index, p.wide, start, start + p.B, p.m, p.n))
             start += p.B
         g.A = first.A.new_zeros(g.B, g.m, g.n)
-        g.G = first.G.new_zeros(g.B, g.n, g.n)
-        for p, (_, _, a, b, m, n) in zip(parts, g.parts, strict=True):
-            g.A[a:b, :m, :n] = p.A
-            g.G[a:b, :n, :n] = p.G
-        g.pad = None
-        if any(p.n != g.n for p in parts):
-            g.pad = torch.arange(g.n, device=g.A.device)[None, :] >= torch.tensor(g.row_n, device=g.A.device)[:, None]
-        for key in ("exp", "gram_err", "structural", "finite", "trace", "fro", "zero", "lam_max_bound", "margin0"):
+        for p, (_, _, a, b, m, _n) in zip(parts, g.parts, strict=True):
+            g.A[a:b, :m] = p.A
+        for key in ("exp", "G", "gram_err", "structural", "finite", "trace", "fro", "zero", "lam_max_bound", "margin0"):
             setattr(g, key, torch.cat([getattr(p, key) for p in parts]))
         dev = first.A.device
         g.val_coef = torch.tensor([p.val_coef for p in parts for _ in range(p.B)], dtype=_F64).to(dev)
@@ -599,12 +616,19 @@ def _meets(smin_lo, smin_hi, smax_lo, smax_hi, opt: SpectralOptions) -> torch.Te
     return ok | (smax_hi == 0)
 
 
-def _start_blocks(g: _Group, state_blocks, r: int, r_top: int, gen: torch.Generator) -> torch.Tensor:
-    """Unorthogonalised start [B, n, r + r_top] of one tall shape: warm blocks from the state (already validated),
-    else random ones (drawn per tall shape in input order, so merging shapes does not change the draws)."""
-    if state_blocks is not None:
-        return torch.stack([b.to(device=g.A.device, dtype=_F64) for b in state_blocks])
-    return torch.randn(g.B, g.n, r + r_top, generator=gen, dtype=_F64).to(g.A.device)
+def _start_blocks(g: _Group, blocks_in, r: int, r_top: int, gen: torch.Generator) -> torch.Tensor:
+    """Unorthogonalised start [B, n, r + r_top]: warm blocks from the state (already validated) where every matrix of
+    the group has one, else random ones (drawn per run of one tall shape in input order, so merging shapes does not
+    change the draws), zero-padded to the group's n."""
+    warm = blocks_in is not None and all(blocks_in[i] is not None for i in g.index)
+    out = []
+    for index, _, a, b, _m, n in g.parts:
+        if warm:
+            W = torch.stack([blocks_in[i].to(device=g.A.device, dtype=_F64) for i in index])
+        else:
+            W = torch.randn(b - a, n, r + r_top, generator=gen, dtype=_F64).to(g.A.device)
+        out.append(torch.nn.functional.pad(W, (0, 0, 0, g.n - n)))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def _initial_blocks(W: torch.Tensor, r: int, r_top: int):
@@ -891,8 +915,7 @@ def extreme_singular_values(
     for key, members in by_n.items():
         warm_ok = key[-1]
         g = _Group.merged([m[0] for m in members])
-        start = members[0][1] if len(members) == 1 else torch.cat(
-            [torch.nn.functional.pad(m[1], (0, 0, 0, g.n - m[0].n)) for m in members])
+        start = members[0][1] if len(members) == 1 else torch.cat([m[1] for m in members])
         idx = g.index
         grp_flags = flags if isinstance(flags, bool) else [flags[i] for i in idx]
         lower = torch.stack([lower_in[i] for i in idx]).to(g.A.device) if warm_ok and lower_in is not None else None
@@ -929,27 +952,32 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen) -> 
     # the rounds and certificates, which depend on n only: fewer launches (the GPU step is launch-bound) for A
     # zero-padded to the batch's largest m. On CPU the padding's extra flops cost more than the ops saved (ResNet-50
     # trajectory, 1 thread: 1739 vs 1577 ms), so a batch stays one tall shape there.
-    # Small matrices on CPU (the eigh path) are merged across n as well, zero-padded (see _Group.merged): there the
-    # cost is mostly a few microseconds of Python per op and group (ResNet-18 at width 16 has 12 such groups)
+    # Small matrices on CPU (the eigh path) are stacked across shapes from the start, zero-padded (a ragged _Group):
+    # there the cost is mostly a few microseconds of Python per op and group (ResNet-18 at width 16 has 12 groups)
     merge_by_n = _backend.on_cuda(mats[0])
     merge_small = sync and not merge_by_n
-    by_n: dict[tuple[int, ...], list] = {}
-    for idx in by_shape.values():
-        g = _Group(idx, [mats[i] for i in idx])
-        if sync and not bool(g.finite.all()):
-            bad = idx[int((~g.finite).nonzero()[0, 0])]
-            check_tensor(f"weights[{bad}]", mats[bad], finite=True)
+    groups: list[tuple[tuple[int, ...], _Group]] = []
+    small: dict[tuple[int, ...], list[int]] = {}
+    for (m, n, _), idx in by_shape.items():
         warm_ok = blocks_in is not None and all(blocks_in[i] is not None for i in idx)
-        start = _start_blocks(g, [blocks_in[i] for i in idx] if warm_ok else None, min(opt.block, g.n),
-                              min(2, g.n), gen)
-        if merge_small and max(opt.block, 2) <= g.n <= _EIGH_MAX:
+        if merge_small and max(opt.block, 2) <= n <= _EIGH_MAX:
             # one eigh batch per power-of-two bucket of n: padding at most doubles n (eigh's n^3 made a single
             # batch padded to 128 slower than the groups it replaced); r and r_top are the same for all of them
-            key: tuple = (1 << (g.n - 1).bit_length(), warm_ok)
-        else:
-            key = (g.n, warm_ok) if merge_by_n else (g.m, g.n, warm_ok)
+            small.setdefault((1 << (n - 1).bit_length(), warm_ok), []).extend(idx)
+            continue
+        groups.append(((n, warm_ok) if merge_by_n else (m, n, warm_ok), _Group(idx, [mats[i] for i in idx])))
+    for key, idx in small.items():
+        part = [mats[i] for i in idx]
+        groups.append((key, _Group(idx, part, size=(max(max(w.shape) for w in part), max(min(w.shape) for w in part)))))
+    by_n: dict[tuple[int, ...], list] = {}
+    for key, g in groups:
+        if sync and not bool(g.finite.all()):
+            bad = g.index[int((~g.finite).nonzero()[0, 0])]
+            check_tensor(f"weights[{bad}]", mats[bad], finite=True)
+        start = _start_blocks(g, blocks_in if key[-1] else None, min(opt.block, g.n), min(2, g.n), gen)
         by_n.setdefault(key, []).append((g, start))
     return by_n
+
 
 def _warm_state(state, mats, shapes, opt: SpectralOptions, sync: bool):
     """The state's blocks and shifts where they fit these matrices and options (else None: cold start)."""
