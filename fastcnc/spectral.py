@@ -18,7 +18,11 @@ Per round, for every matrix of a group at once:
     proves H positive definite; we take c = 2 gamma_{n+2} (trace(H) + n |shift|)) and the diagonal shift itself.
 A matrix whose bracket does not yet meet the target gets another round (more steps, and the best certified shift,
 whose factor is already at hand); after ``max_rounds`` it falls back to a float64 SVD (counted). Structural rank
-deficiency (an empty column of A, or fewer non-empty rows than columns) gives sigma_min = 0 exactly, no iteration.
+deficiency (an empty column of A, or fewer non-empty rows than columns) gives sigma_min = 0 exactly, no iteration:
+with host steering (``sync=True``) such a matrix only iterates and certifies sigma_max (one factorization).
+On CPU, matrices with n <= 128 take Rayleigh-Ritz on the whole space (eigh of G) instead of iterating, stacked
+across shapes into zero-padded batches (one per power-of-two bucket of n), since Python overhead per op dominates
+there.
 
 No host synchronisation is needed by the rounds themselves (``cholesky_ex``, triangular solves, matmuls, and a
 repeated-squaring Rayleigh-Ritz pick instead of ``eigh``, which checks its status on the host): with ``sync=False``
