@@ -221,7 +221,7 @@ def test_small_matrices_of_different_n_merge_into_one_padded_batch_like_separate
             torch.randn(128, 300, generator=gen), torch.zeros(16, 9), torch.randn(50, 6, generator=gen)]
     mats[5][:, 2] = 0
     state = SpectralState()
-    for step in range(2):
+    for _ in range(2):
         est = extreme_singular_values(mats, state=state, ritz_block=True)
         check_estimate(est, mats)
         assert bool(est.fallback[2]) and bool(est.structural[5]) and bool(est.structural[4])
