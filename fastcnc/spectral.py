@@ -949,16 +949,18 @@ def _refresh_flags(refresh, n_mats: int) -> bool | list[bool]:
 def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen) -> dict[tuple[int, ...], list]:
     """Groups of matrices solved together: key -> [(group of one tall shape, its start blocks)], key ending in
     whether the group is warm-started."""
+    merge_by_n = _backend.on_cuda(mats[0])
     by_shape: dict[tuple[int, int, bool], list[int]] = {}
-    for i, (a, b) in enumerate(shapes):  # one orientation per group: wide ones are stored untransposed (_Group)
-        by_shape.setdefault((max(a, b), min(a, b), a < b), []).append(i)
+    for i, (a, b) in enumerate(shapes):
+        # on CPU one orientation per group, so wide ones are stored untransposed (_Group: a transposing copy costs
+        # more than the ops of a second group); on CUDA one group per tall shape (fewer launches)
+        by_shape.setdefault((max(a, b), min(a, b), a < b and not merge_by_n), []).append(i)
     # Grams (and the rounding terms, which need A) per tall shape; then, on CUDA, one batch per (n, warm or cold) for
     # the rounds and certificates, which depend on n only: fewer launches (the GPU step is launch-bound) for A
     # zero-padded to the batch's largest m. On CPU the padding's extra flops cost more than the ops saved (ResNet-50
     # trajectory, 1 thread: 1739 vs 1577 ms), so a batch stays one tall shape there.
     # Small matrices on CPU (the eigh path) are stacked across shapes from the start, zero-padded (a ragged _Group):
     # there the cost is mostly a few microseconds of Python per op and group (ResNet-18 at width 16 has 12 groups)
-    merge_by_n = _backend.on_cuda(mats[0])
     merge_small = sync and not merge_by_n
     groups: list[tuple[tuple[int, ...], _Group]] = []
     small: dict[tuple[int, ...], list[int]] = {}
