@@ -444,8 +444,11 @@ class _Round:
 
 def _values(g: _Group, rows, x: torch.Tensor, y: torch.Tensor):
     """|A x|, |A y| with their unit left vectors, and a bound on the rounding of each value (scaled units)."""
-    A = g.A[rows]
-    AV = A @ torch.stack([x, y], 2)  # [b, m, 2]
+    V = torch.stack([x, y], 2)
+    if isinstance(rows, slice):
+        AV = g.A[rows] @ V  # [b, m, 2]
+    else:  # a later round's few rows (host-steered): products on views, not a copy of those rows of A
+        AV = torch.stack([g.A[j] @ V[i] for i, j in enumerate(rows.tolist())])
     s = AV.norm(dim=1)
     u = AV / s.clamp_min(torch.finfo(_F64).tiny)[:, None, :]
     err = _per_row(g.val_coef, rows) * (s + g.fro[rows][:, None])
@@ -643,9 +646,9 @@ def _initial_blocks(W: torch.Tensor, r: int, r_top: int):
 _FIRST_SHIFTS = (0.99, 0.7, 0.3)  # fractions of the previous certified lower bound of sigma_min tried as shifts
 
 
-def _minus_diag(G: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """G - s I for a [b, n, n] stack and [b] shifts: one copy and an in-place diagonal update."""
-    H = G.clone()
+def _minus_diag(G: torch.Tensor, s: torch.Tensor, rows=None) -> torch.Tensor:
+    """G[rows] - s I for a [b, n, n] stack and [b] shifts: one copy and an in-place diagonal update."""
+    H = G.clone() if rows is None else G[rows]
     H.diagonal(dim1=-2, dim2=-1).sub_(s[:, None])
     return H
 
@@ -679,7 +682,7 @@ def _first_factor(g: _Group, rows, X: torch.Tensor, lower, sync: bool):
             todo = todo[s[todo] < theta[todo]]
         if todo.numel() == 0:
             continue
-        Lb, okb = _chol(_minus_diag(G[todo], s[todo]))
+        Lb, okb = _chol(_minus_diag(G, s[todo], todo))
         count += todo.numel()
         if L is None:
             L, ok = torch.empty_like(G), torch.zeros(G.shape[0], dtype=torch.bool, device=G.device)
@@ -815,7 +818,9 @@ def _rounds_sync(g: _Group, opt: SpectralOptions, X, Y, lower, work: dict):
                 if isinstance(rows, slice):
                     res[k] = v
                 else:
-                    res.setdefault(k, v.new_zeros((g.B, *v.shape[1:])))[rows] = v
+                    if k not in res:
+                        res[k] = v.new_zeros((g.B, *v.shape[1:]))
+                    res[k][rows] = v
             X, Y = _put(X, rows, sub.X), _put(Y, rows, sub.Y)
             if sub.next_L is not None:
                 L_next = sub.next_L if isinstance(rows, slice) else _put(
@@ -964,14 +969,15 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen) -> 
     merge_small = sync and not merge_by_n
     groups: list[tuple[tuple[int, ...], _Group]] = []
     small: dict[tuple[int, ...], list[int]] = {}
-    for (m, n, _), idx in by_shape.items():
+    for (m, n, wide), idx in by_shape.items():
         warm_ok = blocks_in is not None and all(blocks_in[i] is not None for i in idx)
         if merge_small and max(opt.block, 2) <= n <= _EIGH_MAX:
             # one eigh batch per power-of-two bucket of n: padding at most doubles n (eigh's n^3 made a single
             # batch padded to 128 slower than the groups it replaced); r and r_top are the same for all of them
             small.setdefault((1 << (n - 1).bit_length(), warm_ok), []).extend(idx)
             continue
-        groups.append(((n, warm_ok) if merge_by_n else (m, n, warm_ok), _Group(idx, [mats[i] for i in idx])))
+        key = (n, warm_ok) if merge_by_n else (m, n, wide, warm_ok)  # CPU: no merging (its padding is a copy of A)
+        groups.append((key, _Group(idx, [mats[i] for i in idx])))
     for key, idx in small.items():
         part = [mats[i] for i in idx]
         groups.append((key, _Group(idx, part, size=(max(max(w.shape) for w in part), max(min(w.shape) for w in part)))))
