@@ -416,8 +416,15 @@ def _bottom_ritz(G: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 
 
 def _top_ritz(G: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Unit vector of span(Y) with (close to) the largest Rayleigh quotient of G."""
     H = Y.mT @ G @ Y
-    return (Y @ _dominant(0.5 * (H + H.mT))[..., None]).squeeze(-1)
+    if H.shape[-1] != 2:
+        return (Y @ _dominant(0.5 * (H + H.mT))[..., None]).squeeze(-1)
+    # two columns (the default top block): the dominant eigenvector of [[a, b], [b, c]] in closed form, at angle
+    # 0.5 atan2(2b, a - c) (a handful of elementwise ops instead of _dominant's squarings: launches on CUDA)
+    a, b, c = H[:, 0, 0], 0.5 * (H[:, 0, 1] + H[:, 1, 0]), H[:, 1, 1]
+    theta = 0.5 * torch.atan2(2 * b, a - c)
+    return Y[..., 0] * theta.cos()[:, None] + Y[..., 1] * theta.sin()[:, None]
 
 
 @dataclass
@@ -1023,8 +1030,12 @@ class VectorGroup:
 
 def _pack(mats, results, per, opt: SpectralOptions, work: dict, ritz_block: bool) -> SpectralEstimate:
     """Per-matrix values in true units, in the input order; vectors in each matrix's own orientation."""
-    def scalar(key):
-        return torch.stack([torch.ldexp(results[gi][1][key][j], results[gi][0].exp[j]) for gi, j in per])
+    scaled: dict = {}
+
+    def scalar(key):  # to true units once per group (one op per group, not per matrix: launches on CUDA)
+        for gi, (g, res) in enumerate(results):
+            scaled[gi] = torch.ldexp(res[key], g.exp)
+        return torch.stack([scaled[gi][j] for gi, j in per])
 
     def flag(key):
         return torch.stack([results[gi][1][key][j] for gi, j in per])
