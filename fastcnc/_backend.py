@@ -75,7 +75,7 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def kernels(name: str) -> ModuleType:
-    """The launcher module ``fastcnc.kernels.<name>`` (``"masked_matmul"``, ``"spectral"`` or ``"tsc"``).
+    """The launcher module ``fastcnc.kernels.<name>`` (``"masked_matmul"`` or ``"tsc"``).
 
     Op modules reach the kernels only through this call (tests patch it to count launches); it is only called
     once ``use_triton`` said yes, so CPU-only users never compile anything.

@@ -101,20 +101,6 @@ def _launch_tsc():
         tsc.tsc_value_grad(weights, 100.0, scale)  # fused value + gradient
 
 
-def _launch_spectral():
-    import torch
-    from fastcnc.kernels import spectral
-
-    for w_dtype, x_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                             (torch.float64, torch.float64)):
-        weights = [torch.randn(40, 7).to(w_dtype), torch.randn(3, 9).to(w_dtype)]  # a tall and a wide layer
-        for trans in (False, True):
-            for R in (4, 2, 16):  # the engine's block, the residual pass, the largest basis
-                x = torch.randn(2, 40, R, dtype=x_dtype)
-                out = torch.zeros(2, 40, R, dtype=x_dtype)
-                spectral.ragged_bmm(weights, x, out, trans=trans)
-
-
 def _launch_masked_matmul(dtype: str, block: int, precision: str, has_bias: bool, products: str):
     import torch
     from fastcnc.kernels import masked_matmul
@@ -175,7 +161,6 @@ MASKED_SLOW = [
 
 CASES: list[LaunchCase | CompileCase] = [
     LaunchCase("tsc", _launch_tsc, weight=2.0),
-    LaunchCase("spectral", _launch_spectral, weight=2.0),
     *MASKED_DEFAULT,
     *MASKED_SLOW,
     # the explicit form, kept exercised on a kernel that compiles (the broken case below must fail for the right reason)
