@@ -102,6 +102,23 @@ def test_structurally_singular_rows_only_certify_sigma_max():
         mats = [W + 1e-3 * (W != 0) for W in mats]
 
 
+def test_top_ritz_pick_of_a_two_column_block_is_the_dominant_eigenvector():
+    # closed form 0.5 atan2(2b, a - c) against eigh, including ties, a zero off-diagonal and a negative one
+    from fastcnc.spectral import _top_ritz
+
+    gen = torch.Generator().manual_seed(10)
+    n = 7
+    Y = torch.linalg.qr(torch.randn(5, n, 2, generator=gen, dtype=torch.float64))[0]
+    H = torch.tensor([[[3.0, 1.0], [1.0, 2.0]], [[1.0, 0.0], [0.0, 4.0]], [[2.0, -1.5], [-1.5, 2.0]],
+                      [[5.0, 0.0], [0.0, 5.0]], [[1e-12, 3e-13], [3e-13, 2e-12]]], dtype=torch.float64)
+    G = Y @ H @ Y.mT  # span(Y) holds exactly the 2 x 2 problem H
+    y = _top_ritz(G, Y)
+    lam_top = torch.linalg.eigvalsh(H)[:, -1]
+    rayleigh = torch.einsum("bi,bij,bj->b", y, G, y)
+    torch.testing.assert_close(y.norm(dim=1), torch.ones(5, dtype=torch.float64))
+    torch.testing.assert_close(rayleigh, lam_top, rtol=1e-12, atol=0)
+
+
 def test_kappa_beyond_float64_raises_naming_the_precision_and_floor_certifies():
     A = _graded(120, 60, 1e14).double()
     with pytest.raises(ValueError, match=r"weights\[0\].*needs more than float64.*floor"):
