@@ -364,12 +364,13 @@ def _chol(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _orth(X: torch.Tensor, passes: int = 2) -> torch.Tensor:
     """Cholesky QR ([B, n, r] -> orthonormal columns spanning the same space; twice by default). A tiny diagonal term
-    keeps the factorization defined when columns are (nearly) dependent; every value computed later is a Rayleigh
-    quotient evaluated directly, so orthonormality affects only the quality of the block, never a bound's validity."""
+    (relative to each column's own norm, so columns of very different norms keep theirs) keeps the factorization
+    defined when columns are (nearly) dependent; every value computed later is a Rayleigh quotient evaluated
+    directly, so orthonormality affects only the quality of the block, never a bound's validity."""
     for _ in range(passes):
         S = X.mT @ X
         d = S.diagonal(dim1=1, dim2=2)  # in place on the fresh product: no identity to build (each op is a launch)
-        d.add_(1e-14 * d.sum(1, keepdim=True) + 1e-300)
+        d.mul_(1 + 1e-14).add_(1e-300)
         L, _ = torch.linalg.cholesky_ex(S, check_errors=False)
         X = torch.linalg.solve_triangular(L, X.mT, upper=False).mT
     return X
