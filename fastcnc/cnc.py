@@ -67,25 +67,20 @@ class BilinearFormsFunction(torch.autograd.Function):
             if not any(ctx.needs_input_grad[2 + i] for i in grp.index):
                 continue
             g = torch.stack([coeff[i] for i in grp.index])  # [B, k]
-            # sum_j g_j u_j v_j^T formed directly in each matrix's own orientation and (at least float32) dtype: the
-            # rank-k product needs no float64, and a transposing or casting pass over a weight-sized tensor costs
-            # more than the product itself
+            # sum_j g_j u_j v_j^T in (at least) float32: the rank-k product needs no float64. A group of wide matrices
+            # gets it in their own layout (no transposing pass over a weight-sized tensor); a group that mixes
+            # orientations (CUDA batches one tall shape) gets the tall product, transposed per wide matrix, rather
+            # than an index upload per orientation (a host sync on CUDA)
             work = torch.float32
             for i in grp.index:
                 work = torch.promote_types(work, ctx.meta[i][0])
             U, V = (grp.U * g[:, None, :]).to(work), grp.V.to(work)
-            for wide in (False, True):
-                rows = [j for j, w in enumerate(grp.wide) if w == wide]
-                if not rows:
-                    continue
-                sel = slice(None) if len(rows) == len(grp.wide) else torch.tensor(rows, device=U.device)
-                Ur, Vr = U[sel], V[sel]
-                G = Vr @ Ur.mT if wide else Ur @ Vr.mT
-                for jj, j in enumerate(rows):
-                    i = grp.index[j]
-                    if ctx.needs_input_grad[2 + i]:
-                        dtype, shape = ctx.meta[i]
-                        grads[i] = G[jj].to(dtype).reshape(shape)
+            all_wide = all(grp.wide)
+            G = V @ U.mT if all_wide else U @ V.mT
+            for j, (i, wide) in enumerate(zip(grp.index, grp.wide, strict=True)):
+                if ctx.needs_input_grad[2 + i]:
+                    dtype, shape = ctx.meta[i]
+                    grads[i] = (G[j].mT if wide and not all_wide else G[j]).to(dtype).reshape(shape)
         return (None, None, *grads)
 
 

@@ -344,9 +344,10 @@ class _Group:
             g.A[a:b, :m] = p.A
         for key in ("exp", "G", "gram_err", "structural", "finite", "trace", "fro", "zero", "lam_max_bound", "margin0"):
             setattr(g, key, torch.cat([getattr(p, key) for p in parts]))
+        # [B] coefficients filled on the device (an upload of a host list would be a host sync on CUDA)
         dev = first.A.device
-        g.val_coef = torch.tensor([p.val_coef for p in parts for _ in range(p.B)], dtype=_F64).to(dev)
-        g.svd_coef = torch.tensor([p.svd_coef for p in parts for _ in range(p.B)], dtype=_F64).to(dev)
+        for key in ("val_coef", "svd_coef"):
+            setattr(g, key, torch.cat([torch.full((p.B,), getattr(p, key), dtype=_F64, device=dev) for p in parts]))
         return g
 
     def margin(self, shift: torch.Tensor, rows=slice(None)) -> torch.Tensor:

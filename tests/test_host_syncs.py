@@ -185,12 +185,17 @@ def test_tsc_penalty_finite_check_is_counted(one_intra_op_thread):
 # -- the TSCNC step (owned by the spectral engine; see docs/spectral.md) -----------------------------------------------
 
 
-def _tscnc_model():
+def _tscnc_model(kind: str = "conv"):
     from torch import nn
 
     from fastcnc.layers import MaskedConv2d, MaskedLinear
 
     torch.manual_seed(0)
+    if kind == "shared":
+        # one tall shape in both orientations ([16, 8] and [8, 16]) and another tall shape with the same n ([24, 8]):
+        # the CUDA path batches them together (A padded to the largest m) and splits the backward per orientation
+        return nn.Sequential(MaskedLinear(8, 16), MaskedLinear(16, 8), MaskedLinear(8, 24), MaskedLinear(24, 10),
+                             MaskedLinear(10, 16)).to(DEVICE)
     model = nn.Sequential(MaskedConv2d(3, 8, 3), nn.ReLU(), MaskedConv2d(8, 8, 3, groups=2), nn.Flatten(),
                           MaskedLinear(8 * 2 * 2, 10)).to(DEVICE)
     mask = (torch.rand(8, 3, 3, 3, device=DEVICE) > 0.5).float()
@@ -198,10 +203,10 @@ def _tscnc_model():
     return model
 
 
-def _tscnc_step_syncs(lambda_tsc: float):
+def _tscnc_step_syncs(lambda_tsc: float, kind: str = "conv"):
     from fastcnc.regularizer import TSCNC
 
-    model = _tscnc_model()
+    model = _tscnc_model(kind)
     reg = TSCNC(model, lambda_tsc=lambda_tsc, lambda_cnc=1e-2)
 
     def step():
@@ -224,8 +229,9 @@ def test_tscnc_cnc_step_has_no_host_syncs(one_intra_op_thread):
     assert not syncs, f"TSCNC (CNC term) forward+backward on the CUDA path syncs:\n{format_syncs(syncs)}"
 
 
-def test_tscnc_full_step_has_no_host_syncs(one_intra_op_thread):
-    syncs = _tscnc_step_syncs(lambda_tsc=1e-3)
+@pytest.mark.parametrize("kind", ["conv", "shared"])
+def test_tscnc_full_step_has_no_host_syncs(kind, one_intra_op_thread):
+    syncs = _tscnc_step_syncs(lambda_tsc=1e-3, kind=kind)
     assert not syncs, f"TSCNC forward+backward on the CUDA path syncs:\n{format_syncs(syncs)}"
 
 
