@@ -235,13 +235,15 @@ def _gram(A: torch.Tensor) -> torch.Tensor:
 
 
 class _Group:
-    """Matrices of one tall shape [m, n]: stacked float64 copy scaled to max |a| in [1/2, 1), its Gram, the rounding
-    bounds that every certificate needs, and the structural-rank test."""
+    """Matrices of one tall shape [m, n] (or, ``size`` given, of several shapes zero-padded to one): a stacked float64
+    copy (float64 inputs scaled by powers of two to max |a| in [1/2, 1)), its Gram, the rounding bounds that every
+    certificate needs, and the structural-rank test."""
 
     def __init__(self, index: list[int], mats: list[torch.Tensor], size: tuple[int, int] | None = None) -> None:
         """``size`` = (m, n): a ragged batch (small matrices of several shapes, CPU), each zero-padded to [m, n] in
-        the tall orientation, matrices of one shape and orientation next to each other (see ``merged`` for why
-        padding changes nothing)."""
+        the tall orientation, matrices of one shape and orientation next to each other. Zero rows change no product;
+        zero columns are marked in ``pad``, where ``_shifted`` (certificates) and ``_round_eigh`` put a unit or a large
+        diagonal, so each matrix's block is computed exactly as it would be alone."""
         self.index = index
         self.wide = [w.shape[0] < w.shape[1] for w in mats]
         dev = mats[0].device
@@ -633,13 +635,12 @@ def _meets(smin_lo, smin_hi, smax_lo, smax_hi, opt: SpectralOptions) -> torch.Te
 
 
 def _start_blocks(g: _Group, blocks_in, r: int, r_top: int, gen: torch.Generator) -> torch.Tensor:
-    """Unorthogonalised start [B, n, r + r_top]: warm blocks from the state (already validated) where every matrix of
-    the group has one, else random ones (drawn per run of one tall shape in input order, so merging shapes does not
-    change the draws), zero-padded to the group's n."""
-    warm = blocks_in is not None and all(blocks_in[i] is not None for i in g.index)
+    """Unorthogonalised start [B, n, r + r_top]: the state's warm blocks (already validated; ``blocks_in`` is None
+    unless every matrix of the group has one), else random ones (drawn per run of one tall shape in input order, so
+    merging shapes does not change the draws), zero-padded to the group's n."""
     out = []
     for index, _, a, b, _m, n in g.parts:
-        if warm:
+        if blocks_in is not None:
             W = torch.stack([blocks_in[i].to(device=g.A.device, dtype=_F64) for i in index])
         else:
             W = torch.randn(b - a, n, r + r_top, generator=gen, dtype=_F64).to(g.A.device)
@@ -824,12 +825,7 @@ def _rounds_sync(g: _Group, opt: SpectralOptions, X, Y, lower, work: dict):
             work["inverse_steps"] += 0 if top_only else iters * len(part)
             for k in _FIELDS:
                 v = getattr(sub, k)
-                if isinstance(rows, slice):
-                    res[k] = v
-                else:
-                    if k not in res:
-                        res[k] = v.new_zeros((g.B, *v.shape[1:]))
-                    res[k][rows] = v
+                res[k] = _put(res[k] if k in res else v.new_zeros((g.B, *v.shape[1:])), rows, v)
             X, Y = _put(X, rows, sub.X), _put(Y, rows, sub.Y)
             if sub.next_L is not None:
                 L_next = sub.next_L if isinstance(rows, slice) else _put(
