@@ -234,16 +234,74 @@ def _gram(A: torch.Tensor) -> torch.Tensor:
     return G
 
 
+@dataclass
+class _SourceBounds:
+    """Per matrix, from its weights as stored (CPU): ``gram_err`` bounds |fl(A^T A) - A^T A|_2 for a float64 Gram of
+    the unscaled A, ``norm`` bounds sigma_max, ``structural``: rank(A) < n from the zero pattern, ``finite``."""
+
+    gram_err: torch.Tensor  # [L] float64
+    norm: torch.Tensor  # [L] float64
+    structural: torch.Tensor  # [L] bool
+    finite: torch.Tensor  # [L] bool
+
+    def take(self, idx: list[int]) -> _SourceBounds:
+        return _SourceBounds(*(getattr(self, k)[idx] for k in ("gram_err", "norm", "structural", "finite")))
+
+
+def _source_bounds(mats: list[torch.Tensor]) -> _SourceBounds:
+    """Rounding and norm bounds and the structural test from |W| in the weights' own layout and precision (float32,
+    float64 for float64 weights): three mat-vecs on an exact copy, half the bytes of the float64 stack's passes.
+
+    With A the tall orientation (m >= n), r = |A| 1 and c = 1^T |A| (sums of non-negative exact terms, so zero exactly
+    when every term is, and never below (1 - gamma_k) times the true sum), q = |A|^T r. Then
+      - |fl(A^T A) - A^T A| <= gamma_m |A|^T |A| (float64 Gram), whose 2-norm is at most max_j q_j (Collatz-Wielandt
+        with the all-ones vector); q's products may underflow, by at most the smallest normal number each (flush to
+        zero included), hence the m * tiny term;
+      - sigma_max(A) <= sqrt(||A||_1 ||A||_inf) = sqrt(max c * max r);
+      - rank(A) < n when a column is empty or fewer than n rows hold a nonzero."""
+    ge, nb, st, fin = [], [], [], []
+    for w in mats:
+        wide = w.shape[0] < w.shape[1]
+        m, n = max(w.shape), min(w.shape)
+        # bfloat16 / float16 widen exactly to float32; a matrix so small (or large) that q would lose itself in
+        # float32 underflow (overflow) is redone in float64, where float32 entries' products cannot underflow
+        for wd in ((_F64,) if w.dtype == _F64 else (torch.float32, _F64)):
+            a = w.detach().to(wd).abs()
+            ones_rows, ones_cols = a.new_ones(a.shape[0]), a.new_ones(a.shape[1])
+            if wide:  # a = |A|^T
+                r, c = ones_rows @ a, a @ ones_cols
+                q = a @ r
+            else:
+                r, c = a @ ones_cols, ones_rows @ a
+                q = r @ a
+            u, tiny = torch.finfo(wd).eps / 2, torch.finfo(wd).tiny
+            q_top = float(q.amax())
+            if wd == _F64 or (m * tiny * 2.0**30 < q_top < torch.finfo(wd).max * 2.0**-30) or math.isnan(q_top):
+                break
+
+        def gam(k: int) -> float:
+            return k * u / (1 - k * u)
+
+        q_max = (q.amax().to(_F64) + m * tiny) / ((1 - gam(n)) * (1 - gam(m + 1)))
+        ge.append(q_max * _gamma(m) * (1 + 4 * _U))
+        nb.append((c.amax().to(_F64) * r.amax().to(_F64) / ((1 - gam(m)) * (1 - gam(n)))).sqrt() * (1 + 4 * _U))
+        st.append((c == 0).any() | ((r > 0).sum() < n))
+        fin.append(torch.isfinite(q).all() & torch.isfinite(c).all())
+    return _SourceBounds(torch.stack(ge), torch.stack(nb), torch.stack(st), torch.stack(fin))
+
+
 class _Group:
     """Matrices of one tall shape [m, n] (or, ``size`` given, of several shapes zero-padded to one): a stacked float64
     copy (float64 inputs scaled by powers of two to max |a| in [1/2, 1)), its Gram, the rounding bounds that every
     certificate needs, and the structural-rank test."""
 
-    def __init__(self, index: list[int], mats: list[torch.Tensor], size: tuple[int, int] | None = None) -> None:
+    def __init__(self, index: list[int], mats: list[torch.Tensor], size: tuple[int, int] | None = None,
+                 bounds: _SourceBounds | None = None) -> None:
         """``size`` = (m, n): a ragged batch (small matrices of several shapes, CPU), each zero-padded to [m, n] in
         the tall orientation, matrices of one shape and orientation next to each other. Zero rows change no product;
         zero columns are marked in ``pad``, where ``_shifted`` (certificates) and ``_round_eigh`` put a unit or a large
-        diagonal, so each matrix's block is computed exactly as it would be alone."""
+        diagonal, so each matrix's block is computed exactly as it would be alone. ``bounds``: the Gram's rounding
+        bound and the structural test, already computed from the (unscaled, not float64) weights (CPU)."""
         self.index = index
         self.wide = [w.shape[0] < w.shape[1] for w in mats]
         dev = mats[0].device
@@ -286,18 +344,21 @@ class _Group:
             return torch.tensor([f(m, n) for m, n in zip(m_, n_, strict=True)], dtype=_F64, device=dev)
 
         self.G = _gram(self.A)
-        absA = self.A.abs()
-        row_abs = absA.sum(2)  # [B, m]
-        # (|A|^T |A|) 1 and the column sums of |A| in one product
-        prods = absA.mT @ torch.stack([row_abs, torch.ones_like(row_abs)], 2)  # [B, n, 2]
-        self.gram_err = coef(lambda m, n: _gamma(m) * (1 + 2 * _gamma(m + n))) * prods[..., 0].amax(1)
-        # rank(A) < n when a column is empty or fewer than n rows hold a nonzero: sigma_min = 0 exactly
-        # (sums of |a| are 0 exactly when every term is; padding columns are not the matrix's)
-        empty_col = prods[..., 1] == 0
-        if self.pad is not None:
-            empty_col &= ~self.pad
-        n_t = coef(lambda m, n: float(n))
-        self.structural = empty_col.any(1) | ((row_abs > 0).sum(1) < n_t)
+        if bounds is not None:
+            self.gram_err, self.structural = bounds.gram_err.to(dev), bounds.structural.to(dev)
+        else:
+            absA = self.A.abs()
+            row_abs = absA.sum(2)  # [B, m]
+            # (|A|^T |A|) 1 and the column sums of |A| in one product
+            prods = absA.mT @ torch.stack([row_abs, torch.ones_like(row_abs)], 2)  # [B, n, 2]
+            self.gram_err = coef(lambda m, n: _gamma(m) * (1 + 2 * _gamma(m + n))) * prods[..., 0].amax(1)
+            # rank(A) < n when a column is empty or fewer than n rows hold a nonzero: sigma_min = 0 exactly
+            # (sums of |a| are 0 exactly when every term is; padding columns are not the matrix's)
+            empty_col = prods[..., 1] == 0
+            if self.pad is not None:
+                empty_col &= ~self.pad
+            n_t = coef(lambda m, n: float(n))
+            self.structural = empty_col.any(1) | ((row_abs > 0).sum(1) < n_t)
         diag = self.G.diagonal(dim1=1, dim2=2)
         self.finite = torch.isfinite(diag).all(1)  # any NaN/Inf entry reaches its column's squared norm
         self.trace = diag.sum(1) * coef(lambda m, n: 1 + _gamma(n))
@@ -317,8 +378,9 @@ class _Group:
             if b == self.B or (m_[b], n_[b], self.wide[b]) != (m_[a], n_[a], self.wide[a]):
                 self.parts.append((index[a:b], self.wide[a:b], a, b, m_[a], n_[a]))
                 a = b
-        # an all-zero matrix (values 0, set by the caller's flags) iterates on I instead of a singular G
-        self.G = torch.where(self.zero[:, None, None], self.eye, self.G)
+        # an all-zero matrix (values 0, set by the caller's flags) iterates on I instead of a singular G: its G is
+        # exactly 0, so adding the flag to the diagonal makes it I (in place: no copy of every G)
+        diag.add_(self.zero.to(_F64)[:, None])
 
     @classmethod
     def merged(cls, parts: list[_Group]) -> _Group:
@@ -359,10 +421,94 @@ class _Group:
         return self.margin0[rows] + self.margin1 * shift.abs()
 
 
+_CHOL_BLOCK = 192  # CPU: matrices larger than 2 blocks are factored block by block (see _chol)
+
+
+class _Structural:
+    """Structurally rank-deficient matrices of one tall shape and orientation (CPU, host-steered, the default
+    ``tight_max=False``): sigma_min = 0 exactly, so kappa_floor = 1 / floor whatever sigma_max is, and only sigma_max
+    is estimated, by block power steps on A itself in the weights' precision (float32, or float64): no float64 copy,
+    no Gram, no factorization. The bracket of sigma_max is [|A y| less its rounding bound, sqrt(||A||_1 ||A||_inf)]:
+    proven, not tight (the Gram route's certificate would cost more than everything else these rows need)."""
+
+    def __init__(self, index: list[int], mats: list[torch.Tensor], bounds: _SourceBounds) -> None:
+        self.index, self.bounds = index, bounds
+        w0 = mats[0]
+        self.wd = _F64 if any(w.dtype == _F64 for w in mats) else torch.float32
+        self.wide = [w0.shape[0] < w0.shape[1]] * len(mats)
+        self.m, self.n = max(w0.shape), min(w0.shape)
+        self.B = len(mats)
+        S = torch.stack([w.detach().to(self.wd) for w in mats])
+        self.A = S.mT if self.wide[0] else S  # [B, m, n] (a transposed view for wide ones: BLAS takes it as is)
+        self.row_m, self.row_n = [self.m] * self.B, [self.n] * self.B
+        self.parts = [(index, self.wide, 0, self.B, self.m, self.n)]
+        self.exp = torch.zeros(self.B, dtype=_F64)
+        self.structural = torch.ones(self.B, dtype=torch.bool)
+        self.finite = torch.ones(self.B, dtype=torch.bool)
+
+    def solve(self, start: torch.Tensor, r: int, steps: int) -> dict:
+        """Power steps from ``start``'s top block, a Ritz pick in it, and sigma_max = |A y| with its bracket."""
+        A, wd = self.A, self.wd
+        X, Y0 = _initial_blocks(start, r, start.shape[-1] - r)
+        Y = Y0
+        for _ in range(steps):  # (an all-zero A keeps its start block: the warm state must stay a basis)
+            new = _orth((A.mT @ (A @ Y.to(wd))).to(_F64), passes=1)
+            ok = torch.isfinite(new).flatten(1).all(1) & (new.flatten(1).abs().amax(1) > 0)
+            Y = torch.where(ok[:, None, None], new, Y)
+        if Y.shape[-1] == 2:
+            AY = (A @ Y.to(wd)).to(_F64)
+            H = AY.mT @ AY
+            theta = 0.5 * torch.atan2(H[:, 0, 1] + H[:, 1, 0], H[:, 0, 0] - H[:, 1, 1])
+            y = Y[..., 0] * theta.cos()[:, None] + Y[..., 1] * theta.sin()[:, None]
+        else:  # n == 1
+            y = Y[..., 0]
+        y = _unit_or(y, Y0[..., 0]).to(wd).to(_F64)  # (an all-zero A leaves y = 0); the vector really used below
+        y_norm = y.norm(dim=1)
+        y = y / y_norm[:, None]
+        z = (A @ (y * y_norm[:, None]).to(wd)[..., None]).squeeze(-1).to(_F64)  # exact inputs: y_w = y |y_w|
+        s = z.norm(dim=1)
+        # |fl(A y_w) - A y_w| <= gamma_n |A| |y_w| (+ n tiny per entry: underflow), and || |A| ||_2 <= norm bound
+        u, tiny = torch.finfo(wd).eps / 2, torch.finfo(wd).tiny
+        g_n = (self.n + 2) * u / (1 - (self.n + 2) * u)
+        norm = self.bounds.norm
+        computed = s / y_norm
+        err = g_n * norm + math.sqrt(self.m) * self.n * tiny / y_norm + 8 * _U * computed
+        # the value reported is the proven lower bound (~1e-4 below the float32 |A y|), so that sigma_max is never
+        # above the true one, as everywhere else
+        smax = (computed - err).clamp_min(0)
+        zeros = torch.zeros_like(smax)
+        return dict(x=X[..., 0], y=y, smin=zeros, smax=smax, u_min=torch.zeros_like(z),
+                    u_max=z / s.clamp_min(torch.finfo(_F64).tiny)[:, None], smin_lo=zeros, smin_hi=zeros,
+                    smax_lo=smax, smax_hi=torch.maximum(norm, computed),
+                    certified=torch.ones(self.B, dtype=torch.bool), resolved=torch.ones(self.B, dtype=torch.bool),
+                    fallback=torch.zeros(self.B, dtype=torch.bool), blocks=torch.cat([X, Y], 2))
+
+
 def _chol(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched float64 Cholesky without a host sync; ok = ran to completion with finite pivots."""
-    L, info = torch.linalg.cholesky_ex(H, check_errors=False)
-    return L, (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
+    """Batched float64 Cholesky of a fresh ``H`` (it may be overwritten) without a host sync; ok = ran to completion
+    with finite pivots.
+
+    On CPU, n > 2 blocks goes block by block (right-looking, as LAPACK's potrf: diagonal blocks factored, panels by
+    triangular solves, the trailing matrix updated by a product), in place: torch's own call spends more time zeroing
+    the upper triangle of its column-major result than factoring when n is a power of two (measured: n = 512, 1024,
+    1.7x and 2.1x slower). Only triangular solves read the factor, so its strict upper triangle is left as it is.
+    Rounding is that of any blocked Cholesky, which the certificates' margins (Rump's criterion) already assume.
+    """
+    n = H.shape[-1]
+    if H.is_cuda or n <= 2 * _CHOL_BLOCK:
+        L, info = torch.linalg.cholesky_ex(H, check_errors=False)
+        return L, (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
+    ok = None
+    for k in range(0, n, _CHOL_BLOCK):
+        e = min(k + _CHOL_BLOCK, n)
+        Lkk, info = torch.linalg.cholesky_ex(H[..., k:e, k:e], check_errors=False)
+        ok = (info == 0) if ok is None else ok & (info == 0)
+        H[..., k:e, k:e] = Lkk
+        if e < n:
+            P = torch.linalg.solve_triangular(Lkk, H[..., e:, k:e].mT, upper=False).mT
+            H[..., e:, k:e] = P
+            H[..., e:, e:].sub_(P @ P.mT)
+    return H, ok & torch.isfinite(H.diagonal(dim1=-2, dim2=-1)).all(-1)
 
 
 def _orth(X: torch.Tensor, passes: int = 2) -> torch.Tensor:
@@ -884,6 +1030,7 @@ def extreme_singular_values(
     refresh: bool | Sequence[bool] = False,
     sync: bool = True,
     ritz_block: bool = False,
+    tight_max: bool = False,
     seed: int = 0,
 ) -> SpectralEstimate:
     """sigma_max and sigma_min (the min(m, n)-th singular value) of one matrix or many, with singular vectors and
@@ -908,6 +1055,10 @@ def extreme_singular_values(
             ``certified`` are left on the device for the caller to check (TSCNC does, one step later, on CUDA).
         ritz_block: also return the bottom Ritz block (``estimate.bottom``) for a soft-min over it (uses ``eigh``,
             which synchronises on CUDA).
+        tight_max: also certify sigma_max itself to ``rtol`` on structurally rank-deficient matrices (a Lipschitz
+            bound). By default (False) their kappa_floor = 1 / floor is exact whatever sigma_max is, so on CPU with
+            ``sync=True`` they skip the Gram: sigma_max comes from power steps on the weights in their own precision
+            and its bracket is proven but loose (``sigma_max_hi`` = sqrt(||W||_1 ||W||_inf)).
         seed: seed of the random start when there is no warm state.
 
     Returns:
@@ -916,16 +1067,26 @@ def extreme_singular_values(
     """
     mats = _validate(weights, state)
     opt = SpectralOptions(rtol=rtol, floor=floor, block=block, iters=iters, max_rounds=max_rounds, seed=seed)
-    if not isinstance(sync, bool):
-        raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
+    for name, v in (("sync", sync), ("tight_max", tight_max)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
     flags = _refresh_flags(refresh, len(mats))
     shapes = [tuple(m.shape) for m in mats]
     blocks_in, lower_in = _warm_state(state, mats, shapes, opt, sync)
     work = {"grams": len(mats), "rounds": 0, "factorizations": 0, "inverse_steps": 0, "fallbacks": 0}
     gen = torch.Generator().manual_seed(opt.seed)
-    by_n = _batches(mats, shapes, blocks_in, opt, sync, gen)
+    by_n, fast_groups = _batches(mats, shapes, blocks_in, opt, sync, gen, tight_max, ritz_block)
     per: list = [None] * len(mats)  # (group, row) of each matrix
     results = []
+    for g, start, warm in fast_groups:
+        # warm from the previous step, one cycle of power steps resolves sigma_max to ~1e-5 on the recorded
+        # trajectories (float32); a cold start gets as many as a first round on the Gram
+        res = g.solve(start, min(opt.block, g.n), _TOP_STEPS if warm else _TOP_STEPS * opt.iters)
+        work["grams"] -= g.B
+        work["rounds"] = max(work["rounds"], 1)
+        results.append((g, res))
+        for j, i in enumerate(g.index):
+            per[i] = (len(results) - 1, j)
     for key, members in by_n.items():
         warm_ok = key[-1]
         g = _Group.merged([m[0] for m in members])
@@ -956,9 +1117,10 @@ def _refresh_flags(refresh, n_mats: int) -> bool | list[bool]:
     raise TypeError(f"refresh must be a bool or a list of {n_mats} bools, got {refresh!r}")
 
 
-def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen) -> dict[tuple[int, ...], list]:
+def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tight_max: bool, ritz_block: bool):
     """Groups of matrices solved together: key -> [(group of one tall shape, its start blocks)], key ending in
-    whether the group is warm-started."""
+    whether the group is warm-started; and the structurally rank-deficient groups that skip the Gram (CPU), as
+    (group, start blocks, warm)."""
     merge_by_n = _backend.on_cuda(mats[0])
     by_shape: dict[tuple[int, int, bool], list[int]] = {}
     for i, (a, b) in enumerate(shapes):
@@ -972,6 +1134,30 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen) -> 
     # Small matrices on CPU (the eigh path) are stacked across shapes from the start, zero-padded (a ragged _Group):
     # there the cost is mostly a few microseconds of Python per op and group (ResNet-18 at width 16 has 12 groups)
     merge_small = sync and not merge_by_n
+    # CPU, host-steered: bounds and the structural test from the weights as stored; structurally rank-deficient
+    # matrices skip the Gram (_Structural) unless sigma_max must be tight or the bottom Ritz block is wanted
+    bounds = _source_bounds(mats) if merge_small else None
+    structural: dict[tuple[int, int, bool, bool], list[int]] = {}
+    if bounds is not None:
+        plain = bounds.finite & ~torch.tensor([m.dtype == _F64 for m in mats])
+        # (n <= _EIGH_MAX: the eigh path is cheap and gives a tight sigma_max)
+        fast = [bool(f) and min(m.shape) > _EIGH_MAX and not (tight_max or ritz_block)
+                for f, m in zip((bounds.structural & bounds.finite).tolist(), mats, strict=True)]
+        for key, idx in list(by_shape.items()):
+            rest = [i for i in idx if not fast[i]]
+            for i in idx:
+                if fast[i]:
+                    warm = blocks_in is not None and blocks_in[i] is not None
+                    structural.setdefault((*key, warm), []).append(i)
+            if rest:
+                by_shape[key] = rest
+            else:
+                del by_shape[key]
+        plain = plain.tolist()
+
+    def bounds_of(idx):  # source bounds in the units of a group (given only when no float64 matrix is scaled)
+        return bounds.take(idx) if bounds is not None and all(plain[i] for i in idx) else None
+
     groups: list[tuple[tuple[int, ...], _Group]] = []
     small: dict[tuple[int, ...], list[int]] = {}
     for (m, n, wide), idx in by_shape.items():
@@ -982,10 +1168,11 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen) -> 
             small.setdefault((1 << (n - 1).bit_length(), warm_ok), []).extend(idx)
             continue
         key = (n, warm_ok) if merge_by_n else (m, n, wide, warm_ok)  # CPU: no merging (its padding is a copy of A)
-        groups.append((key, _Group(idx, [mats[i] for i in idx])))
+        groups.append((key, _Group(idx, [mats[i] for i in idx], bounds=bounds_of(idx))))
     for key, idx in small.items():
         part = [mats[i] for i in idx]
-        groups.append((key, _Group(idx, part, size=(max(max(w.shape) for w in part), max(min(w.shape) for w in part)))))
+        size = (max(max(w.shape) for w in part), max(min(w.shape) for w in part))
+        groups.append((key, _Group(idx, part, size=size, bounds=bounds_of(idx))))
     by_n: dict[tuple[int, ...], list] = {}
     for key, g in groups:
         if sync and not bool(g.finite.all()):
@@ -993,7 +1180,17 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen) -> 
             check_tensor(f"weights[{bad}]", mats[bad], finite=True)
         start = _start_blocks(g, blocks_in if key[-1] else None, min(opt.block, g.n), min(2, g.n), gen)
         by_n.setdefault(key, []).append((g, start))
-    return by_n
+    fast_groups = []
+    for key, idx in structural.items():
+        g = _Structural(idx, [mats[i] for i in idx], bounds.take(idx))
+        r = min(opt.block, g.n) + min(2, g.n)
+        if key[-1]:
+            start = torch.stack([blocks_in[i].to(_F64) for i in idx])
+        else:  # one draw per matrix from the seed: the same start as in a call on that matrix alone
+            start = torch.stack([torch.randn(g.n, r, generator=torch.Generator().manual_seed(opt.seed), dtype=_F64)
+                                 for _ in idx])
+        fast_groups.append((g, start, key[-1]))
+    return by_n, fast_groups
 
 
 def _warm_state(state, mats, shapes, opt: SpectralOptions, sync: bool):

@@ -86,20 +86,76 @@ def test_later_rounds_certify_every_row_of_a_group_without_fallback():
 
 
 def test_structurally_singular_rows_only_certify_sigma_max():
-    # empty columns: sigma_min = 0 from the zero pattern; no factor of G - s I exists, so none is attempted
+    # empty columns: sigma_min = 0 from the zero pattern; no factor of G - s I exists, so none is attempted.
+    # tight_max=True: the Gram route certifies sigma_max to rtol with one upper certificate per matrix
     mats = [_pruned(600, 256, 0.05, seed=s) for s in range(3)]
     for W in mats:
         W[:, :3] = 0
     state = SpectralState()
     for step in range(2):
-        est = extreme_singular_values(mats, state=state)
+        est = extreme_singular_values(mats, state=state, tight_max=True)
         check_estimate(est, mats)
         assert bool(est.structural.all()) and bool(est.certified.all())
         assert est.work["inverse_steps"] == 0
         # upper certificates only: one per matrix and round (warm: one round)
         assert est.work["factorizations"] <= est.work["rounds"] * len(mats)
         assert step == 0 or est.work["factorizations"] == len(mats)
+        assert est.work["grams"] == len(mats)
+        assert bool((est.sigma_max_hi <= est.sigma_max_lo * (1 + RTOL)).all())
         mats = [W + 1e-3 * (W != 0) for W in mats]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("orient", ["tall", "wide"])
+def test_structural_rows_skip_the_gram_by_default(dtype, orient):
+    # default: no Gram, no factorization; kappa_floor exact (sigma_min = 0), sigma_max a proven lower bound close to
+    # the truth (cold and warm after a small step) and a proven, loose upper bound
+    mats = []
+    for s in range(3):
+        W = _pruned(900, 200, 0.05, seed=s)
+        if s < 2:
+            W[:, 5] = 0  # an empty column
+        else:
+            W[150:] = 0  # fewer non-empty rows (150) than columns (200), no empty column
+            W[:150] += 0.01
+        mats.append((W if orient == "tall" else W.T.contiguous()).to(dtype))
+    mats.append(torch.zeros_like(mats[0]))  # all-zero
+    state = SpectralState()
+    for step in range(2):
+        est = extreme_singular_values(mats, state=state, floor=1e-6)
+        check_estimate(est, [m.double() for m in mats], floor=1e-6)
+        assert bool(est.structural.all()) and bool(est.certified.all()) and not bool(est.fallback.any())
+        assert est.work["grams"] == 0 and est.work["factorizations"] == 0
+        for i, W in enumerate(mats):
+            smax = float(torch.linalg.svdvals(W.double())[0])
+            tol = 1e-2 if step else 3e-2  # random pruned matrices: a clustered top (warm: 4 steps, cold: 12)
+            assert float(est.sigma_max[i]) >= smax * (1 - tol), (step, i)
+            assert float(est.sigma_max[i]) == float(est.sigma_max_lo[i]) and float(est.sigma_min[i]) == 0
+            u, v = est.u_max[i].double(), est.v_max[i].double()
+            if smax > 0:
+                assert abs(float(u @ W.double() @ v) - smax) <= tol * smax
+        mats = [W + (1e-3 * (W != 0)).to(dtype) for W in mats]
+
+
+def test_source_bounds_hold_and_find_the_structure():
+    from fastcnc.spectral import _gamma, _source_bounds
+
+    gen = torch.Generator().manual_seed(4)
+    dense = torch.randn(300, 70, generator=gen)
+    tiny = dense * 1e-30  # products underflow in float32
+    empty_row_poor = torch.zeros(80, 70)
+    empty_row_poor[:60] = torch.randn(60, 70, generator=gen)  # 60 non-empty rows < 70 columns
+    mats = [dense, dense.T, tiny, empty_row_poor, empty_row_poor.T, dense.double()]
+    b = _source_bounds(mats)
+    assert b.structural.tolist() == [False, False, False, True, True, False]
+    for i, W in enumerate(mats):
+        A = (W.T if W.shape[0] < W.shape[1] else W).double()
+        m = A.shape[0]
+        q = (A.abs().T @ (A.abs() @ torch.ones(A.shape[1], dtype=torch.float64))).max()
+        assert float(b.gram_err[i]) >= _gamma(m) * float(q)
+        assert float(b.norm[i]) >= float(torch.linalg.svdvals(A)[0])
+    assert bool(b.finite.all())
+    assert not bool(_source_bounds([torch.full((4, 3), float("nan"))]).finite.all())
 
 
 def test_top_ritz_pick_of_a_two_column_block_is_the_dominant_eigenvector():
@@ -375,3 +431,21 @@ def test_non_finite_weight_named_in_error():
 def test_bad_options_raise(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         extreme_singular_values(torch.randn(40, 30), **kwargs)
+
+
+def test_blocked_cholesky_matches_lapack_and_flags_failures():
+    # CPU, n above two blocks: factored block by block in place; same factor as LAPACK's, same ok flags
+    from fastcnc.spectral import _CHOL_BLOCK, _chol
+
+    gen = torch.Generator().manual_seed(12)
+    n = 2 * _CHOL_BLOCK + 37
+    A = torch.randn(3, 2, n + 20, n, generator=gen, dtype=torch.float64)
+    H = A.mT @ A
+    H[1, 0].diagonal().sub_(float(torch.linalg.eigvalsh(H[1, 0])[3]))  # indefinite
+    H[2, 1, 0, 0] = float("nan")
+    want, info = torch.linalg.cholesky_ex(H)
+    L, ok = _chol(H.clone())
+    assert ok.tolist() == [[True, True], [False, True], [True, False]]
+    assert ok.tolist() == (info == 0).logical_and(torch.isfinite(want.diagonal(dim1=-2, dim2=-1)).all(-1)).tolist()
+    for i, j in ((0, 0), (0, 1), (1, 1), (2, 0)):
+        torch.testing.assert_close(L[i, j].tril(), want[i, j], rtol=1e-10, atol=1e-10)
