@@ -54,9 +54,10 @@ _SYNC_FREE_ROUNDS = 2  # rounds a sync-free call (TSCNC on CUDA) runs for every 
 _EIGH_MAX = 128  # on CPU, groups with n <= this take Rayleigh-Ritz on the whole space (eigh) instead of iterating
 
 
-def _gamma(k: int) -> float:
-    """gamma_k = k u / (1 - k u): the classic bound on the relative rounding error of a length-k dot product."""
-    return k * _U / (1 - k * _U)
+def _gamma(k: int, u: float = _U) -> float:
+    """gamma_k = k u / (1 - k u): the classic bound on the relative rounding error of a length-k dot product (u: the
+    unit roundoff, float64's by default)."""
+    return k * u / (1 - k * u)
 
 
 @dataclass
@@ -279,12 +280,10 @@ def _source_bounds(mats: list[torch.Tensor]) -> _SourceBounds:
             if wd == _F64 or (m * tiny * 2.0**30 < q_top < torch.finfo(wd).max * 2.0**-30) or math.isnan(q_top):
                 break
 
-        def gam(k: int) -> float:
-            return k * u / (1 - k * u)
-
-        q_max = (q.amax().to(_F64) + m * tiny) / ((1 - gam(n)) * (1 - gam(m + 1)))
+        q_max = (q.amax().to(_F64) + m * tiny) / ((1 - _gamma(n, u)) * (1 - _gamma(m + 1, u)))
         ge.append(q_max * _gamma(m) * (1 + 4 * _U))
-        nb.append((c.amax().to(_F64) * r.amax().to(_F64) / ((1 - gam(m)) * (1 - gam(n)))).sqrt() * (1 + 4 * _U))
+        nb.append((c.amax().to(_F64) * r.amax().to(_F64) / ((1 - _gamma(m, u)) * (1 - _gamma(n, u)))).sqrt()
+                  * (1 + 4 * _U))
         st.append((c == 0).any() | ((r > 0).sum() < n))
         fin.append(torch.isfinite(q).all() & torch.isfinite(c).all())
     return _SourceBounds(torch.stack(ge), torch.stack(nb), torch.stack(st), torch.stack(fin))
@@ -469,7 +468,7 @@ class _Structural:
         s = z.norm(dim=1)
         # |fl(A y_w) - A y_w| <= gamma_n |A| |y_w| (+ n tiny per entry: underflow), and || |A| ||_2 <= norm bound
         u, tiny = torch.finfo(wd).eps / 2, torch.finfo(wd).tiny
-        g_n = (self.n + 2) * u / (1 - (self.n + 2) * u)
+        g_n = _gamma(self.n + 2, u)
         norm = self.bounds.norm
         computed = s / y_norm
         err = g_n * norm + math.sqrt(self.m) * self.n * tiny / y_norm + 8 * _U * computed
