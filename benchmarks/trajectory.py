@@ -283,6 +283,7 @@ def evaluate(run: Run, snaps: list[dict], device: torch.device, *, repeats: int 
         smax, smin = est.sigma_max.tolist(), est.sigma_min.tolist()
         kfloor = [a / (b + EPS * a) if a > 0 else 1.0 for a, b in zip(smax, smin, strict=True)]
         errs = [_rel(a, b) for a, b in zip(kfloor, ref_kfloor, strict=True)]
+        smax_errs = [_rel(a, float(r[0])) for a, r in zip(smax, ref, strict=True)]
         certified = est.certified.tolist()
         layers = []
         lo_min, hi_min = est.sigma_min_lo.tolist(), est.sigma_min_hi.tolist()
@@ -294,7 +295,8 @@ def evaluate(run: Run, snaps: list[dict], device: torch.device, *, repeats: int 
             ok = lo_min[i] - slack <= s1 <= hi_min[i] + slack and lo_max[i] - slack <= s0 <= hi_max[i] + slack
             contains.append(ok)
             layers.append({"shape": list(m.shape), "kappa_exact": ref_kappa[i], "kappa_eps_exact": ref_kfloor[i],
-                           "kappa_eps_est": kfloor[i], "rel_err": errs[i], "certified": certified[i],
+                           "kappa_eps_est": kfloor[i], "rel_err": errs[i], "sigma_max_rel_err": smax_errs[i],
+                           "certified": certified[i],
                            "fallback": bool(est.fallback[i]), "structural": bool(est.structural[i]),
                            "bracket_contains_truth": ok, "sigma_min_bracket": [lo_min[i], hi_min[i]],
                            "sigma_max_bracket": [lo_max[i], hi_max[i]]})
@@ -304,6 +306,7 @@ def evaluate(run: Run, snaps: list[dict], device: torch.device, *, repeats: int 
         prev = (mats, lo_min, hi_min, lo_max, hi_max)
         row = {"step": snap["step"], "phase": snap["phase"], "sparsity": snap["sparsity"], "matrices": len(mats),
                "kappa_exact_max": max(ref_kappa), "times_s": times, "kappa_rel_err_max": kappa_err,
+               "sigma_max_rel_err_max": max(smax_errs), "structural": int(est.structural.sum()),
                "baseline_failures": failed,
                "certified": sum(certified), "brackets_contain_truth": sum(contains),
                "certified_1step": one_step[2] if one_step else None,
@@ -372,6 +375,7 @@ def _summary(steps: list[dict]) -> dict:
     one = [s for s in steps if s.get("certified_1step") is not None]
     return {
         "snapshots": len(steps), "matrix_evaluations": n,
+        "sigma_max_rel_err_max": max(s["sigma_max_rel_err_max"] for s in steps),
         "kappa_rel_err_max": {k: max(s["kappa_rel_err_max"][k] for s in steps) for k in METHODS}
         | {STEP: max((s["kappa_rel_err_max"][STEP] for s in one), default=math.nan)},
         "certified_fraction_1step": (sum(s["certified_1step"] for s in one) / sum(s["matrices"] for s in one)
@@ -399,15 +403,20 @@ def markdown(result: dict) -> str:
              "kappa error: relative error of kappa_eps = sigma_max / (sigma_min + 1e-6 sigma_max) (the quantity the "
              "penalty uses) vs float64 SVD, max over every layer and every recorded step; `inf` where the routine "
              "failed (eigh not converging) at some step (count in the JSON, `baseline_failures`).", "",
-             "| run | snapshots | kappa_max (exact) | fastcnc err | certified | brackets hold | fallbacks | "
+             "sigma_max err: relative error of fastcnc's sigma_max, max over layers and steps (for a structurally "
+             "rank-deficient layer, kappa_eps = 1/eps exactly and sigma_max is an uncertified power-iteration value "
+             "with a proven lower bound and a loose proven upper bound; see `tight_max`).", "",
+             "| run | snapshots | kappa_max (exact) | fastcnc err | sigma_max err | certified | brackets hold | "
+             "fallbacks | "
              "Weyl carry | eigh64 err | eigh32 err | svdvals err | fastcnc ms | eigh64 ms | eigh32 ms | svdvals ms | "
              "x vs eigh64 | x vs eigh32 | x vs svdvals | 1-step: ms | err | certified | x vs eigh64 | x vs svdvals |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         s, e, t, x = r["summary"], r["summary"]["kappa_rel_err_max"], r["summary"]["median_time_s"], r[
             "summary"]["speedup_median"]
         kmax = max(st["kappa_exact_max"] for st in r["steps"])
         lines.append(f"| {r['run']['name']} | {s['snapshots']} | {kmax:.3g} | {e['fastcnc']:.1e} | "
+                     f"{s['sigma_max_rel_err_max']:.1e} | "
                      f"{s['certified_fraction']:.1%} | {s['brackets_contain_truth_fraction']:.1%} | {s['fallbacks']} "
                      f"| {s['weyl_carry_would_certify']:.1%} "
                      f"| {e['eigh64']:.1e} | {e['eigh32']:.1e} | {e['svdvals']:.1e} | {t['fastcnc'] * 1e3:.1f} | "
@@ -422,13 +431,14 @@ def markdown(result: dict) -> str:
               "Weyl carry: fraction of layers whose previous certified bracket, widened by one training step's drift, "
               "would still certify (how often carrying a certificate could skip the Gram).", ""]
     for r in result["runs"]:
-        lines += [f"## {r['run']['name']}", "", "| step | phase | sparsity | kappa_max | fastcnc err | certified | "
-                  "fallbacks | rounds | fastcnc ms | eigh64 ms | eigh32 ms | svdvals ms | eigh32 err |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {r['run']['name']}", "", "| step | phase | sparsity | kappa_max | fastcnc err | sigma_max err | "
+                  "structural | certified | fallbacks | rounds | fastcnc ms | eigh64 ms | eigh32 ms | svdvals ms | "
+                  "eigh32 err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for st in r["steps"]:
             t = st["times_s"]
             lines.append(f"| {st['step']} | {st['phase']} | {st['sparsity']:.3f} | {st['kappa_exact_max']:.3g} | "
-                         f"{st['kappa_rel_err_max']['fastcnc']:.1e} | {st['certified']}/{st['matrices']} | "
+                         f"{st['kappa_rel_err_max']['fastcnc']:.1e} | {st['sigma_max_rel_err_max']:.1e} | "
+                         f"{st['structural']} | {st['certified']}/{st['matrices']} | "
                          f"{st['fallbacks']} | {st['rounds']} | {t['fastcnc'] * 1e3:.1f} | {t['eigh64'] * 1e3:.1f} | "
                          f"{t['eigh32'] * 1e3:.1f} | {t['svdvals'] * 1e3:.1f} | "
                          f"{st['kappa_rel_err_max']['eigh32']:.1e} |")
