@@ -19,7 +19,11 @@ Per round, for every matrix of a group at once:
 A matrix whose bracket does not yet meet the target gets another round (more steps, and the best certified shift,
 whose factor is already at hand); after ``max_rounds`` it falls back to a float64 SVD (counted). Structural rank
 deficiency (an empty column of A, or fewer non-empty rows than columns) gives sigma_min = 0 exactly, no iteration:
-with host steering (``sync=True``) such a matrix only iterates and certifies sigma_max (one factorization).
+with host steering (``sync=True``) such a matrix only estimates sigma_max: on CPU (n > 128, the default
+``tight_max=False``) by power steps on A in the weights' precision, with no Gram and a loose proven upper bound,
+else by iterating on G and certifying sigma_max (one factorization). On CPU the Gram's rounding bound and the
+structural test are read from |W| in the weights' own precision (``_source_bounds``), and Cholesky factorizations
+of n > 384 go block by block.
 On CPU, matrices with n <= 128 take Rayleigh-Ritz on the whole space (eigh of G) instead of iterating, stacked
 across shapes into zero-padded batches (one per power-of-two bucket of n), since Python overhead per op dominates
 there.
@@ -73,10 +77,13 @@ class SpectralEstimate:
     proved in floating point (Cholesky factorizations with rigorous rounding margins, see the module docstring), and
     the bracket is tight enough that the estimated kappa_floor = sigma_max / (sigma_min + floor * sigma_max) is within
     ``rtol`` (relative) of the true one (floor = 0: plain kappa). ``structural[l]``: sigma_min = 0 from the zero
-    pattern (exact). ``fallback[l]``: the values come from a float64 SVD; where such a layer is not ``certified`` its
-    bracket is the SVD's backward-error bound (LAPACK's guarantee, not machine-checked here). ``err_max`` /
-    ``err_min`` are the bracket widths (the truth is within that distance of the estimate). In ``sync=False`` calls
-    ``certified`` is a device tensor that nothing has read yet: check it before trusting the values.
+    pattern (exact), so kappa_floor = 1 / floor whatever sigma_max is: by default (``tight_max=False``, CPU,
+    n > 128) such a matrix's sigma_max bracket is proven but loose, [power-iteration value less its rounding bound,
+    sqrt(||W||_1 ||W||_inf)], and ``sigma_max`` is that lower end. ``fallback[l]``: the values come from a float64
+    SVD; where such a layer is not ``certified`` its bracket is the SVD's backward-error bound (LAPACK's guarantee,
+    not machine-checked here). ``err_max`` / ``err_min`` are the bracket widths (the truth is within that distance of
+    the estimate). In ``sync=False`` calls ``certified`` is a device tensor that nothing has read yet: check it before
+    trusting the values.
     """
 
     sigma_max: torch.Tensor
@@ -445,18 +452,29 @@ class _Structural:
         self.structural = torch.ones(self.B, dtype=torch.bool)
         self.finite = torch.ones(self.B, dtype=torch.bool)
 
-    def solve(self, start: torch.Tensor, r: int, steps: int) -> dict:
-        """Power steps from ``start``'s top block, a Ritz pick in it, and sigma_max = |A y| with its bracket."""
+    def solve(self, start: torch.Tensor, r: int, min_steps: int, max_steps: int, rtol: float) -> dict:
+        """Power steps from ``start``'s top block until its top Ritz value moves by less than rtol / 100 (relative)
+        from one step to the next (at least ``min_steps``, at most ``max_steps``), a Ritz pick in it, and
+        sigma_max = |A y| with its bracket. The stopping test is a heuristic, not a proof: the bracket is the proof."""
         A, wd = self.A, self.wd
         X, Y0 = _initial_blocks(start, r, start.shape[-1] - r)
-        Y = Y0
-        for _ in range(steps):  # (an all-zero A keeps its start block: the warm state must stay a basis)
-            new = _orth((A.mT @ (A @ Y.to(wd))).to(_F64), passes=1)
+        Y, prev = Y0, None
+        for step in range(max_steps + 1):
+            AY = (A @ Y.to(wd)).to(_F64)  # [B, m, k]: also the Rayleigh-Ritz matrix of the current block
+            H = AY.mT @ AY
+            if Y.shape[-1] == 2:
+                a, b, c = H[:, 0, 0], 0.5 * (H[:, 0, 1] + H[:, 1, 0]), H[:, 1, 1]
+                top = 0.5 * (a + c) + torch.sqrt((0.5 * (a - c)) ** 2 + b * b)
+            else:
+                top = H[:, 0, 0]
+            if step == max_steps or (step >= min_steps and bool(((top - prev).abs() <= 0.01 * rtol * top).all())):
+                break
+            prev = top
+            # (an all-zero A keeps its start block: the warm state must stay a basis)
+            new = _orth((A.mT @ AY.to(wd)).to(_F64), passes=1)
             ok = torch.isfinite(new).flatten(1).all(1) & (new.flatten(1).abs().amax(1) > 0)
             Y = torch.where(ok[:, None, None], new, Y)
         if Y.shape[-1] == 2:
-            AY = (A @ Y.to(wd)).to(_F64)
-            H = AY.mT @ AY
             theta = 0.5 * torch.atan2(H[:, 0, 1] + H[:, 1, 0], H[:, 0, 0] - H[:, 1, 1])
             y = Y[..., 0] * theta.cos()[:, None] + Y[..., 1] * theta.sin()[:, None]
         else:  # n == 1
@@ -1079,8 +1097,10 @@ def extreme_singular_values(
     results = []
     for g, start, warm in fast_groups:
         # warm from the previous step, one cycle of power steps resolves sigma_max to ~1e-5 on the recorded
-        # trajectories (float32); a cold start gets as many as a first round on the Gram
-        res = g.solve(start, min(opt.block, g.n), _TOP_STEPS if warm else _TOP_STEPS * opt.iters)
+        # trajectories (float32); a cold start gets at least as many as a first round on the Gram, and either goes
+        # on while the Ritz value still moves (a clustered top, or a warm block from several steps back)
+        res = g.solve(start, min(opt.block, g.n), _TOP_STEPS if warm else _TOP_STEPS * opt.iters,
+                      _TOP_STEPS * opt.iters * opt.max_rounds, opt.rtol)
         work["grams"] -= g.B
         work["rounds"] = max(work["rounds"], 1)
         results.append((g, res))
