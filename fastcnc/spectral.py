@@ -267,7 +267,7 @@ def _source_bounds(mats: list[torch.Tensor]) -> _SourceBounds:
         zero included), hence the m * tiny term;
       - sigma_max(A) <= sqrt(||A||_1 ||A||_inf) = sqrt(max c * max r);
       - rank(A) < n when a column is empty or fewer than n rows hold a nonzero."""
-    ge, nb, st, fin = [], [], [], []
+    ge, nb, st, fin = [], [], [], []  # host floats and bools: this is the CPU path
     for w in mats:
         wide = w.shape[0] < w.shape[1]
         m, n = max(w.shape), min(w.shape)
@@ -286,14 +286,14 @@ def _source_bounds(mats: list[torch.Tensor]) -> _SourceBounds:
             q_top = float(q.amax())
             if wd == _F64 or (m * tiny * 2.0**30 < q_top < torch.finfo(wd).max * 2.0**-30) or math.isnan(q_top):
                 break
-
-        q_max = (q.amax().to(_F64) + m * tiny) / ((1 - _gamma(n, u)) * (1 - _gamma(m + 1, u)))
+        q_max = (q_top + m * tiny) / ((1 - _gamma(n, u)) * (1 - _gamma(m + 1, u)))
         ge.append(q_max * _gamma(m) * (1 + 4 * _U))
-        nb.append((c.amax().to(_F64) * r.amax().to(_F64) / ((1 - _gamma(m, u)) * (1 - _gamma(n, u)))).sqrt()
+        nb.append(math.sqrt(float(c.amax()) * float(r.amax()) / ((1 - _gamma(m, u)) * (1 - _gamma(n, u))))
                   * (1 + 4 * _U))
-        st.append((c == 0).any() | ((r > 0).sum() < n))
-        fin.append(torch.isfinite(q).all() & torch.isfinite(c).all())
-    return _SourceBounds(torch.stack(ge), torch.stack(nb), torch.stack(st), torch.stack(fin))
+        st.append(bool((c == 0).any()) or int((r > 0).sum()) < n)
+        fin.append(bool(torch.isfinite(q).all() & torch.isfinite(c).all()))
+    return _SourceBounds(torch.tensor(ge, dtype=_F64), torch.tensor(nb, dtype=_F64), torch.tensor(st),
+                         torch.tensor(fin))
 
 
 class _Group:
@@ -474,12 +474,8 @@ class _Structural:
             new = _orth((A.mT @ AY.to(wd)).to(_F64), passes=1)
             ok = torch.isfinite(new).flatten(1).all(1) & (new.flatten(1).abs().amax(1) > 0)
             Y = torch.where(ok[:, None, None], new, Y)
-        if Y.shape[-1] == 2:
-            theta = 0.5 * torch.atan2(H[:, 0, 1] + H[:, 1, 0], H[:, 0, 0] - H[:, 1, 1])
-            y = Y[..., 0] * theta.cos()[:, None] + Y[..., 1] * theta.sin()[:, None]
-        else:  # n == 1
-            y = Y[..., 0]
-        y = _unit_or(y, Y0[..., 0]).to(wd).to(_F64)  # (an all-zero A leaves y = 0); the vector really used below
+        # (an all-zero A leaves y = 0); rounded to the working precision: the vector the product below really uses
+        y = _unit_or(_top_pick(H, Y), Y0[..., 0]).to(wd).to(_F64)
         y_norm = y.norm(dim=1)
         y = y / y_norm[:, None]
         z = (A @ (y * y_norm[:, None]).to(wd)[..., None]).squeeze(-1).to(_F64)  # exact inputs: y_w = y |y_w|
@@ -580,7 +576,11 @@ def _bottom_ritz(G: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 
 def _top_ritz(G: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """Unit vector of span(Y) with (close to) the largest Rayleigh quotient of G."""
-    H = Y.mT @ G @ Y
+    return _top_pick(Y.mT @ G @ Y, Y)
+
+
+def _top_pick(H: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """The top Ritz vector of span(Y) (orthonormal) from its Rayleigh-Ritz matrix H = Y^T M Y."""
     if H.shape[-1] != 2:
         return (Y @ _dominant(0.5 * (H + H.mT))[..., None]).squeeze(-1)
     # two columns (the default top block): the dominant eigenvector of [[a, b], [b, c]] in closed form, at angle
@@ -1158,10 +1158,11 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
     bounds = _source_bounds(mats) if merge_small else None
     structural: dict[tuple[int, int, bool, bool], list[int]] = {}
     if bounds is not None:
-        plain = bounds.finite & ~torch.tensor([m.dtype == _F64 for m in mats])
+        finite = bounds.finite.tolist()
+        plain = [f and m.dtype != _F64 for f, m in zip(finite, mats, strict=True)]
         # (n <= _EIGH_MAX: the eigh path is cheap and gives a tight sigma_max)
-        fast = [bool(f) and min(m.shape) > _EIGH_MAX and not (tight_max or ritz_block)
-                for f, m in zip((bounds.structural & bounds.finite).tolist(), mats, strict=True)]
+        fast = [s and f and min(m.shape) > _EIGH_MAX and not (tight_max or ritz_block)
+                for s, f, m in zip(bounds.structural.tolist(), finite, mats, strict=True)]
         for key, idx in list(by_shape.items()):
             rest = [i for i in idx if not fast[i]]
             for i in idx:
@@ -1172,7 +1173,6 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
                 by_shape[key] = rest
             else:
                 del by_shape[key]
-        plain = plain.tolist()
 
     def bounds_of(idx):  # source bounds in the units of a group (given only when no float64 matrix is scaled)
         return bounds.take(idx) if bounds is not None and all(plain[i] for i in idx) else None
