@@ -145,17 +145,30 @@ def record(run: Run, device: torch.device, *, refresh: bool = False, log=print) 
         pruner.step(step)
         idx = torch.randint(0, len(y_all), (run.batch_size,), generator=gen).to(device)
         model.train()
-        loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
-        if reg is not None:
-            loss = loss + reg()
+        ce = F.cross_entropy(model(x_all[idx]), y_all[idx])
+        penalty = reg() if reg is not None else ce.new_zeros(())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (ce + penalty).backward()
+        _check_finite(run, step, layers, ce, penalty)  # (a host sync per step: recording is not timed)
         opt.step()
         _apply_masks(model)
     log(f"recorded {run.name}: {run.steps} steps, {len(snaps)} snapshots, {time.perf_counter() - t0:.1f} s")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(snaps, path)
     return snaps
+
+
+def _check_finite(run: Run, step: int, layers, ce: torch.Tensor, penalty: torch.Tensor) -> None:
+    """Stop a recording at the first non-finite loss or gradient, naming the term and the layers it reached."""
+    grads = [m.weight.grad for _, m in layers]
+    ok = torch.stack([torch.isfinite(ce), torch.isfinite(penalty)]
+                     + [torch.isfinite(g).all() if g is not None else ce.new_ones((), dtype=torch.bool)
+                        for g in grads]).tolist()
+    if all(ok):
+        return
+    bad = [n for (n, _), good in zip(layers, ok[2:], strict=True) if not good]
+    raise FloatingPointError(f"recording {run.name}: step {step}: cross-entropy {float(ce):.4g}, regulariser "
+                             f"{float(penalty):.4g}, non-finite weight gradients in {bad}")
 
 
 def _effective(layer):

@@ -1,12 +1,16 @@
 """Time one whole TSCNC regulariser step (``reg()`` forward + backward) against exact baselines and the memory floor.
 
-    python benchmarks/tscnc_step.py [--model resnet50] [--repeats 20] [--out DIR]
+    python benchmarks/tscnc_step.py [--model resnet50] [--sparsity 0 0.95] [--repeats 20] [--profile 3] [--out DIR]
 
 impls, all computing lambda_tsc * TSC + lambda_cnc * sum_l log kappa(W_l) over every Conv2d/Linear and its gradient:
   fastcnc        ``fastcnc.TSCNC(model)()`` warm-started (the state of the previous step), then ``.backward()``
   eigvalsh-gram  exact: sigma_max/min from ``eigvalsh`` of the smaller Gram matrix of each layer, autograd
   svdvals        exact: ``torch.linalg.svdvals`` of each layer, autograd
-Times are medians (CUDA events on a GPU). The memory floor is the least traffic a step needs, every weight read once
+The model is freshly initialised, then (``--sparsity``, one row each) magnitude-pruned layer by layer to each level
+in turn (pruned layers are the ill-conditioned and structurally rank-deficient ones the engine exists for).
+Times are medians (CUDA events on a GPU); "host ms" is the Python call alone (no sync): host ~= total means the step
+is bound by launches and Python, not by the device. ``--profile K`` writes torch.profiler's table of K fastcnc steps
+(by device time) next to the results. The memory floor is the least traffic a step needs, every weight read once
 and every gradient written once (2 x 4 bytes x parameters), over the device-to-device copy bandwidth measured in the
 same run. On CUDA the number of host syncs of one fastcnc step is counted too (tests/sync_count.py).
 """
@@ -21,7 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import exact_extreme_sigmas, time_ms
+from common import exact_extreme_sigmas, git_commit, time_ms
 
 import fastcnc
 from fastcnc import as_matrices
@@ -82,16 +86,73 @@ def count_syncs(step) -> int | None:
     return len(counter.syncs)
 
 
+def profile_table(step, device: str, steps: int) -> str:
+    """torch.profiler's table of ``steps`` calls of ``step``, by self device time (CPU time on CPU), and the number of
+    device kernels per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None
+                  and str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0)
+    head = f"{steps} steps; device kernels per step: {kernels / steps:.0f}\n\n" if device == "cuda" else ""
+    return head + "```\n" + events.table(sort_by=key, row_limit=45, max_name_column_width=60) + "\n```\n"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(model, device: str, repeats: int, baseline_repeats: int, warmup: int) -> dict:
+    """One row: fastcnc (warm) vs the exact baselines on the model's weights as they are."""
+    step, reg = fastcnc_step(model)
+    for _ in range(warmup):  # the first call is the exact refresh
+        step()
+    work_before = dict(reg.work)
+    t_dev, t_host = time_ms(step, device, repeats, warmup=0)
+    times = {"fastcnc": t_dev}
+    # what the timed calls did (read after timing: the flags of the last call are on the device until now): layers
+    # recomputed by float64 SVD (each one is a late refresh of a layer whose sync-free certificate failed) and layers
+    # left uncertified by the last call; a fast step that refreshes is not the step the goals are about
+    work = {k: reg.work[k] - work_before.get(k, 0) for k in reg.work}
+    est = reg.last_estimate
+    uncertified_last = int((~(est.certified | est.fallback)).sum())
+    structural = int(est.structural.sum())
+    syncs = count_syncs(step) if device == "cuda" else None
+    for how in ("eigvalsh-gram", "svdvals"):
+        times[how] = time_ms(exact_step(model, how), device, baseline_repeats,
+                             warmup=1 if device == "cuda" else 0)[0]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"ms_median": med, "ms_all": times, "fastcnc_host_ms_median": statistics.median(t_host),
+            "speedup_vs_svdvals": med["svdvals"] / med["fastcnc"],
+            "speedup_vs_eigvalsh_gram": med["eigvalsh-gram"] / med["fastcnc"],
+            "host_syncs_per_step": syncs, "timed_calls": repeats, "refreshed_in_timed_calls": work["fallbacks"],
+            "uncertified_late_in_timed_calls": work["uncertified_late"], "uncertified_in_last_call": uncertified_last,
+            "structural_matrices": structural, "factorizations_per_call": work["factorizations"] / repeats,
+            "step": step}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet50", choices=["resnet18", "resnet50"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.0],
+                   help="magnitude-prune every layer to each of these in turn, one row each (default: 0, dense)")
     p.add_argument("--repeats", type=int, default=None, help="fastcnc repeats (default 30 on CUDA, 3 on CPU)")
     p.add_argument("--baseline-repeats", type=int, default=None, help="exact baselines (default 5 on CUDA, 1 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed fastcnc steps first, the exact refresh included "
                    "(default 3 on CUDA, 1 on CPU)")
+    p.add_argument("--profile", type=int, default=0, help="also profile this many fastcnc steps (last sparsity)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    if any(not 0 <= s < 1 for s in a.sparsity) or a.sparsity != sorted(a.sparsity):
+        p.error(f"--sparsity must be increasing values in [0, 1), got {a.sparsity}")
     device = a.device
     repeats = a.repeats or (30 if device == "cuda" else 3)
     baseline_repeats = a.baseline_repeats or (5 if device == "cuda" else 1)
@@ -101,55 +162,52 @@ def main(argv: list[str] | None = None) -> int:
                                 stem="imagenet" if a.model == "resnet50" else "cifar").to(device)
     params = sum(m.weight.numel() for m in _layers(model))
     n_mats = sum(len(as_matrices(m.weight, getattr(m, "groups", 1))) for m in _layers(model))
-
-    step, reg = fastcnc_step(model)
-    for _ in range(warmup):  # the first call is the exact refresh
-        step()
-    work_before = dict(reg.work)
-    times = {"fastcnc": time_ms(step, device, repeats, warmup=0)[0]}
-    # what the timed calls did (read after timing: the flags of the last call are on the device until now): layers
-    # recomputed by float64 SVD (each one is a late refresh of a layer whose sync-free certificate failed) and layers
-    # left uncertified by the last call; a fast step that refreshes is not the step the goals are about
-    work = {k: reg.work[k] - work_before.get(k, 0) for k in reg.work}
-    est = reg.last_estimate
-    uncertified_last = int((~(est.certified | est.fallback)).sum())
-    syncs = count_syncs(step) if device == "cuda" else None
-    for how in ("eigvalsh-gram", "svdvals"):
-        times[how] = time_ms(exact_step(model, how), device, baseline_repeats,
-                             warmup=1 if device == "cuda" else 0)[0]
-    med = {k: statistics.median(v) for k, v in times.items()}
     bandwidth = copy_bandwidth(device, 1 << 30 if device == "cuda" else 1 << 26)
     floor_bytes = 2 * 4 * params
     floor_ms = floor_bytes / bandwidth * 1e3
-    res = {
-        "benchmark": "TSCNC step (reg() forward + backward)", "model": a.model, "matrices": n_mats,
-        "params": params, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__, "date": datetime.date.today().isoformat(), "repeats": repeats,
-        "ms_median": med, "ms_all": times,
-        "speedup_vs_svdvals": med["svdvals"] / med["fastcnc"],
-        "speedup_vs_eigvalsh_gram": med["eigvalsh-gram"] / med["fastcnc"],
-        "copy_bandwidth_GBps": bandwidth / 1e9, "floor_bytes": floor_bytes, "floor_ms": floor_ms,
-        "fastcnc_over_floor": med["fastcnc"] / floor_ms, "host_syncs_per_step": syncs,
-        "timed_calls": repeats, "refreshed_in_timed_calls": work["fallbacks"],
-        "uncertified_late_in_timed_calls": work["uncertified_late"], "uncertified_in_last_call": uncertified_last,
-        "factorizations_per_call": work["factorizations"] / repeats,
-    }
-    md = (f"TSCNC step on {a.model} ({n_mats} matrices, {params / 1e6:.1f}M weights), {res['device']}, torch "
-          f"{res['torch']}, {res['date']}; medians (fastcnc of {repeats}).\n\n"
-          "| fastcnc ms | eigvalsh-gram ms | svdvals ms | x vs svdvals | x vs eigvalsh | floor ms (GB/s) | "
-          "fastcnc / floor | host syncs |\n|---|---|---|---|---|---|---|---|\n"
-          f"| {med['fastcnc']:.3f} | {med['eigvalsh-gram']:.2f} | {med['svdvals']:.2f} | "
-          f"{res['speedup_vs_svdvals']:.1f} | {res['speedup_vs_eigvalsh_gram']:.1f} | {floor_ms:.3f} "
-          f"({bandwidth / 1e9:.0f}) | {res['fastcnc_over_floor']:.1f} | {syncs if syncs is not None else '-'} |\n"
-          f"\nDuring the {repeats} timed fastcnc calls: {work['fallbacks']} matrices recomputed by float64 SVD, "
-          f"{work['uncertified_late']} reported uncertified (late), {uncertified_last} uncertified in the last call, "
-          f"{res['factorizations_per_call']:.0f} Cholesky factorizations per call.\n")
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    res = {"benchmark": "TSCNC step (reg() forward + backward)", "model": a.model, "matrices": n_mats,
+           "params": params, "device": dev_name, "torch": torch.__version__, "commit": git_commit(),
+           "date": datetime.date.today().isoformat(), "repeats": repeats, "baseline_repeats": baseline_repeats,
+           "copy_bandwidth_GBps": bandwidth / 1e9, "floor_bytes": floor_bytes, "floor_ms": floor_ms, "rows": []}
+    md = (f"TSCNC step on {a.model} ({n_mats} matrices, {params / 1e6:.1f}M weights), {dev_name}, torch "
+          f"{res['torch']}, commit {res['commit']}, {res['date']}; medians (fastcnc of {repeats}, baselines of "
+          f"{baseline_repeats}). Memory floor {floor_ms:.3f} ms ({bandwidth / 1e9:.0f} GB/s copy).\n\n"
+          "| sparsity | fastcnc ms | host ms | eigvalsh-gram ms | svdvals ms | x vs svdvals | x vs eigvalsh | "
+          "fastcnc / floor | host syncs | structural | refreshed | uncertified late | factorizations/call |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    step = None
+    for sparsity in a.sparsity:
+        if sparsity > 0:
+            fastcnc.prune_magnitude(model, sparsity, scope="layer")
+        row = measure(model, device, repeats, baseline_repeats, warmup)
+        step = row.pop("step")
+        med = row["ms_median"]
+        row = {"sparsity": sparsity, **row, "fastcnc_over_floor": med["fastcnc"] / floor_ms}
+        res["rows"].append(row)
+        syncs = row["host_syncs_per_step"]
+        md += (f"| {sparsity:.0%} | {med['fastcnc']:.3f} | {row['fastcnc_host_ms_median']:.3f} | "
+               f"{med['eigvalsh-gram']:.2f} | {med['svdvals']:.2f} | {row['speedup_vs_svdvals']:.1f} | "
+               f"{row['speedup_vs_eigvalsh_gram']:.1f} | {row['fastcnc_over_floor']:.0f} | "
+               f"{syncs if syncs is not None else '-'} | {row['structural_matrices']} | "
+               f"{row['refreshed_in_timed_calls']} | {row['uncertified_late_in_timed_calls']} | "
+               f"{row['factorizations_per_call']:.0f} |\n")
+        print(md.splitlines()[-1], flush=True)
+    md += ("\nrefreshed: matrices recomputed by float64 SVD during the timed calls (late refreshes of failed "
+           "sync-free certificates); uncertified late: certificates that failed and were reported one call later.\n")
     print(md)
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
         tag = "gpu" if device == "cuda" else "cpu"
         (a.out / f"tscnc-step-{tag}-{a.model}.json").write_text(json.dumps(res, indent=2))
         (a.out / f"tscnc-step-{tag}-{a.model}.md").write_text(md)
+    if a.profile > 0:
+        table = profile_table(step, device, a.profile)
+        print(table)
+        if a.out is not None:
+            (a.out / f"tscnc-step-{tag}-{a.model}-profile.md").write_text(
+                f"torch.profiler, fastcnc TSCNC step on {a.model} at sparsity {a.sparsity[-1]:.0%}, {dev_name}, "
+                f"commit {res['commit']}\n\n{table}")
     return 0
 
 
