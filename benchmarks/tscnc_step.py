@@ -61,8 +61,8 @@ def exact_step(model, how: str):
     return step
 
 
-def fastcnc_step(model):
-    reg = fastcnc.TSCNC(model, lambda_tsc=LAMBDA_TSC, lambda_cnc=LAMBDA_CNC)
+def fastcnc_step(model, cuda_graph: bool = True):
+    reg = fastcnc.TSCNC(model, lambda_tsc=LAMBDA_TSC, lambda_cnc=LAMBDA_CNC, cuda_graph=cuda_graph)
     layers = _layers(model)
 
     def step():
@@ -109,27 +109,45 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(model, device: str, repeats: int, baseline_repeats: int, warmup: int) -> dict:
-    """One row: fastcnc (warm) vs the exact baselines on the model's weights as they are."""
-    step, reg = fastcnc_step(model)
-    for _ in range(warmup):  # the first call is the exact refresh
+def _run_fastcnc(model, device: str, repeats: int, warmup: int, cuda_graph: bool):
+    step, reg = fastcnc_step(model, cuda_graph)
+    for _ in range(warmup):  # the first call is the exact refresh; on CUDA the second captures the graph
         step()
     work_before = dict(reg.work)
     t_dev, t_host = time_ms(step, device, repeats, warmup=0)
-    times = {"fastcnc": t_dev}
     # what the timed calls did (read after timing: the flags of the last call are on the device until now): layers
     # recomputed by float64 SVD (each one is a late refresh of a layer whose sync-free certificate failed) and layers
     # left uncertified by the last call; a fast step that refreshes is not the step the goals are about
     work = {k: reg.work[k] - work_before.get(k, 0) for k in reg.work}
+    return step, reg, t_dev, t_host, work
+
+
+def measure(model, device: str, repeats: int, baseline_repeats: int, warmup: int) -> dict:
+    """One row: fastcnc (warm; on CUDA both with the engine replayed as a CUDA graph and eagerly) vs the exact
+    baselines on the model's weights as they are."""
+    step, reg, t_dev, t_host, work = _run_fastcnc(model, device, repeats, warmup, cuda_graph=True)
+    times = {"fastcnc": t_dev}
     est = reg.last_estimate
+    graphed = reg._graphed
+    graph_info = {"captures": graphed.captures, "replays": graphed.replays, "disabled": graphed.disabled}
     uncertified_last = int((~(est.certified | est.fallback)).sum())
     structural = int(est.structural.sum())
     syncs = count_syncs(step) if device == "cuda" else None
+    eager = {}
+    if device == "cuda":
+        # the same calls without the graph: its time, and how far its last estimate is from the replayed one's
+        _, reg_e, e_dev, e_host, _ = _run_fastcnc(model, device, repeats, warmup, cuda_graph=False)
+        times["fastcnc-eager"] = e_dev
+        a, b = reg.last_estimate, reg_e.last_estimate
+        diff = max(float(((x - y).abs() / y.abs().clamp_min(1e-300)).max())
+                   for x, y in ((a.sigma_max, b.sigma_max), (a.sigma_min, b.sigma_min)))
+        eager = {"fastcnc_eager_host_ms_median": statistics.median(e_host), "graph_vs_eager_max_rel_diff": diff}
     for how in ("eigvalsh-gram", "svdvals"):
         times[how] = time_ms(exact_step(model, how), device, baseline_repeats,
                              warmup=1 if device == "cuda" else 0)[0]
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"ms_median": med, "ms_all": times, "fastcnc_host_ms_median": statistics.median(t_host),
+    return {"ms_median": med, "ms_all": times, "fastcnc_host_ms_median": statistics.median(t_host), **eager,
+            "cuda_graph": graph_info,
             "speedup_vs_svdvals": med["svdvals"] / med["fastcnc"],
             "speedup_vs_eigvalsh_gram": med["eigvalsh-gram"] / med["fastcnc"],
             "host_syncs_per_step": syncs, "timed_calls": repeats, "refreshed_in_timed_calls": work["fallbacks"],
@@ -173,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     md = (f"TSCNC step on {a.model} ({n_mats} matrices, {params / 1e6:.1f}M weights), {dev_name}, torch "
           f"{res['torch']}, commit {res['commit']}, {res['date']}; medians (fastcnc of {repeats}, baselines of "
           f"{baseline_repeats}). Memory floor {floor_ms:.3f} ms ({bandwidth / 1e9:.0f} GB/s copy).\n\n"
-          "| sparsity | fastcnc ms | host ms | eigvalsh-gram ms | svdvals ms | x vs svdvals | x vs eigvalsh | "
-          "fastcnc / floor | host syncs | structural | refreshed | uncertified late | factorizations/call |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+          "| sparsity | fastcnc ms | host ms | eager ms (host) | graph vs eager | eigvalsh-gram ms | svdvals ms | "
+          "x vs svdvals | x vs eigvalsh | fastcnc / floor | host syncs | structural | refreshed | uncertified late | "
+          "factorizations/call |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     step = None
     for sparsity in a.sparsity:
         if sparsity > 0:
@@ -186,13 +204,19 @@ def main(argv: list[str] | None = None) -> int:
         row = {"sparsity": sparsity, **row, "fastcnc_over_floor": med["fastcnc"] / floor_ms}
         res["rows"].append(row)
         syncs = row["host_syncs_per_step"]
-        md += (f"| {sparsity:.0%} | {med['fastcnc']:.3f} | {row['fastcnc_host_ms_median']:.3f} | "
+        eager = (f"{med['fastcnc-eager']:.2f} ({row['fastcnc_eager_host_ms_median']:.2f}) | "
+                 f"{row['graph_vs_eager_max_rel_diff']:.1e}" if "fastcnc-eager" in med else "- | -")
+        md += (f"| {sparsity:.0%} | {med['fastcnc']:.3f} | {row['fastcnc_host_ms_median']:.3f} | {eager} | "
                f"{med['eigvalsh-gram']:.2f} | {med['svdvals']:.2f} | {row['speedup_vs_svdvals']:.1f} | "
                f"{row['speedup_vs_eigvalsh_gram']:.1f} | {row['fastcnc_over_floor']:.0f} | "
                f"{syncs if syncs is not None else '-'} | {row['structural_matrices']} | "
                f"{row['refreshed_in_timed_calls']} | {row['uncertified_late_in_timed_calls']} | "
                f"{row['factorizations_per_call']:.0f} |\n")
         print(md.splitlines()[-1], flush=True)
+    graph = res["rows"][-1]["cuda_graph"] if res["rows"] else {}
+    md += (f"\nfastcnc: the engine replayed as a CUDA graph on CUDA (TSCNC's default; last row: {graph}); eager: "
+           "the same step with cuda_graph=False; graph vs eager: largest relative difference of sigma_max / "
+           "sigma_min between the two last estimates.\n")
     md += ("\nrefreshed: matrices recomputed by float64 SVD during the timed calls (late refreshes of failed "
            "sync-free certificates); uncertified late: certificates that failed and were reported one call later.\n")
     print(md)

@@ -11,6 +11,7 @@ from torch import nn
 from fastcnc import _backend
 from fastcnc._checks import check_choice, check_eps_floor, check_int, check_positive
 from fastcnc.cnc import CNC_KINDS, penalty_from_estimate
+from fastcnc.graphed import GraphedEngine
 from fastcnc.pruning import tensor_sparsity
 from fastcnc.spectral import SpectralEstimate, SpectralOptions, SpectralState, as_matrices, extreme_singular_values
 from fastcnc.spectral_math import kappa
@@ -57,12 +58,15 @@ class TSCNC(nn.Module):
         refresh_every: recompute exactly (float64 SVD) every N calls (0: only when needed: on the first call, which has
             no state, and whenever a masked layer's mask changed since the last call, i.e. after a pruning step).
         layers: restrict to these module names (default: all Conv2d/Linear).
+        cuda_graph: on CUDA, run the warm engine call by replaying a captured CUDA graph (``fastcnc.graphed``: same
+            results, one launch instead of thousands). Captured at the first warm call and again whenever the shapes
+            change; a failed capture warns and the engine runs eagerly.
     """
 
     def __init__(self, model: nn.Module, lambda_tsc: float = 1e-4, lambda_cnc: float = 1e-3, *, cnc: str = "log",
                  kappa_target: float = 10.0, eps: float = 1e-6, a: float = 100.0, rtol: float = 1e-2,
                  block: int = 4, iters: int = 3, max_rounds: int = 4, smooth_min: float = 0.0,
-                 refresh_every: int = 0, layers: list[str] | None = None) -> None:
+                 refresh_every: int = 0, layers: list[str] | None = None, cuda_graph: bool = True) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -78,6 +82,11 @@ class TSCNC(nn.Module):
         self.options = SpectralOptions(rtol=rtol, floor=self.eps, block=block, iters=iters, max_rounds=max_rounds)
         self.smooth_min = check_positive("smooth_min", smooth_min, allow_zero=True)
         self.refresh_every = check_int("refresh_every", refresh_every, minimum=0)
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+        o = self.options
+        self._graphed = GraphedEngine(dict(rtol=o.rtol, floor=o.floor, block=o.block, iters=o.iters,
+                                           max_rounds=o.max_rounds)) if cuda_graph else None
         found = constrained_layers(model)
         if layers is not None:
             if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
@@ -134,10 +143,15 @@ class TSCNC(nn.Module):
     def _engine(self, mats: list[torch.Tensor], refresh) -> SpectralEstimate:
         o = self.options
         sync = not _backend.on_cuda(mats[0])
-        with torch.no_grad():
-            est = extreme_singular_values([m.detach() for m in mats], rtol=o.rtol, floor=o.floor, block=o.block,
-                                          iters=o.iters, max_rounds=o.max_rounds, state=self.state, refresh=refresh,
-                                          sync=sync, ritz_block=self.smooth_min > 0)
+        est = None
+        if self._graphed is not None and mats[0].is_cuda and refresh is False and self.smooth_min == 0:
+            est = self._graphed([m.detach() for m in mats], self.state)  # None: this call runs eagerly
+        if est is None:
+            with torch.no_grad():
+                est = extreme_singular_values([m.detach() for m in mats], rtol=o.rtol, floor=o.floor,
+                                              block=o.block, iters=o.iters, max_rounds=o.max_rounds,
+                                              state=self.state, refresh=refresh, sync=sync,
+                                              ritz_block=self.smooth_min > 0)
         for k in ("grams", "factorizations", "inverse_steps", "fallbacks"):
             self.work[k] += est.work[k]
         if not sync:  # certificates are read at the next call, from pinned memory: no host sync in this step

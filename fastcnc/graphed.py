@@ -1,0 +1,150 @@
+"""CUDA-graph replay of the spectral engine's sync-free call (what ``TSCNC`` runs on CUDA every step).
+
+Why: the sync-free call issues some ten thousand small kernels for ResNet-50 (two fixed rounds of shifted Cholesky
+factorizations, triangular solves and Rayleigh-Ritz products per shape group). On an H200 its host side took 225 ms
+of a 229 ms step against ~48 ms of kernel time (benchmarks/results/gpu-2026-11-27-h200-s10): the step is bound by
+Python and launches, not by the GPU. The call has no host sync and, warm, the same shapes and the same work every
+step, so it can be captured once and replayed: one launch on the host.
+
+Static buffers: a contiguous copy of every matrix and the warm state (bottom/top blocks and the previous lower bound
+of sigma_min per matrix), which the graph reads at its start and overwrites with the new state at its end. Before
+each replay the weights are copied in, and so is any state that was replaced outside the graph (an exact refresh
+after pruning, a loaded checkpoint). After it the caller gets an estimate whose tensors are its own (values, flags
+and vectors cloned out of the graph's pool): a second call before the first one's backward cannot overwrite them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from fastcnc.spectral import SpectralEstimate, SpectralState, VectorGroup, extreme_singular_values
+
+__all__ = ["GraphedEngine"]
+
+
+class _TorchCudaGraph:
+    """torch.cuda.CUDAGraph behind the two calls GraphedEngine needs (tests substitute a CPU stand-in)."""
+
+    def capture(self, fn: Callable[[], SpectralEstimate], warmup: Callable[[], object]) -> SpectralEstimate:
+        # the eager warm-up runs on a side stream, as torch.cuda.graphs asks: cuBLAS / cuSOLVER handles and
+        # workspaces must exist before capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            warmup()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            out = fn()
+        return out
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class GraphedEngine:
+    """``extreme_singular_values(mats, state=state, sync=False, **options)`` by replay of a captured CUDA graph.
+
+    ``engine(mats, state)`` returns the estimate, or None where the call must run eagerly (the caller runs it): a
+    cold or mismatched state (a cold start draws its random blocks on the host), or capture failed once (a
+    RuntimeWarning says why; the engine stays off from then on). A graph is captured for each new list of shapes,
+    dtypes and devices; the first call of each pays an eager warm-up and the capture.
+    """
+
+    def __init__(self, options: dict, graph_factory: Callable[[], object] | None = None) -> None:
+        self.options = dict(options)
+        self._factory = graph_factory or _TorchCudaGraph
+        self._key = None
+        self.disabled: str | None = None  # why capture was given up, if it was
+        self.captures = 0
+        self.replays = 0
+
+    def _eligible(self, mats: list[torch.Tensor], state: SpectralState) -> bool:
+        shapes = [tuple(m.shape) for m in mats]
+        if self.disabled is not None or not state.matches(shapes) or len(state.blocks) != len(mats):
+            return False
+        if not isinstance(state.lower, list) or len(state.lower) != len(mats):
+            return False
+        block = self.options.get("block", 4)
+        for m, b, lo in zip(mats, state.blocks, state.lower, strict=True):
+            n = min(m.shape)
+            want = (n, min(block, n) + min(2, n))
+            if not (isinstance(b, torch.Tensor) and tuple(b.shape) == want and b.device == m.device):
+                return False
+            if not (isinstance(lo, torch.Tensor) and lo.numel() == 1 and lo.device == m.device):
+                return False
+        return True
+
+    def __call__(self, mats: list[torch.Tensor], state: SpectralState) -> SpectralEstimate | None:
+        if not self._eligible(mats, state):
+            return None
+        key = tuple((tuple(m.shape), m.dtype, m.device) for m in mats)
+        with torch.no_grad():
+            if key != self._key:
+                try:
+                    self._capture(mats, state)
+                except Exception as err:  # noqa: BLE001 - any capture failure: run eagerly from now on, loudly
+                    self.disabled = f"{type(err).__name__}: {err}"
+                    self._key = self._graph = self._est = None
+                    warnings.warn(f"fastcnc: CUDA-graph capture of the spectral engine failed ({self.disabled}); "
+                                  "the engine runs eagerly (same results, more host time)", RuntimeWarning,
+                                  stacklevel=3)
+                    return None
+                self._key = key
+                self.captures += 1
+            for dst, src in zip(self._mats, mats, strict=True):
+                dst.copy_(src)
+            for buf, cur in ((self._blocks, state.blocks), (self._lower, state.lower)):
+                for dst, src in zip(buf, cur, strict=True):
+                    if src is not dst:  # replaced outside the graph since the last replay
+                        dst.copy_(src.reshape(dst.shape))
+            self._graph.replay()
+            self.replays += 1
+            state.blocks, state.lower = list(self._blocks), list(self._lower)
+            return _detached_copy(self._est)
+
+    def _capture(self, mats: list[torch.Tensor], state: SpectralState) -> None:
+        self._key = self._graph = self._est = None
+        self._mats = [m.detach().clone(memory_format=torch.contiguous_format) for m in mats]
+        self._blocks = [b.detach().clone() for b in state.blocks]
+        self._lower = [v.detach().reshape(()).to(torch.float64).clone() for v in state.lower]
+        shapes = list(state.shapes)
+
+        def run(write_back: bool) -> SpectralEstimate:
+            st = SpectralState()
+            st.shapes = shapes
+            st.blocks = list(self._blocks) if write_back else [b.clone() for b in self._blocks]
+            st.lower = list(self._lower) if write_back else [v.clone() for v in self._lower]
+            est = extreme_singular_values(self._mats, state=st, sync=False, **self.options)
+            if write_back:  # the graph's last kernels: the new state into the buffers the next replay reads
+                for dst, src in zip(self._blocks, st.blocks, strict=True):
+                    dst.copy_(src)
+                for dst, src in zip(self._lower, st.lower, strict=True):
+                    dst.copy_(src)
+            return est
+
+        graph = self._factory()
+        self._est = graph.capture(lambda: run(True), lambda: run(False))
+        self._graph = graph
+
+
+def _detached_copy(est: SpectralEstimate) -> SpectralEstimate:
+    """The estimate with its own tensors (few copies: values and flags stacked, vectors per shape group)."""
+    values = torch.stack([est.sigma_max, est.sigma_min, est.sigma_max_lo, est.sigma_max_hi, est.sigma_min_lo,
+                          est.sigma_min_hi])
+    flags = torch.stack([est.certified, est.fallback, est.structural, est.finite])
+    groups = [VectorGroup(g.index, g.wide, g.U.clone(), g.V.clone()) for g in est.groups]
+    n = len(est.u_max)
+    u_max, v_max, u_min, v_min = [None] * n, [None] * n, [None] * n, [None] * n
+    for g in groups:  # U = [u_max, u_min], V = [v_max, v_min] in the tall orientation (see spectral._pack)
+        for j, (i, wide) in enumerate(zip(g.index, g.wide, strict=True)):
+            left, right = (g.V[j], g.U[j]) if wide else (g.U[j], g.V[j])
+            u_max[i], u_min[i], v_max[i], v_min[i] = left[:, 0], left[:, 1], right[:, 0], right[:, 1]
+    return SpectralEstimate(
+        sigma_max=values[0], sigma_min=values[1], sigma_max_lo=values[2], sigma_max_hi=values[3],
+        sigma_min_lo=values[4], sigma_min_hi=values[5], certified=flags[0], fallback=flags[1], structural=flags[2],
+        finite=flags[3], u_max=u_max, v_max=v_max, u_min=u_min, v_min=v_min, work=dict(est.work), rtol=est.rtol,
+        floor=est.floor, bottom=None, groups=groups)

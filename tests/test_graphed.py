@@ -1,0 +1,153 @@
+"""GraphedEngine: replaying a captured sync-free engine call gives exactly the eager call's estimates and state.
+
+On CPU a stand-in graph re-runs the captured function at each replay and copies its results into the tensors the
+capture returned (what a CUDA graph replay does to its static outputs), so the buffer protocol (weights and state
+copied in, state written back, results copied out) is checked here; the real capture runs in the GPU session
+(tests marked cuda below, benchmarks/tscnc_step.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastcnc.graphed import GraphedEngine
+from fastcnc.spectral import SpectralState, extreme_singular_values
+
+OPTIONS = dict(rtol=1e-2, floor=1e-6, block=4, iters=3, max_rounds=4)
+FIELDS = ("sigma_max", "sigma_min", "sigma_max_lo", "sigma_max_hi", "sigma_min_lo", "sigma_min_hi", "certified",
+          "fallback", "structural", "finite")
+
+
+def _tensors(est):
+    out = [getattr(est, f) for f in FIELDS]
+    for name in ("u_max", "v_max", "u_min", "v_min"):
+        out.extend(getattr(est, name))
+    for g in est.groups:
+        out.extend([g.U, g.V])
+    return out
+
+
+class ReplayOnCPU:
+    """Stand-in for torch.cuda.CUDAGraph: replay recomputes and overwrites the captured outputs in place."""
+
+    def capture(self, fn, warmup):
+        warmup()
+        self.fn = fn
+        self.out = fn()
+        return self.out
+
+    def replay(self):
+        new = self.fn()
+        for dst, src in zip(_tensors(self.out), _tensors(new), strict=True):
+            dst.copy_(src)
+
+
+class FailingGraph:
+    def capture(self, fn, warmup):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def _pruned(shape, density, gen):
+    w = torch.randn(*shape, generator=gen)
+    return w * (torch.rand(*shape, generator=gen) < density)
+
+
+def _weights(gen):
+    # tall, wide, and two shapes that share n; pruned like the recorded layers
+    return [_pruned(s, d, gen) for s, d in (((96, 40), 0.3), ((24, 70), 0.5), ((160, 40), 0.2), ((50, 50), 0.6))]
+
+
+def _drift(mats, gen, scale=1e-3):
+    return [m + scale * torch.randn(m.shape, generator=gen) * (m != 0) for m in mats]
+
+
+def _same(a, b):
+    for x, y in zip(_tensors(a), _tensors(b), strict=True):
+        assert torch.equal(x, y)
+    assert a.work == b.work
+
+
+def _run_pair(steps, gen, graphed):
+    mats = _weights(gen)
+    ref, st = SpectralState(), SpectralState()
+    extreme_singular_values(mats, state=ref, sync=False, refresh=True, **OPTIONS)
+    extreme_singular_values(mats, state=st, sync=False, refresh=True, **OPTIONS)
+    assert graphed(mats, SpectralState()) is None  # cold: the caller runs it eagerly
+    for _ in range(steps):
+        mats = _drift(mats, gen)
+        want = extreme_singular_values(mats, state=ref, sync=False, **OPTIONS)
+        got = graphed(mats, st)
+        assert got is not None
+        _same(got, want)
+        for a, b in zip(st.blocks + st.lower, ref.blocks + ref.lower, strict=True):
+            assert torch.equal(a, b)
+    return mats, ref, st
+
+
+def test_replay_equals_the_eager_call_step_after_step():
+    gen = torch.Generator().manual_seed(0)
+    graphed = GraphedEngine(OPTIONS, graph_factory=ReplayOnCPU)
+    _run_pair(4, gen, graphed)
+    assert (graphed.captures, graphed.replays) == (1, 4)
+
+
+def test_state_replaced_outside_the_graph_is_copied_in():
+    gen = torch.Generator().manual_seed(1)
+    graphed = GraphedEngine(OPTIONS, graph_factory=ReplayOnCPU)
+    mats, ref, st = _run_pair(2, gen, graphed)
+    # an exact refresh (a pruning step) rebinds the state's tensors; the next replay must start from them
+    mats = _drift(mats, gen)
+    extreme_singular_values(mats, state=ref, sync=False, refresh=True, **OPTIONS)
+    extreme_singular_values(mats, state=st, sync=False, refresh=True, **OPTIONS)
+    mats = _drift(mats, gen)
+    _same(graphed(mats, st), extreme_singular_values(mats, state=ref, sync=False, **OPTIONS))
+    assert graphed.captures == 1
+
+
+def test_an_estimate_outlives_the_next_replay():
+    gen = torch.Generator().manual_seed(2)
+    graphed = GraphedEngine(OPTIONS, graph_factory=ReplayOnCPU)
+    mats, _, st = _run_pair(1, gen, graphed)
+    first = graphed(_drift(mats, gen), st)
+    saved = [t.clone() for t in _tensors(first)]
+    second = graphed(_drift(mats, gen, 1e-1), st)
+    assert not torch.equal(first.sigma_max, second.sigma_max)
+    for a, b in zip(_tensors(first), saved, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_new_shapes_capture_again_and_a_failed_capture_warns_and_runs_eagerly():
+    gen = torch.Generator().manual_seed(3)
+    graphed = GraphedEngine(OPTIONS, graph_factory=ReplayOnCPU)
+    _run_pair(1, gen, graphed)
+    other = [_pruned((64, 30), 0.4, gen)]
+    st = SpectralState()
+    extreme_singular_values(other, state=st, sync=False, refresh=True, **OPTIONS)
+    assert graphed(_drift(other, gen), st) is not None
+    assert graphed.captures == 2
+
+    failing = GraphedEngine(OPTIONS, graph_factory=FailingGraph)
+    with pytest.warns(RuntimeWarning, match="capture of the spectral engine failed"):
+        assert failing(_drift(other, gen), st) is None
+    assert failing.disabled is not None and failing(_drift(other, gen), st) is None  # off for good, no new warning
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_matches_the_eager_call():
+    gen = torch.Generator().manual_seed(4)
+    mats = [m.cuda() for m in _weights(gen)]
+    ref, st = SpectralState(), SpectralState()
+    extreme_singular_values(mats, state=ref, sync=False, refresh=True, **OPTIONS)
+    extreme_singular_values(mats, state=st, sync=False, refresh=True, **OPTIONS)
+    graphed = GraphedEngine(OPTIONS)
+    for _ in range(3):
+        mats = [m.cpu() for m in mats]
+        mats = [m.cuda() for m in _drift(mats, gen)]
+        want = extreme_singular_values(mats, state=ref, sync=False, **OPTIONS)
+        got = graphed(mats, st)
+        assert got is not None, graphed.disabled
+        for x, y in zip(_tensors(got), _tensors(want), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    assert graphed.replays == 3
