@@ -48,27 +48,29 @@ class _TorchCudaGraph:
 class GraphedEngine:
     """``extreme_singular_values(mats, state=state, sync=False, **options)`` by replay of a captured CUDA graph.
 
-    ``engine(mats, state)`` returns the estimate, or None where the call must run eagerly (the caller runs it): a
-    cold or mismatched state (a cold start draws its random blocks on the host), or capture failed once (a
-    RuntimeWarning says why; the engine stays off from then on). A graph is captured for each new list of shapes,
-    dtypes and devices; the first call of each pays an eager warm-up and the capture.
+    ``engine(mats, state, **overrides)`` returns the estimate, or None where the call must run eagerly (the caller runs
+    it): a cold or mismatched state (a cold start draws its random blocks on the host), or capture failed once (a
+    RuntimeWarning says why; the engine stays off from then on). ``overrides`` replace some of the options for this
+    call (TSCNC switches ``max_rounds`` between 1 and 2): one graph is captured per set of options, all reading the same
+    static buffers, so switching costs a capture once and nothing after. New shapes, dtypes or devices drop the graphs
+    and their buffers; the first call of each graph pays an eager warm-up and the capture.
     """
 
     def __init__(self, options: dict, graph_factory: Callable[[], object] | None = None) -> None:
         self.options = dict(options)
         self._factory = graph_factory or _TorchCudaGraph
-        self._key = None
+        self._shapes_key = None
+        self._graphs: dict = {}  # options key -> (graph, estimate of its static outputs)
         self.disabled: str | None = None  # why capture was given up, if it was
         self.captures = 0
         self.replays = 0
 
-    def _eligible(self, mats: list[torch.Tensor], state: SpectralState) -> bool:
+    def _eligible(self, mats: list[torch.Tensor], state: SpectralState, block: int) -> bool:
         shapes = [tuple(m.shape) for m in mats]
         if self.disabled is not None or not state.matches(shapes) or len(state.blocks) != len(mats):
             return False
         if not isinstance(state.lower, list) or len(state.lower) != len(mats):
             return False
-        block = self.options.get("block", 4)
         for m, b, lo in zip(mats, state.blocks, state.lower, strict=True):
             n = min(m.shape)
             want = (n, min(block, n) + min(2, n))
@@ -78,39 +80,46 @@ class GraphedEngine:
                 return False
         return True
 
-    def __call__(self, mats: list[torch.Tensor], state: SpectralState) -> SpectralEstimate | None:
-        if not self._eligible(mats, state):
+    def __call__(self, mats: list[torch.Tensor], state: SpectralState, **overrides) -> SpectralEstimate | None:
+        options = {**self.options, **overrides}
+        if not self._eligible(mats, state, options.get("block", 4)):
             return None
-        key = tuple((tuple(m.shape), m.dtype, m.device) for m in mats)
+        shapes_key = tuple((tuple(m.shape), m.dtype, m.device) for m in mats)
+        options_key = tuple(sorted(options.items()))
         with torch.no_grad():
-            if key != self._key:
+            if shapes_key != self._shapes_key:
+                self._graphs = {}
+                self._buffers(mats, state)
+                self._shapes_key = shapes_key
+            if options_key not in self._graphs:
                 try:
-                    self._capture(mats, state)
+                    self._graphs[options_key] = self._capture(state, options)
                 except Exception as err:  # noqa: BLE001 - any capture failure: run eagerly from now on, loudly
                     self.disabled = f"{type(err).__name__}: {err}"
-                    self._key = self._graph = self._est = None
+                    self._graphs, self._shapes_key = {}, None
                     warnings.warn(f"fastcnc: CUDA-graph capture of the spectral engine failed ({self.disabled}); "
                                   "the engine runs eagerly (same results, more host time)", RuntimeWarning,
                                   stacklevel=3)
                     return None
-                self._key = key
                 self.captures += 1
+            graph, est = self._graphs[options_key]
             for dst, src in zip(self._mats, mats, strict=True):
                 dst.copy_(src)
             for buf, cur in ((self._blocks, state.blocks), (self._lower, state.lower)):
                 for dst, src in zip(buf, cur, strict=True):
                     if src is not dst:  # replaced outside the graph since the last replay
                         dst.copy_(src.reshape(dst.shape))
-            self._graph.replay()
+            graph.replay()
             self.replays += 1
             state.blocks, state.lower = list(self._blocks), list(self._lower)
-            return _detached_copy(self._est)
+            return _detached_copy(est)
 
-    def _capture(self, mats: list[torch.Tensor], state: SpectralState) -> None:
-        self._key = self._graph = self._est = None
+    def _buffers(self, mats: list[torch.Tensor], state: SpectralState) -> None:
         self._mats = [m.detach().clone(memory_format=torch.contiguous_format) for m in mats]
         self._blocks = [b.detach().clone() for b in state.blocks]
         self._lower = [v.detach().reshape(()).to(torch.float64).clone() for v in state.lower]
+
+    def _capture(self, state: SpectralState, options: dict):
         shapes = list(state.shapes)
 
         def run(write_back: bool) -> SpectralEstimate:
@@ -118,7 +127,7 @@ class GraphedEngine:
             st.shapes = shapes
             st.blocks = list(self._blocks) if write_back else [b.clone() for b in self._blocks]
             st.lower = list(self._lower) if write_back else [v.clone() for v in self._lower]
-            est = extreme_singular_values(self._mats, state=st, sync=False, **self.options)
+            est = extreme_singular_values(self._mats, state=st, sync=False, **options)
             if write_back:  # the graph's last kernels: the new state into the buffers the next replay reads
                 for dst, src in zip(self._blocks, st.blocks, strict=True):
                     dst.copy_(src)
@@ -126,16 +135,22 @@ class GraphedEngine:
                     dst.copy_(src)
             return est
 
+        # a CUDA capture runs no kernel, but a stand-in may: the state buffers are put back as they were
+        saved = [b.clone() for b in self._blocks + self._lower]
         graph = self._factory()
-        self._est = graph.capture(lambda: run(True), lambda: run(False))
-        self._graph = graph
+        est = graph.capture(lambda: run(True), lambda: run(False))
+        for dst, src in zip(self._blocks + self._lower, saved, strict=True):
+            dst.copy_(src)
+        return graph, est
 
 
 def _detached_copy(est: SpectralEstimate) -> SpectralEstimate:
     """The estimate with its own tensors (few copies: values and flags stacked, vectors per shape group)."""
     values = torch.stack([est.sigma_max, est.sigma_min, est.sigma_max_lo, est.sigma_max_hi, est.sigma_min_lo,
                           est.sigma_min_hi])
-    flags = torch.stack([est.certified, est.fallback, est.structural, est.finite])
+    first = est.first_round_certified
+    flags = torch.stack([est.certified, est.fallback, est.structural, est.finite]
+                        + ([first] if first is not None else []))
     groups = [VectorGroup(g.index, g.wide, g.U.clone(), g.V.clone()) for g in est.groups]
     n = len(est.u_max)
     u_max, v_max, u_min, v_min = [None] * n, [None] * n, [None] * n, [None] * n
@@ -147,4 +162,4 @@ def _detached_copy(est: SpectralEstimate) -> SpectralEstimate:
         sigma_max=values[0], sigma_min=values[1], sigma_max_lo=values[2], sigma_max_hi=values[3],
         sigma_min_lo=values[4], sigma_min_hi=values[5], certified=flags[0], fallback=flags[1], structural=flags[2],
         finite=flags[3], u_max=u_max, v_max=v_max, u_min=u_min, v_min=v_min, work=dict(est.work), rtol=est.rtol,
-        floor=est.floor, bottom=None, groups=groups)
+        floor=est.floor, bottom=None, groups=groups, first_round_certified=flags[4] if first is not None else None)

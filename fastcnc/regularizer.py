@@ -40,10 +40,11 @@ class TSCNC(nn.Module):
 
     What is guaranteed where: on CPU every call checks the certificates synchronously, so each layer's kappa_eps
     (kappa with sigma_min floored at ``eps * sigma_max``) is proven within ``rtol`` of the truth, or the layer is
-    recomputed by float64 SVD in the same call. On CUDA the step runs two fixed rounds with no host sync; the
-    certification flags are copied to pinned memory without blocking and read at the next call: a layer that did
-    not certify is named in a RuntimeWarning and recomputed exactly at that next call (so a value may be uncertified
-    for one step, never silently; it is still finite and one-sided: sigma_min from above, sigma_max from below, even
+    recomputed by float64 SVD in the same call. On CUDA the step runs fixed rounds with no host sync (two, or one
+    while the last call read showed that its first round alone certified every layer); the certification flags are
+    copied to pinned memory without blocking and read at the next call: a layer that did not certify is named in a
+    RuntimeWarning and recomputed exactly at that next call (so a value may be uncertified for one step, never
+    silently; it is still finite and one-sided: sigma_min from above, sigma_max from below, even
     where a factorization broke down), and NaN/Inf weights raise ValueError one call late.
 
     Args:
@@ -103,13 +104,14 @@ class TSCNC(nn.Module):
         self._mask_signature = None
         self.calls = 0
         self.last_estimate: SpectralEstimate | None = None
-        self._pending = None  # (pinned flags, event) of a sync-free call, read at the next call
+        self._pending = None  # (pinned flags, event, call, rounds) of a sync-free call, read at the next call
+        self._one_round = False  # sync-free calls run one round (see _read_pending)
         self.work = {"calls": 0, "grams": 0, "factorizations": 0, "inverse_steps": 0, "fallbacks": 0,
-                     "uncertified_late": 0}
+                     "uncertified_late": 0, "one_round_calls": 0}
 
     # -- checkpointing of the warm-start state
     def get_extra_state(self):
-        return {"spectral": self.state.to_dict(), "calls": self.calls}
+        return {"spectral": self.state.to_dict(), "calls": self.calls, "one_round": self._one_round}
 
     def set_extra_state(self, extra) -> None:
         if not (isinstance(extra, dict) and isinstance(extra.get("spectral"), dict) and "calls" in extra
@@ -118,6 +120,7 @@ class TSCNC(nn.Module):
                              f"TSCNC.state_dict(), got {type(extra).__name__}")
         self.state = SpectralState.from_dict(extra["spectral"])
         self.calls = int(extra["calls"])
+        self._one_round = bool(extra.get("one_round", False))  # (absent from checkpoints before it existed)
         # the saved warm state belongs to the masks the model holds now (load the model's state first): a mask
         # change is detected from here on, so a resumed run does not pay (or differ by) a spurious exact refresh
         self._mask_signature = self._mask_signature_now()
@@ -143,19 +146,25 @@ class TSCNC(nn.Module):
     def _engine(self, mats: list[torch.Tensor], refresh) -> SpectralEstimate:
         o = self.options
         sync = not _backend.on_cuda(mats[0])
+        # sync-free calls run min(max_rounds, 2) fixed rounds, or one where the last call read showed it enough
+        rounds = 1 if not sync and self._one_round else o.max_rounds
         est = None
         if self._graphed is not None and mats[0].is_cuda and refresh is False and self.smooth_min == 0:
-            est = self._graphed([m.detach() for m in mats], self.state)  # None: this call runs eagerly
+            # None: this call runs eagerly
+            est = self._graphed([m.detach() for m in mats], self.state, max_rounds=rounds)
         if est is None:
             with torch.no_grad():
                 est = extreme_singular_values([m.detach() for m in mats], rtol=o.rtol, floor=o.floor,
-                                              block=o.block, iters=o.iters, max_rounds=o.max_rounds,
+                                              block=o.block, iters=o.iters, max_rounds=rounds,
                                               state=self.state, refresh=refresh, sync=sync,
                                               ritz_block=self.smooth_min > 0)
         for k in ("grams", "factorizations", "inverse_steps", "fallbacks"):
             self.work[k] += est.work[k]
         if not sync:  # certificates are read at the next call, from pinned memory: no host sync in this step
-            flags = torch.stack([est.certified | est.fallback, est.finite])  # (an exact SVD counts as resolved)
+            resolved = est.certified | est.fallback  # (an exact SVD counts as resolved)
+            first = est.first_round_certified if est.first_round_certified is not None else resolved
+            flags = torch.stack([resolved, est.finite, first])
+            self.work["one_round_calls"] += rounds == 1
             if flags.is_cuda:
                 host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
                 host.copy_(flags, non_blocking=True)
@@ -163,7 +172,8 @@ class TSCNC(nn.Module):
                 event.record()
             else:  # the CUDA code path simulated on CPU tensors (tests/test_host_syncs.py)
                 host, event = flags, None
-            self._pending = (host, event, self.calls)
+            # (an all-exact call, est.first_round_certified None, says nothing about how many rounds are enough)
+            self._pending = (host, event, self.calls, min(rounds, 2) if est.first_round_certified is not None else None)
         return est
 
     def _read_pending(self, n_mats: int) -> list[bool] | None:
@@ -171,14 +181,20 @@ class TSCNC(nn.Module):
         raise on NaN/Inf weights. Returns the per-matrix refresh list for this call, or None."""
         if self._pending is None or (self._pending[1] is not None and not self._pending[1].query()):
             return None
-        host, _, call = self._pending
+        host, _, call, rounds = self._pending
         self._pending = None
-        certified, finite = host.tolist()  # pinned host memory the copy has landed in: no wait
+        certified, finite, first = host.tolist()  # pinned host memory the copy has landed in: no wait
         if len(certified) != n_mats:
             return None
         if not all(finite):
             bad = finite.index(False)
             raise ValueError(f"weights[{bad}] contains NaN or Inf (found at call {call}); expected finite values")
+        # one round from now on while the first round alone certifies every matrix (seen in a two-round call, or a
+        # one-round call that certified all); back to two at the first failure (which is also refreshed below)
+        if not all(certified):
+            self._one_round = False
+        elif rounds is not None:
+            self._one_round = rounds == 1 or all(first)
         if all(certified):
             return None
         bad = [i for i, c in enumerate(certified) if not c]

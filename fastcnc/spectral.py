@@ -30,7 +30,8 @@ there.
 
 No host synchronisation is needed by the rounds themselves (``cholesky_ex``, triangular solves, matmuls, and a
 repeated-squaring Rayleigh-Ritz pick instead of ``eigh``, which checks its status on the host): with ``sync=False``
-two fixed rounds run for every matrix and the certification flags stay on the device for the caller to read later.
+min(max_rounds, 2) fixed rounds run for every matrix and the certification flags stay on the device for the caller
+to read later.
 See docs/spectral.md for the measurements behind each choice.
 """
 
@@ -104,6 +105,9 @@ class SpectralEstimate:
     rtol: float = 1e-2
     floor: float = 0.0
     bottom: list | None = None  # with ritz_block=True: per matrix (sigmas [r], U [m, r], V [n, r]) ascending
+    # [L] bool, sync=False calls: the first round alone certified the matrix (exact rows count as True); TSCNC reads
+    # it one call late to decide whether its next sync-free calls need a second round
+    first_round_certified: torch.Tensor | None = None
     groups: list = field(default_factory=list, repr=False)  # VectorGroup: the vectors stacked per shape (backward)
 
     @property
@@ -962,6 +966,8 @@ def _solve_group(g: _Group, opt: SpectralOptions, start: torch.Tensor, lower, re
             res = {k: v.new_zeros((g.B,) + tuple(v.shape[1:])) for k, v in ex.items() if k not in ("X", "Y")}
         for k in (*_FIELDS, "resolved"):
             res[k] = res[k].index_copy(0, rows, ex[k])
+        if "first_certified" in res:
+            res["first_certified"] = res["first_certified"].index_fill(0, rows, True)
         fallback[rows] = True
         # warm blocks: the SVD's own bottom r and top r_top right singular vectors. (With only the extreme pair and
         # random padding, the next call's few power steps could not resolve a clustered top (the Marchenko-Pastur
@@ -1031,6 +1037,7 @@ def _rounds_sync_free(g: _Group, opt: SpectralOptions, X, Y, lower, work: dict):
     work["inverse_steps"] += iters * g.B
     work["rounds"] = max(work["rounds"], 1)
     res = {k: getattr(out, k) for k in _FIELDS}
+    first = res["certified"]
     X, Y = out.X, out.Y
     for round_no in range(2, min(opt.max_rounds, _SYNC_FREE_ROUNDS) + 1):
         iters *= 2
@@ -1043,6 +1050,7 @@ def _rounds_sync_free(g: _Group, opt: SpectralOptions, X, Y, lower, work: dict):
             v = getattr(sub, k)
             res[k] = torch.where(keep.view(-1, *([1] * (v.dim() - 1))), res[k], v)
         X, Y, out = sub.X, sub.Y, sub
+    res["first_certified"] = first
     return res, X, Y
 
 
@@ -1074,13 +1082,15 @@ def extreme_singular_values(
             rank-deficient) raises ValueError.
         block: retained bottom Ritz vectors per matrix (more helps clustered bottoms on cold starts).
         iters: inverse-iteration and power steps in the first round (doubled at each further round).
-        max_rounds: rounds before the exact fallback (``sync=True`` only).
+        max_rounds: rounds before the exact fallback (``sync=True``); with ``sync=False`` the number of fixed rounds
+            is ``min(max_rounds, 2)``.
         state: warm-start state, updated in place (pass the same object every step). One for other shapes is
             ignored (cold start); one holding NaN/Inf raises ValueError.
         refresh: True (or one bool per matrix): compute those matrices by float64 SVD and reset their warm state.
         sync: True (default): read the certification flags on the host, run more rounds / the fallback where needed
-            and raise on NaN/Inf weights or unresolvable matrices. False: two fixed rounds, no host sync; the flags in
-            ``certified`` are left on the device for the caller to check (TSCNC does, one step later, on CUDA).
+            and raise on NaN/Inf weights or unresolvable matrices. False: min(max_rounds, 2) fixed rounds, no host
+            sync; the flags in ``certified`` (and ``first_round_certified``) are left on the device for the caller to
+            check (TSCNC does, one step later, on CUDA).
         ritz_block: also return the bottom Ritz block (``estimate.bottom``) for a soft-min over it (uses ``eigh``,
             which synchronises on CUDA).
         tight_max: also certify sigma_max itself to ``rtol`` on structurally rank-deficient matrices (a Lipschitz
@@ -1282,13 +1292,16 @@ def _pack(mats, results, per, opt: SpectralOptions, work: dict, ritz_block: bool
         v_min.append(vn)
     structural = torch.stack([results[gi][0].structural[j] for gi, j in per])
     finite = torch.stack([results[gi][0].finite[j] for gi, j in per])
+    first = None
+    if all("first_certified" in res for _, res in results):
+        first = flag("first_certified")
     bottom = _ritz_blocks(results, per) if ritz_block else None
     return SpectralEstimate(
         sigma_max=scalar("smax"), sigma_min=scalar("smin"), sigma_max_lo=scalar("smax_lo"),
         sigma_max_hi=scalar("smax_hi"), sigma_min_lo=scalar("smin_lo"), sigma_min_hi=scalar("smin_hi"),
         certified=flag("certified"), fallback=flag("fallback"), structural=structural, finite=finite,
         u_max=u_max, v_max=v_max, u_min=u_min, v_min=v_min, work=dict(work), rtol=opt.rtol, floor=opt.floor,
-        bottom=bottom, groups=groups)
+        bottom=bottom, groups=groups, first_round_certified=first)
 
 
 def _ritz_blocks(results, per) -> list:

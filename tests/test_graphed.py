@@ -21,6 +21,8 @@ FIELDS = ("sigma_max", "sigma_min", "sigma_max_lo", "sigma_max_hi", "sigma_min_l
 
 def _tensors(est):
     out = [getattr(est, f) for f in FIELDS]
+    if est.first_round_certified is not None:
+        out.append(est.first_round_certified)
     for name in ("u_max", "v_max", "u_min", "v_min"):
         out.extend(getattr(est, name))
     for g in est.groups:
@@ -131,6 +133,24 @@ def test_new_shapes_capture_again_and_a_failed_capture_warns_and_runs_eagerly():
     with pytest.warns(RuntimeWarning, match="capture of the spectral engine failed"):
         assert failing(_drift(other, gen), st) is None
     assert failing.disabled is not None and failing(_drift(other, gen), st) is None  # off for good, no new warning
+
+
+def test_options_per_call_get_their_own_graph_on_the_same_buffers():
+    # TSCNC switches between one and two fixed rounds: each has its graph, captured once, and each replay starts
+    # from the state the other one left
+    gen = torch.Generator().manual_seed(6)
+    graphed = GraphedEngine(OPTIONS, graph_factory=ReplayOnCPU)
+    mats = _weights(gen)
+    ref, st = SpectralState(), SpectralState()
+    extreme_singular_values(mats, state=ref, sync=False, refresh=True, **OPTIONS)
+    extreme_singular_values(mats, state=st, sync=False, refresh=True, **OPTIONS)
+    for rounds in (2, 1, 1, 2, 1):
+        mats = _drift(mats, gen)
+        want = extreme_singular_values(mats, state=ref, sync=False, **(OPTIONS | {"max_rounds": rounds}))
+        got = graphed(mats, st, max_rounds=rounds)
+        assert got.work["rounds"] == rounds and got.first_round_certified is not None
+        _same(got, want)
+    assert (graphed.captures, graphed.replays) == (2, 5)
 
 
 @pytest.mark.cuda
