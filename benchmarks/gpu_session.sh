@@ -109,9 +109,10 @@ if ((DRY)); then
   run_step masked-layers 120 "python3 benchmarks/bench_masked_matmul.py --batch 1 --repeats 2 --out '$RESULTS'"
   run_step penalty 240 "python3 benchmarks/run.py penalty --models resnet18 --repeats 1 --device cpu --out '$RESULTS'"
 else
-  # one whole TSCNC step on ResNet-50, dense and every layer pruned to 95%, as a replayed CUDA graph and eagerly, vs
-  # svdvals / eigvalsh-of-Gram / memory floor, and a torch.profiler table of the pruned step (what to tune next)
-  run_step tscnc-step 110 "python3 benchmarks/tscnc_step.py --model resnet50 --sparsity 0 0.95 --profile 3 --out '$RESULTS'"
+  # one whole TSCNC step on ResNet-50, dense and every layer pruned to 95%, as a replayed CUDA graph (with TSCNC's choice
+  # of one or two rounds, and with two every call) and eagerly, vs svdvals / eigvalsh-of-Gram / memory floor, and a
+  # torch.profiler table of the pruned step (what to tune next)
+  run_step tscnc-step 130 "python3 benchmarks/tscnc_step.py --model resnet50 --sparsity 0 0.95 --profile 3 --out '$RESULTS'"
   # recorded trajectories at full width, 99% sparsity (the hardest layers), recording included (default kernel configs)
   run_step trajectory 150 "$TRAJ_CHECK; export FASTCNC_AUTOTUNE=0; python3 benchmarks/run.py trajectory --device cuda --runs resnet18-w64-s99,resnet50-w64-s99 --out '$RESULTS'"
   # masked layers: ResNet-18 im2col shapes, 0% / 90% block sparsity, fwd+bwd vs dense cuBLAS in one run (bf16 first)
