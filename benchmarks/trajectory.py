@@ -10,7 +10,8 @@ Evaluation, per recorded step and side by side in one run:
   fastcnc      the certified engine as TSCNC runs it on that device (warm state carried from the previous snapshot,
                so the drift between two calls is ``record_every`` training steps: harder than training itself);
                the 1-step column (warm from one training step back, as in training) replays a captured CUDA graph
-               on CUDA, as TSCNC does (the copy of the warm state into the graph's buffers is timed too)
+               on CUDA, as TSCNC does (the copy of the warm state into the graph's buffers is timed too), with two
+               sync-free rounds (TSCNC runs one while the previous call's first round certified every layer)
   eigh64       exact penalty through torch.linalg.eigvalsh of the float64 small-side Gram, autograd backward
   eigh32       the same in float32 (faster, but fp32 rounding of the Gram swamps sigma_min^2 once kappa >~ 300)
   svdvals      torch.linalg.svdvals of the weights (their dtype), autograd backward
