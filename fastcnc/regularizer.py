@@ -61,7 +61,9 @@ class TSCNC(nn.Module):
         layers: restrict to these module names (default: all Conv2d/Linear).
         cuda_graph: on CUDA, run the warm engine call by replaying a captured CUDA graph (``fastcnc.graphed``: same
             results, one launch instead of thousands). Captured at the first warm call and again whenever the shapes
-            change; a failed capture warns and the engine runs eagerly.
+            change; a failed capture warns and the engine runs eagerly. Each graph (at most two per set of shapes:
+            one and two rounds) keeps its own CUDA memory pool, holding the engine's float64 copy of the weights and
+            its intermediates between steps.
     """
 
     def __init__(self, model: nn.Module, lambda_tsc: float = 1e-4, lambda_cnc: float = 1e-3, *, cnc: str = "log",
