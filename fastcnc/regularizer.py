@@ -151,7 +151,7 @@ class TSCNC(nn.Module):
         # sync-free calls run min(max_rounds, 2) fixed rounds, or one where the last call read showed it enough
         rounds = 1 if not sync and self._one_round else o.max_rounds
         est = None
-        if self._graphed is not None and mats[0].is_cuda and refresh is False and self.smooth_min == 0:
+        if self._use_graph(mats) and refresh is False and self.smooth_min == 0:
             # None: this call runs eagerly
             est = self._graphed([m.detach() for m in mats], self.state, max_rounds=rounds)
         if est is None:
@@ -177,6 +177,9 @@ class TSCNC(nn.Module):
             # (an all-exact call, est.first_round_certified None, says nothing about how many rounds are enough)
             self._pending = (host, event, self.calls, min(rounds, 2) if est.first_round_certified is not None else None)
         return est
+
+    def _use_graph(self, mats: list[torch.Tensor]) -> bool:
+        return self._graphed is not None and mats[0].is_cuda
 
     def _read_pending(self, n_mats: int) -> list[bool] | None:
         """Flags of the last sync-free call once its copy has landed: warn about (and refresh) uncertified layers,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastcnc import _backend
 from fastcnc.graphed import GraphedEngine
 from fastcnc.spectral import SpectralState, extreme_singular_values
 
@@ -171,3 +172,55 @@ def test_cuda_graph_replay_matches_the_eager_call():
         for x, y in zip(_tensors(got), _tensors(want), strict=True):
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     assert (graphed.captures, graphed.replays) == (2, 4)
+
+
+@pytest.mark.skipif(not _backend.INTERPRET, reason="the CUDA code path on CPU tensors needs TRITON_INTERPRET=1")
+def test_tscnc_with_replayed_graphs_trains_exactly_like_eager_through_pruning_and_a_reload():
+    # the whole TSCNC protocol on the CUDA code path (sync-free calls, flags read one call late, one or two rounds,
+    # exact refreshes after pruning, a checkpoint reload), once replaying graphs and once eagerly: the same losses
+    # and gradients at every step
+    from torch import nn
+
+    from fastcnc.layers import MaskedConv2d, MaskedLinear
+    from fastcnc.pruning import prune_magnitude
+    from fastcnc.regularizer import TSCNC
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(MaskedConv2d(3, 16, 3), nn.ReLU(), MaskedConv2d(16, 16, 3), nn.ReLU(), nn.Flatten(),
+                             MaskedLinear(16 * 4 * 4, 10))
+
+    nets = [model(), model()]
+    regs = [TSCNC(n, lambda_tsc=1e-4, lambda_cnc=1e-2) for n in nets]
+    regs[0]._graphed = GraphedEngine(regs[0]._graphed.options, graph_factory=ReplayOnCPU)
+    regs[0]._use_graph = lambda mats: True
+    regs[1]._graphed = None
+    opts = [torch.optim.SGD(n.parameters(), lr=0.05) for n in nets]
+    gen = torch.Generator().manual_seed(1)
+    rounds = []
+    with _backend.cuda_code_path():
+        for step in range(12):
+            x = torch.randn(8, 3, 8, 8, generator=gen)
+            if step in (4, 8):  # pruning: the masks change, the next call refreshes exactly
+                for n in nets:
+                    prune_magnitude(n, 0.5 if step == 4 else 0.8)
+            if step == 6:  # kill and resume: the graphed run reloads its own checkpoint
+                state = {"model": nets[0].state_dict(), "reg": regs[0].state_dict()}
+                nets[0].load_state_dict(state["model"])
+                regs[0].load_state_dict(state["reg"])
+            losses = []
+            for n, reg, opt in zip(nets, regs, opts, strict=True):
+                opt.zero_grad()
+                loss = n(x).square().mean() + reg()
+                loss.backward()
+                losses.append(loss)
+            torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+            for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+                torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+            rounds.append(regs[0].last_estimate.work["rounds"])
+            for opt in opts:
+                opt.step()
+    graphed = regs[0]._graphed
+    assert graphed.replays > 0 and graphed.disabled is None
+    assert 1 in rounds and 2 in rounds  # both graphs were used
+    assert regs[0].work == regs[1].work
