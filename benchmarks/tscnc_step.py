@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import exact_extreme_sigmas, git_commit, time_ms
+from common import exact_extreme_sigmas, git_commit, sync, time_ms
 
 import fastcnc
 from fastcnc import as_matrices
@@ -102,11 +102,6 @@ def profile_table(step, device: str, steps: int) -> str:
                   and str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0)
     head = f"{steps} steps; device kernels per step: {kernels / steps:.0f}\n\n" if device == "cuda" else ""
     return head + "```\n" + events.table(sort_by=key, row_limit=45, max_name_column_width=60) + "\n```\n"
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _run_fastcnc(model, device: str, repeats: int, warmup: int, cuda_graph: bool, two_rounds: bool = False):

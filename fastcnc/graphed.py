@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastcnc.spectral import SpectralEstimate, SpectralState, VectorGroup, extreme_singular_values
+from fastcnc.spectral import SpectralEstimate, SpectralState, VectorGroup, extreme_singular_values, warm_block_width
 
 __all__ = ["GraphedEngine"]
 
@@ -73,7 +73,7 @@ class GraphedEngine:
             return False
         for m, b, lo in zip(mats, state.blocks, state.lower, strict=True):
             n = min(m.shape)
-            want = (n, min(block, n) + min(2, n))
+            want = (n, warm_block_width(n, block))
             if not (isinstance(b, torch.Tensor) and tuple(b.shape) == want and b.device == m.device):
                 return False
             if not (isinstance(lo, torch.Tensor) and lo.numel() == 1 and lo.device == m.device):

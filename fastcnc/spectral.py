@@ -468,7 +468,7 @@ class _Structural:
             AY = (A @ Y.to(wd)).to(_F64)  # [B, m, k]: also the Rayleigh-Ritz matrix of the current block
             H = AY.mT @ AY
             if Y.shape[-1] == 2:
-                a, b, c = H[:, 0, 0], 0.5 * (H[:, 0, 1] + H[:, 1, 0]), H[:, 1, 1]
+                a, b, c = _sym2(H)
                 top = 0.5 * (a + c) + torch.sqrt((0.5 * (a - c)) ** 2 + b * b)
             else:
                 top = H[:, 0, 0]
@@ -584,13 +584,18 @@ def _top_ritz(G: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return _top_pick(Y.mT @ G @ Y, Y)
 
 
+def _sym2(H: torch.Tensor):
+    """Entries a, b, c of the symmetric [[a, b], [b, c]] nearest each [B, 2, 2] H (b averaged over both sides)."""
+    return H[:, 0, 0], 0.5 * (H[:, 0, 1] + H[:, 1, 0]), H[:, 1, 1]
+
+
 def _top_pick(H: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """The top Ritz vector of span(Y) (orthonormal) from its Rayleigh-Ritz matrix H = Y^T M Y."""
     if H.shape[-1] != 2:
         return (Y @ _dominant(0.5 * (H + H.mT))[..., None]).squeeze(-1)
     # two columns (the default top block): the dominant eigenvector of [[a, b], [b, c]] in closed form, at angle
     # 0.5 atan2(2b, a - c) (a handful of elementwise ops instead of _dominant's squarings: launches on CUDA)
-    a, b, c = H[:, 0, 0], 0.5 * (H[:, 0, 1] + H[:, 1, 0]), H[:, 1, 1]
+    a, b, c = _sym2(H)
     theta = 0.5 * torch.atan2(2 * b, a - c)
     return Y[..., 0] * theta.cos()[:, None] + Y[..., 1] * theta.sin()[:, None]
 
@@ -1145,7 +1150,7 @@ def extreme_singular_values(
     if state is not None:
         state.shapes = shapes
         state.blocks = [results[gi][1]["blocks"][j, :results[gi][0].row_n[j]] for gi, j in per]
-        state.lower = [torch.ldexp(results[gi][1]["smin_lo"][j], results[gi][0].exp[j]) for gi, j in per]
+        state.lower = list(est.sigma_min_lo.unbind())  # (already in true units, one op per group)
     return est
 
 
@@ -1223,7 +1228,7 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
     fast_groups = []
     for key, idx in structural.items():
         g = _Structural(idx, [mats[i] for i in idx], bounds.take(idx))
-        r = min(opt.block, g.n) + min(2, g.n)
+        r = warm_block_width(g.n, opt.block)
         if key[-1]:
             start = torch.stack([blocks_in[i].to(_F64) for i in idx])
         else:  # one draw per matrix from the seed: the same start as in a call on that matrix alone
@@ -1233,6 +1238,11 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
     return by_n, fast_groups
 
 
+def warm_block_width(n: int, block: int) -> int:
+    """Columns of a matrix's warm-start block in ``SpectralState.blocks``: the bottom block, then the top one."""
+    return min(block, n) + min(2, n)
+
+
 def _warm_state(state, mats, shapes, opt: SpectralOptions, sync: bool):
     """The state's blocks and shifts where they fit these matrices and options (else None: cold start)."""
     if state is None or not state.matches(shapes) or len(state.blocks) != len(mats):
@@ -1240,7 +1250,7 @@ def _warm_state(state, mats, shapes, opt: SpectralOptions, sync: bool):
     blocks = []
     for m, b in zip(mats, state.blocks, strict=True):
         n = min(m.shape)
-        want = (n, min(opt.block, n) + min(2, n))
+        want = (n, warm_block_width(n, opt.block))
         blocks.append(b if isinstance(b, torch.Tensor) and tuple(b.shape) == want else None)
     if sync and any(b is not None and not bool(torch.isfinite(b).all()) for b in blocks):
         raise ValueError("state holds NaN/Inf warm-start blocks (a corrupt SpectralState); "
