@@ -101,7 +101,11 @@ def profile_table(step, device: str, steps: int) -> str:
     kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None
                   and str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0)
     head = f"{steps} steps; device kernels per step: {kernels / steps:.0f}\n\n" if device == "cuda" else ""
-    return head + "```\n" + events.table(sort_by=key, row_limit=45, max_name_column_width=60) + "\n```\n"
+    table = head + "```\n" + events.table(sort_by=key, row_limit=45, max_name_column_width=60) + "\n```\n"
+    if device == "cuda":  # what the host spends its time on (the part of the step outside the replayed graph)
+        table += ("\nBy self CPU time:\n\n```\n" + events.table(sort_by="self_cpu_time_total", row_limit=30,
+                                                                 max_name_column_width=60) + "\n```\n")
+    return table
 
 
 def _run_fastcnc(model, device: str, repeats: int, warmup: int, cuda_graph: bool, two_rounds: bool = False):

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fastcnc import _backend
 from fastcnc._checks import check_choice, check_eps_floor, check_positive, check_tensor
 from fastcnc.spectral import SpectralEstimate, SpectralState, VectorGroup, extreme_singular_values, matrices_list
 
@@ -62,6 +63,15 @@ class BilinearFormsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values):
         grads: list = [None] * len(ctx.meta)
+        dtypes = {dtype for dtype, _ in ctx.meta}
+        if (grad_values.shape[1] == 2 and len(dtypes) == 1 and _backend.use_triton(grad_values)
+                and all(ctx.needs_input_grad[2:])):
+            # CUDA: every matrix's rank-2 gradient in one launch (the loop below is ~5 ops per group and one per
+            # matrix, each a launch and host time: the step outside the engine's graph is bound by them)
+            shapes = [(shape[0], shape[1]) for _, shape in ctx.meta]
+            grads = _backend.kernels("bilinear").rank2_grads(
+                [(g.index, g.wide, g.U, g.V) for g in ctx.groups], grad_values.to(torch.float64), shapes, dtypes.pop())
+            return (None, None, *grads)
         coeff = grad_values.to(torch.float64).unbind(0)
         for grp in ctx.groups:
             if not any(ctx.needs_input_grad[2 + i] for i in grp.index):

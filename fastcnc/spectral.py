@@ -393,35 +393,57 @@ class _Group:
         diag.add_(self.zero.to(_F64)[:, None])
 
     @classmethod
-    def merged(cls, parts: list[_Group]) -> _Group:
-        """One batch of groups that share n (different m; CUDA): everything after the Gram depends on n only, so the
-        iteration and the certificates run once for all of them (each op is a launch on CUDA). A is zero-padded to
-        the largest m: zero rows change neither A x nor its norm (adding an exact 0 is exact), so values, vectors
-        (padded with zeros) and their bounds, which keep each matrix's own m, are those of the separate groups."""
-        if len(parts) == 1:
+    def merged(cls, parts: list[_Group], n: int | None = None) -> _Group:
+        """One batch of groups (CUDA): everything after the Gram depends on n only, so the iteration and the
+        certificates run once for all of them (each op is a launch on CUDA). A is zero-padded to the largest m: zero
+        rows change neither A x nor its norm (adding an exact 0 is exact), so values, vectors (padded with zeros) and
+        their bounds, which keep each matrix's own m, are those of the separate groups.
+
+        ``n`` (default: the largest n of the parts) pads smaller n with zero columns of A and zero rows and columns
+        of G, marked in ``pad``. The padding coordinates come last, so the leading n_i x n_i block of a Cholesky
+        factor (and its rounding) is that of the matrix alone; ``_shifted`` puts a unit diagonal there, which makes
+        the trailing block exactly I (its off-diagonal factor entries are exact zeros). Iterates started with zero
+        padding stay zero there (G and the factor do not couple them), and every rounding coefficient is each
+        matrix's own (``margin1``: the largest of the parts')."""
+        n = max(p.n for p in parts) if n is None else n
+        if len(parts) == 1 and parts[0].n == n:
             return parts[0]
         g = cls.__new__(cls)
         first = parts[0]
-        g.n, g.eye, g.margin1, g.pad = first.n, first.eye, first.margin1, None
+        dev = first.A.device
+        g.n, g.margin1 = n, max(p.margin1 for p in parts)
+        g.eye = first.eye if first.n == n else torch.eye(n, dtype=_F64, device=dev)
+        g.pad = None
+        if any(p.n != n or p.pad is not None for p in parts):
+            g.pad = torch.cat([torch.nn.functional.pad(
+                p.pad if p.pad is not None else torch.zeros(p.B, p.n, dtype=torch.bool, device=dev),
+                (0, n - p.n), value=True) for p in parts])
         g.m = max(p.m for p in parts)
         g.B = sum(p.B for p in parts)
         g.index = [i for p in parts for i in p.index]
         g.wide = [w for p in parts for w in p.wide]
         g.row_m = [m for p in parts for m in p.row_m]
-        g.row_n = [n for p in parts for n in p.row_n]
+        g.row_n = [n_i for p in parts for n_i in p.row_n]
         g.parts, start = [], 0
         for p in parts:
-            g.parts.append((p.index, p.wide, start, start + p.B, p.m, p.n))
+            for index, wide, a, b, m_i, n_i in p.parts:
+                g.parts.append((index, wide, start + a, start + b, m_i, n_i))
             start += p.B
         g.A = first.A.new_zeros(g.B, g.m, g.n)
-        for p, (_, _, a, b, m, _n) in zip(parts, g.parts, strict=True):
-            g.A[a:b, :m] = p.A
-        for key in ("exp", "G", "gram_err", "structural", "finite", "trace", "fro", "zero", "lam_max_bound", "margin0"):
+        g.G = torch.cat([p.G for p in parts]) if g.pad is None else first.G.new_zeros(g.B, g.n, g.n)
+        start = 0
+        for p in parts:
+            g.A[start:start + p.B, :p.m, :p.n] = p.A
+            if g.pad is not None:
+                g.G[start:start + p.B, :p.n, :p.n] = p.G
+            start += p.B
+        for key in ("exp", "gram_err", "structural", "finite", "trace", "fro", "zero", "lam_max_bound", "margin0"):
             setattr(g, key, torch.cat([getattr(p, key) for p in parts]))
         # [B] coefficients filled on the device (an upload of a host list would be a host sync on CUDA)
-        dev = first.A.device
         for key in ("val_coef", "svd_coef"):
-            setattr(g, key, torch.cat([torch.full((p.B,), getattr(p, key), dtype=_F64, device=dev) for p in parts]))
+            setattr(g, key, torch.cat([
+                c if isinstance(c := getattr(p, key), torch.Tensor) else torch.full((p.B,), c, dtype=_F64, device=dev)
+                for p in parts]))
         return g
 
     def margin(self, shift: torch.Tensor, rows=slice(None)) -> torch.Tensor:
@@ -431,6 +453,7 @@ class _Group:
         return self.margin0[rows] + self.margin1 * shift.abs()
 
 
+_RITZ_MAX_COLUMNS = 8  # blocks up to this width take kernels/ritz.py on CUDA (its register tiles grow as r^2)
 _CHOL_BLOCK = 192  # CPU: matrices larger than 2 blocks are factored block by block (see _chol)
 _INVERSE_BY_PRODUCTS_ON = {"cuda"}  # devices whose inverse-iteration steps are products with L^-1 (see _round)
 
@@ -513,7 +536,7 @@ def _chol(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Rounding is that of any blocked Cholesky, which the certificates' margins (Rump's criterion) already assume.
     """
     n = H.shape[-1]
-    if H.is_cuda or n <= 2 * _CHOL_BLOCK:
+    if _backend.on_cuda(H) or n <= 2 * _CHOL_BLOCK:
         L, info = torch.linalg.cholesky_ex(H, check_errors=False)
         return L, (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
     ok = None
@@ -534,6 +557,9 @@ def _orth(X: torch.Tensor, passes: int = 2) -> torch.Tensor:
     (relative to each column's own norm, so columns of very different norms keep theirs) keeps the factorization
     defined when columns are (nearly) dependent; every value computed later is a Rayleigh quotient evaluated
     directly, so orthonormality affects only the quality of the block, never a bound's validity."""
+    if _backend.use_triton(X) and X.shape[-1] <= _RITZ_MAX_COLUMNS:
+        # CUDA: one launch per pass (the steps below are ~10 kernels, a batched r x r Cholesky among them)
+        return _backend.kernels("ritz").cholesky_qr(X, passes)
     for _ in range(passes):
         S = X.mT @ X
         d = S.diagonal(dim1=1, dim2=2)  # in place on the fresh product: no identity to build (each op is a launch)
@@ -570,6 +596,8 @@ def _dominant(K: torch.Tensor, squarings: int = 12) -> torch.Tensor:
 def _bottom_ritz(G: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """Unit vector of span(X) with (close to) the smallest Rayleigh quotient of G."""
     H = X.mT @ G @ X
+    if _backend.use_triton(H) and H.shape[-1] <= _RITZ_MAX_COLUMNS:  # CUDA: the steps below in one launch
+        return (X @ _backend.kernels("ritz").bottom_eigvec(H)[..., None]).squeeze(-1)
     H = 0.5 * (H + H.mT)
     r = H.shape[-1]
     eye = torch.eye(r, dtype=H.dtype, device=H.device)
@@ -660,13 +688,14 @@ def _shifted(G: torch.Tensor, xi: torch.Tensor, sign: torch.Tensor, pad=None) ->
 
 
 def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions, sync: bool, L_it=None,
-             top_only: bool = False):
+             top_only: bool = False, last: bool = False):
     """Cholesky certificates: the target lower shift tau and the target upper shift t in one batched call (``top_only``:
     t alone, for rows whose sigma_min is known to be 0). With ``L_it`` (the round's iteration factor) also the factor
     for the next round's inverse iteration: tau's where it factored, else that of a looser shift (0.8 sigma_min; sync:
-    factored only for the rows that need it; sync-free: for every row, in the same call), else ``L_it``. Returns the
-    certified lower bound of lambda_min (squared, scaled units; 0 if none), whether t is proven, t, the next factor
-    (None without ``L_it``) and the count of factorizations."""
+    factored only for the rows that need it; sync-free: for every row, in the same call, unless ``last``: no round
+    follows), else ``L_it``. Returns the certified lower bound of lambda_min (squared, scaled units; 0 if none),
+    whether t is proven, t, the next factor (None without ``L_it`` or when ``last``) and the count of
+    factorizations."""
     G = g.G[rows]
     budget = 1 + opt.rtol
 
@@ -690,26 +719,28 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
     if both:
         # sync-free: no later round can fix a sigma_max that the fixed power steps left a little low (a clustered
         # top after a large step), so a second pair that gives the top most of the budget is tested in the same
-        # batched call (no extra launch); the Ritz sigma_min is usually accurate to far better than its share
+        # batched call (no extra launch); the Ritz sigma_min is usually accurate to far better than its share.
+        # The looser lower shift only drives a next round's inverse iteration: not factored in the last round
         tau2, t2 = pair(0.8)
-        shifts += [xi_loose, tau2 + g.margin(tau2, rows), t2 - g.margin(t2, rows)]
+        shifts += [tau2 + g.margin(tau2, rows), t2 - g.margin(t2, rows)] + ([] if last else [xi_loose])
     xi = torch.stack(shifts, 1)
-    col = torch.arange(xi.shape[1], device=G.device)
-    sign = 1 - 2 * ((col == 1) | (col == 4)).to(_F64)  # [1, -1] or [1, -1, 1, 1, -1]
+    col = torch.arange(xi.shape[1], device=G.device)  # (built on the device: an upload would be a host sync)
+    sign = 1 - 2 * (col % 2 == 1).to(_F64)  # upper tests at the odd columns: [1, -1] or [1, -1, 1, -1(, 1)]
     L, ok = _chol(_shifted(G, xi, sign, _rows(g.pad, rows)))  # lower test: G - xi I; upper test: xi I - G
     count = xi.shape[1] * G.shape[0]
     ok_tau, ok_t, L_tau = ok[:, 0], ok[:, 1], L[:, 0]
     next_L = None
     if both:
         # the best proven end on each side (_meets then judges the bracket they make)
-        ok_tau2, ok_t2 = ok[:, 3], ok[:, 4]
+        ok_tau2, ok_t2 = ok[:, 2], ok[:, 3]
         tau = torch.where(ok_tau2, tau2, tau)
-        L_tau = torch.where(ok_tau2[:, None, None], L[:, 3], L_tau)
+        L_tau = torch.where(ok_tau2[:, None, None], L[:, 2], L_tau)
         ok_tau = ok_tau | ok_tau2
         t = torch.where(ok_t, t, t2)
         ok_t = ok_t | ok_t2
-        ok_loose = ok[:, 2]
-        next_L = torch.where(ok_tau[:, None, None], L_tau, torch.where(ok_loose[:, None, None], L[:, 2], L_it))
+        ok_loose = torch.zeros_like(ok_tau) if last else ok[:, 4]
+        if not last:
+            next_L = torch.where(ok_tau[:, None, None], L_tau, torch.where(ok_loose[:, None, None], L[:, 4], L_it))
     elif L_it is not None:  # sync: the host sees which rows failed, so only those pay for the looser factor
         ok_loose = torch.zeros_like(ok_tau)
         next_L = L_tau  # a view of this call's factors: rows are replaced in place below
@@ -725,8 +756,8 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
     return lower_sq, ok_t, t, next_L, count
 
 
-def _round(g: _Group, rows, X, Y, L_it, iters: int, opt: SpectralOptions, sync: bool, top_only: bool = False
-           ) -> _Round:
+def _round(g: _Group, rows, X, Y, L_it, iters: int, opt: SpectralOptions, sync: bool, top_only: bool = False,
+           last: bool = False) -> _Round:
     """One round: inverse iteration on the bottom block (skipped with ``top_only``: sigma_min is 0 from the zero
     pattern, so no factor of G - s I exists), power steps on the top block, Ritz picks, values and certificates."""
     G = g.G[rows]
@@ -759,7 +790,7 @@ def _round(g: _Group, rows, X, Y, L_it, iters: int, opt: SpectralOptions, sync: 
     Y = _orth(Y, passes=1)
     X, Y = _keep_finite(X, X0), _keep_finite(Y, Y0)
     x = X[..., 0] if top_only else _bottom_ritz(G, X)
-    return _finish(g, rows, X, Y, x, _top_ritz(G, Y), L_it, opt, sync, top_only)
+    return _finish(g, rows, X, Y, x, _top_ritz(G, Y), L_it, opt, sync, top_only, last)
 
 
 def _round_eigh(g: _Group, rows, r: int, r_top: int, opt: SpectralOptions) -> _Round:
@@ -783,12 +814,14 @@ def _round_eigh(g: _Group, rows, r: int, r_top: int, opt: SpectralOptions) -> _R
     return _finish(g, rows, V[..., :r], Y, V[..., 0], Y[..., 0], None, opt, sync=True)
 
 
-def _finish(g: _Group, rows, X, Y, x, y, L_it, opt: SpectralOptions, sync: bool, top_only: bool = False) -> _Round:
+def _finish(g: _Group, rows, X, Y, x, y, L_it, opt: SpectralOptions, sync: bool, top_only: bool = False,
+            last: bool = False) -> _Round:
     """Values |A x|, |A y| of the Ritz vectors, their certificates, and the structural / all-zero overrides."""
     x, y = _unit_or(x, X[..., 0]), _unit_or(y, Y[..., 0])
     smin, smax, u_min, u_max, e_min, e_max = _values(g, rows, x, y)
     smin_hi, smax_lo = smin + e_min, (smax - e_max).clamp_min(0)
-    lower_sq, upper_ok, t, next_L, nf = _certify(g, rows, smin, smax, smin_hi, smax_lo, opt, sync, L_it, top_only)
+    lower_sq, upper_ok, t, next_L, nf = _certify(g, rows, smin, smax, smin_hi, smax_lo, opt, sync, L_it, top_only,
+                                                 last)
     structural, zero = g.structural[rows], g.zero[rows]
     smin_lo = torch.where(structural, torch.zeros_like(smin), lower_sq.sqrt())
     smin = torch.where(structural, torch.zeros_like(smin), smin)
@@ -839,10 +872,14 @@ def _initial_blocks(W: torch.Tensor, r: int, r_top: int):
 _FIRST_SHIFTS = (0.99, 0.7, 0.3)  # fractions of the previous certified lower bound of sigma_min tried as shifts
 
 
-def _minus_diag(G: torch.Tensor, s: torch.Tensor, rows=None) -> torch.Tensor:
-    """G[rows] - s I for a [b, n, n] stack and [b] shifts: one copy and an in-place diagonal update."""
+def _minus_diag(G: torch.Tensor, s: torch.Tensor, rows=None, pad=None) -> torch.Tensor:
+    """G[rows] - s I for a [b, n, n] stack and [b] shifts: one copy and an in-place diagonal update (a unit diagonal
+    on the padding coordinates ``pad`` [b, n], as ``_shifted``)."""
     H = G.clone() if rows is None else G[rows]
-    H.diagonal(dim1=-2, dim2=-1).sub_(s[:, None])
+    d = H.diagonal(dim1=-2, dim2=-1)
+    d.sub_(s[:, None])
+    if pad is not None:
+        d.masked_fill_(pad, 1.0)
     return H
 
 
@@ -853,14 +890,15 @@ def _first_factor(g: _Group, rows, X: torch.Tensor, lower, sync: bool):
     mode factors all of them in one batched call and picks per row."""
     G = g.G[rows]
     safe = -g.margin(torch.zeros(G.shape[0], dtype=_F64, device=G.device), rows)
+    pad = _rows(g.pad, rows)
     if lower is None:
-        L, ok = _chol(_minus_diag(G, safe))
+        L, ok = _chol(_minus_diag(G, safe, pad=pad))
         return (L if sync and bool(ok.all()) else _factor_or_identity(L, ok, g.eye)), G.shape[0]
     base = torch.ldexp(lower, -g.exp[rows]) ** 2
     shifts = [base * f**2 for f in _FIRST_SHIFTS] + [safe]
     if not sync:
         xi = torch.stack(shifts, 1)
-        L, ok = _chol(_shifted(G, xi, torch.ones(xi.shape[1], dtype=_F64, device=G.device)))
+        L, ok = _chol(_shifted(G, xi, torch.ones(xi.shape[1], dtype=_F64, device=G.device), pad))
         found = ok.any(1)
         pick = ok.to(torch.int8).argmax(1)  # first (largest) shift that factored (all False: index 0)
         L = L.gather(1, pick[:, None, None, None].expand(-1, 1, g.n, g.n)).squeeze(1)
@@ -875,7 +913,7 @@ def _first_factor(g: _Group, rows, X: torch.Tensor, lower, sync: bool):
             todo = todo[s[todo] < theta[todo]]
         if todo.numel() == 0:
             continue
-        Lb, okb = _chol(_minus_diag(G, s[todo], todo))
+        Lb, okb = _chol(_minus_diag(G, s[todo], todo, None if pad is None else pad[todo]))
         count += todo.numel()
         if L is None:
             L, ok = torch.empty_like(G), torch.zeros(G.shape[0], dtype=torch.bool, device=G.device)
@@ -948,7 +986,7 @@ def _solve_group(g: _Group, opt: SpectralOptions, start: torch.Tensor, lower, re
     todo = list(range(g.B)) if refresh is True else [i for i in range(g.B) if refresh is not False and refresh[i]]
     X, Y = _initial_blocks(start, r, r_top)
     if len(todo) < g.B:
-        if sync and g.n <= _EIGH_MAX and not g.A.is_cuda:
+        if sync and g.n <= _EIGH_MAX and not _backend.on_cuda(g.A):
             out = _round_eigh(g, slice(None), r, r_top, opt)
             work["factorizations"] += out.factorizations
             work["rounds"] = max(work["rounds"], 1)
@@ -1035,18 +1073,19 @@ def _put(T: torch.Tensor, rows, v: torch.Tensor) -> torch.Tensor:
 def _rounds_sync_free(g: _Group, opt: SpectralOptions, X, Y, lower, work: dict):
     """A fixed number of rounds for every row (no host branching); rows certified in a round keep its results."""
     rows, iters = slice(None), opt.iters
+    rounds = min(opt.max_rounds, _SYNC_FREE_ROUNDS)
     L, nf = _first_factor(g, rows, X, lower, sync=False)
     work["factorizations"] += nf
-    out = _round(g, rows, X, Y, L, iters, opt, False)
+    out = _round(g, rows, X, Y, L, iters, opt, False, last=rounds == 1)
     work["factorizations"] += out.factorizations
     work["inverse_steps"] += iters * g.B
     work["rounds"] = max(work["rounds"], 1)
     res = {k: getattr(out, k) for k in _FIELDS}
     first = res["certified"]
     X, Y = out.X, out.Y
-    for round_no in range(2, min(opt.max_rounds, _SYNC_FREE_ROUNDS) + 1):
+    for round_no in range(2, rounds + 1):
         iters *= 2
-        sub = _round(g, rows, X, Y, out.next_L, iters, opt, False)
+        sub = _round(g, rows, X, Y, out.next_L, iters, opt, False, last=round_no == rounds)
         work["factorizations"] += sub.factorizations
         work["inverse_steps"] += iters * g.B
         work["rounds"] = max(work["rounds"], round_no)
@@ -1135,7 +1174,8 @@ def extreme_singular_values(
     for key, members in by_n.items():
         warm_ok = key[-1]
         g = _Group.merged([m[0] for m in members])
-        start = members[0][1] if len(members) == 1 else torch.cat([m[1] for m in members])
+        start = members[0][1] if len(members) == 1 else torch.cat(
+            [torch.nn.functional.pad(m[1], (0, 0, 0, g.n - m[1].shape[1])) for m in members])
         idx = g.index
         grp_flags = flags if isinstance(flags, bool) else [flags[i] for i in idx]
         lower = torch.stack([lower_in[i] for i in idx]).to(g.A.device) if warm_ok and lower_in is not None else None
@@ -1212,7 +1252,8 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
             # batch padded to 128 slower than the groups it replaced); r and r_top are the same for all of them
             small.setdefault((1 << (n - 1).bit_length(), warm_ok), []).extend(idx)
             continue
-        key = (n, warm_ok) if merge_by_n else (m, n, wide, warm_ok)  # CPU: no merging (its padding is a copy of A)
+        # CPU: no merging (its padding is a copy of A); CUDA: one batch per bucket of n (_batch_n)
+        key = (_batch_n(n, opt.block), warm_ok) if merge_by_n else (m, n, wide, warm_ok)
         groups.append((key, _Group(idx, [mats[i] for i in idx], bounds=bounds_of(idx))))
     for key, idx in small.items():
         part = [mats[i] for i in idx]
@@ -1236,6 +1277,19 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
                                  for _ in idx])
         fast_groups.append((g, start, key[-1]))
     return by_n, fast_groups
+
+
+def _batch_n(n: int, block: int) -> int:
+    """The batch a matrix of small side n joins on CUDA (every batch is a few hundred launches whatever its size): n up
+    to 128 share one (the Cholesky and product flops of 128 x 128 blocks are nothing next to a launch), larger n share
+    their power of two where padding to it adds at most 25% to n (1000 -> 1024), else keep their own. Matrices narrower
+    than the bottom block keep their own batch (their blocks are narrower)."""
+    if n < max(block, 2):
+        return n
+    if n <= 128:
+        return 128
+    p = 1 << (n - 1).bit_length()
+    return p if 4 * p <= 5 * n else n
 
 
 def warm_block_width(n: int, block: int) -> int:

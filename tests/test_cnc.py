@@ -29,6 +29,43 @@ def test_bilinear_forms_function_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a, b: BilinearFormsFunction.apply(None, mixed, a, b), tuple(mats))
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.interpret),
+                                    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+                                        not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_backward_kernel_equals_torch_path(dtype, device):
+    # the CUDA backward (kernels/bilinear.py: every matrix's rank-2 gradient in one launch) vs the torch loop, on
+    # tall and wide matrices, groups of one and of mixed orientation, tiles cut at odd sizes, a 1x1 conv's matrix
+    from fastcnc import _backend
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(40, 17), (17, 40), (40, 17), (150, 33), (5, 290), (64, 64), (1, 7)]
+    mats = [torch.randn(s, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
+            for s in shapes]
+    est = extreme_singular_values([m.detach() for m in mats])
+    one = {}  # matrix -> (wide, U [1, m, 2], V [1, n, 2]) taken out of the engine's groups
+    for g in est.groups:
+        for j, i in enumerate(g.index):
+            one[i] = (g.wide[j], g.U[j:j + 1], g.V[j:j + 1])
+    assert not one[0][0] and one[1][0]  # 40x17 tall, 17x40 wide: the same tall shape in both orientations
+    mixed = [VectorGroup([0, 1], [False, True], torch.cat([one[0][1], one[1][1]]), torch.cat([one[0][2], one[1][2]]))]
+    mixed += [VectorGroup([i], [one[i][0]], one[i][1], one[i][2]) for i in range(2, len(mats))]
+    coef = torch.randn(len(mats), 2, generator=gen, dtype=torch.float64).to(device)
+    for grp in (est.groups, mixed):
+        out = {}
+        for backend in ("torch", "triton"):
+            _backend.force_backend(backend)
+            try:
+                vals = BilinearFormsFunction.apply(None, grp, *mats)
+                out[backend] = torch.autograd.grad((vals * coef.to(vals.dtype)).sum(), mats)
+            finally:
+                _backend.force_backend(None)
+        for gk, gt, m in zip(out["triton"], out["torch"], mats, strict=True):
+            assert gk.shape == m.shape and gk.dtype == m.dtype and gk.is_contiguous()
+            tol = {torch.float64: 1e-13, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+            torch.testing.assert_close(gk.double(), gt.double(), rtol=tol, atol=tol * float(gt.abs().max()))
+
+
 @pytest.mark.parametrize("smooth_min", [0.0, 0.05], ids=["ritz", "softmin"])
 @pytest.mark.parametrize("kind", ["log", "kappa", "hinge"])
 def test_cnc_penalty_gradcheck_with_frozen_vectors(kind, smooth_min):

@@ -101,6 +101,24 @@ def _launch_tsc():
         tsc.tsc_value_grad(weights, 100.0, scale)  # fused value + gradient
 
 
+def _launch_ritz():
+    import torch
+    from fastcnc.kernels import ritz
+
+    for r in (1, 2, 4, 6, 8):  # every register-tile width the engine can launch (R = 1, 2, 4, 8)
+        ritz.cholesky_qr(torch.randn(3, 40, r, dtype=torch.float64), passes=1)
+        ritz.bottom_eigvec(torch.eye(r, dtype=torch.float64).expand(3, r, r).contiguous())
+
+
+def _launch_bilinear():
+    import torch
+    from fastcnc.kernels import bilinear
+
+    U, V = torch.randn(1, 13, 2, dtype=torch.float64), torch.randn(1, 9, 2, dtype=torch.float64)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        bilinear.rank2_grads([([0], [True], U, V)], torch.ones(1, 2, dtype=torch.float64), [(9, 13)], dtype)
+
+
 def _launch_masked_matmul(dtype: str, block: int, precision: str, has_bias: bool, products: str):
     import torch
     from fastcnc.kernels import masked_matmul
@@ -161,6 +179,8 @@ MASKED_SLOW = [
 
 CASES: list[LaunchCase | CompileCase] = [
     LaunchCase("tsc", _launch_tsc, weight=2.0),
+    LaunchCase("ritz", _launch_ritz, weight=2.0, int64_offsets=True),
+    LaunchCase("bilinear", _launch_bilinear, int64_offsets=True),
     *MASKED_DEFAULT,
     *MASKED_SLOW,
     # the explicit form, kept exercised on a kernel that compiles (the broken case below must fail for the right reason)

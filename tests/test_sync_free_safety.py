@@ -31,7 +31,8 @@ _real_cholesky_ex = torch.linalg.cholesky_ex
 
 class _PlantedCholesky:
     """torch.linalg.cholesky_ex as cuSOLVER behaves on a breakdown (NaN factor, info > 0), plus planted breakdowns of
-    every factorization of an ``fail_n`` x ``fail_n`` matrix while ``fail_n`` is set."""
+    every factorization of an ``fail_n`` x ``fail_n`` matrix while ``fail_n`` is set, except those of smaller
+    matrices zero-padded to it in a batch merged across n (their last row is (0, ..., 0, 1): see _Group.merged)."""
 
     def __init__(self) -> None:
         self.fail_n: int | None = None
@@ -40,8 +41,9 @@ class _PlantedCholesky:
     def __call__(self, A, *, upper=False, check_errors=False, out=None):
         L, info = _real_cholesky_ex(A, upper=upper, check_errors=check_errors)
         if self.fail_n is not None and A.shape[-1] == self.fail_n:
-            info = torch.ones_like(info)
-            self.planted += info.numel()
+            own = A[..., -1, :-1].abs().sum(-1) > 0
+            info = torch.where(own, torch.ones_like(info), info)
+            self.planted = self.planted + own.sum()  # (a tensor: no host sync in the counted step)
         failed = (info > 0)[..., None, None]
         return torch.where(failed, torch.full_like(L, torch.nan), L), info
 
