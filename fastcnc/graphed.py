@@ -20,7 +20,14 @@ from collections.abc import Callable
 
 import torch
 
-from fastcnc.spectral import SpectralEstimate, SpectralState, VectorGroup, extreme_singular_values, warm_block_width
+from fastcnc.spectral import (
+    SpectralEstimate,
+    SpectralState,
+    VectorGroup,
+    extreme_singular_values,
+    group_vectors,
+    warm_block_width,
+)
 
 __all__ = ["GraphedEngine"]
 
@@ -103,8 +110,7 @@ class GraphedEngine:
                     return None
                 self.captures += 1
             graph, est = self._graphs[options_key]
-            for dst, src in zip(self._mats, mats, strict=True):
-                dst.copy_(src)
+            torch._foreach_copy_(self._mats, mats)  # (one multi-tensor launch instead of a copy per matrix)
             for buf, cur in ((self._blocks, state.blocks), (self._lower, state.lower)):
                 for dst, src in zip(buf, cur, strict=True):
                     if src is not dst:  # replaced outside the graph since the last replay
@@ -152,12 +158,7 @@ def _detached_copy(est: SpectralEstimate) -> SpectralEstimate:
     flags = torch.stack([est.certified, est.fallback, est.structural, est.finite]
                         + ([first] if first is not None else []))
     groups = [VectorGroup(g.index, g.wide, g.U.clone(), g.V.clone()) for g in est.groups]
-    n = len(est.u_max)
-    u_max, v_max, u_min, v_min = [None] * n, [None] * n, [None] * n, [None] * n
-    for g in groups:  # U = [u_max, u_min], V = [v_max, v_min] in the tall orientation (see spectral._pack)
-        for j, (i, wide) in enumerate(zip(g.index, g.wide, strict=True)):
-            left, right = (g.V[j], g.U[j]) if wide else (g.U[j], g.V[j])
-            u_max[i], u_min[i], v_max[i], v_min[i] = left[:, 0], left[:, 1], right[:, 0], right[:, 1]
+    u_max, v_max, u_min, v_min = group_vectors(groups, len(est.u_max))
     return SpectralEstimate(
         sigma_max=values[0], sigma_min=values[1], sigma_max_lo=values[2], sigma_max_hi=values[3],
         sigma_min_lo=values[4], sigma_min_hi=values[5], certified=flags[0], fallback=flags[1], structural=flags[2],

@@ -212,9 +212,7 @@ class TSCNC(nn.Module):
     def forward(self) -> torch.Tensor:
         weights = [_effective_weight(layer) for _, layer in self._layers]
         total = weights[0].new_zeros((), dtype=torch.float32)
-        if self.lambda_tsc > 0:
-            # with CNC on, the spectral engine below rejects NaN/Inf weights anyway: check here only without it
-            total = total + self.lambda_tsc * tsc_penalty(weights, a=self.a, check_finite=self.lambda_cnc == 0).float()
+        # the engine first: on CUDA its graph runs on the device while the host goes on with the TSC term
         if self.lambda_cnc > 0 or self.last_estimate is None:
             mats, _ = self._matrices(weights)
             masks = self._mask_signature_now()
@@ -230,6 +228,9 @@ class TSCNC(nn.Module):
                 cnc = penalty_from_estimate(mats, est, kind=self.cnc, kappa_target=self.kappa_target, eps=self.eps,
                                             smooth_min=self.smooth_min, from_these_weights=True)
                 total = total + self.lambda_cnc * cnc.float()
+        if self.lambda_tsc > 0:
+            # with CNC on, the spectral engine rejects NaN/Inf weights anyway: check here only without it
+            total = total + self.lambda_tsc * tsc_penalty(weights, a=self.a, check_finite=self.lambda_cnc == 0).float()
         self.calls += 1
         self.work["calls"] = self.calls
         return total

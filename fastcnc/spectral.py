@@ -97,10 +97,10 @@ class SpectralEstimate:
     fallback: torch.Tensor  # [L] bool
     structural: torch.Tensor  # [L] bool
     finite: torch.Tensor  # [L] bool: the weights held no NaN/Inf (sync=True calls raise instead)
-    u_max: list[torch.Tensor]  # left vectors [m_l] in the matrix's own orientation, float64
-    v_max: list[torch.Tensor]  # right vectors [n_l]
-    u_min: list[torch.Tensor]
-    v_min: list[torch.Tensor]
+    u_max: Sequence[torch.Tensor]  # left vectors [m_l] in the matrix's own orientation, float64 (views into groups)
+    v_max: Sequence[torch.Tensor]  # right vectors [n_l]
+    u_min: Sequence[torch.Tensor]
+    v_min: Sequence[torch.Tensor]
     work: dict = field(default_factory=dict)  # grams, rounds, factorizations, inverse/power steps, fallbacks
     rtol: float = 1e-2
     floor: float = 0.0
@@ -229,11 +229,13 @@ def _validate(weights, state) -> list[torch.Tensor]:
 
 
 def _gram(A: torch.Tensor) -> torch.Tensor:
-    """A^T A for a [B, m, n] stack, exactly symmetric. From n = 256 on, as three products of column halves (A1^T A1,
-    A2^T A1, A2^T A2) instead of one: a quarter of the flops saved (5-20% of the time on one CPU core, measured on
-    ResNet-50 layer shapes). Each entry is still one length-m dot product, so the rounding bound is unchanged."""
+    """A^T A for a [B, m, n] stack. On CPU from n = 256 on, as three products of column halves (A1^T A1, A2^T A1,
+    A2^T A2) instead of one, exactly symmetric: a quarter of the flops saved (5-20% of the time on one CPU core,
+    measured on ResNet-50 layer shapes). On CUDA one product (seven launches cost more than the flops saved). Each
+    entry is one length-m dot product either way, so the rounding bound is the same (nothing relies on symmetry: the
+    factorizations read one triangle, the Rayleigh-Ritz matrices are symmetrised)."""
     n = A.shape[-1]
-    if n < 256:
+    if n < 256 or _backend.on_cuda(A):
         return A.mT @ A
     h = n // 2
     A1, A2 = A[..., :h], A[..., h:]
@@ -306,19 +308,25 @@ class _Group:
     certificate needs, and the structural-rank test."""
 
     def __init__(self, index: list[int], mats: list[torch.Tensor], size: tuple[int, int] | None = None,
-                 bounds: _SourceBounds | None = None) -> None:
-        """``size`` = (m, n): a ragged batch (small matrices of several shapes, CPU), each zero-padded to [m, n] in
-        the tall orientation, matrices of one shape and orientation next to each other. Zero rows change no product;
-        zero columns are marked in ``pad``, where ``_shifted`` (certificates) and ``_round_eigh`` put a unit or a large
-        diagonal, so each matrix's block is computed exactly as it would be alone. ``bounds``: the Gram's rounding
-        bound and the structural test, already computed from the (unscaled, not float64) weights (CPU)."""
+                 bounds: _SourceBounds | None = None, on_device: bool = False) -> None:
+        """``size`` = (m, n): a ragged batch (small matrices of several shapes on CPU; on CUDA every batch of
+        ``_batch_n``), each zero-padded to [m, n] in the tall orientation, matrices of one shape and orientation next
+        to each other. Zero rows change no product; zero columns are marked in ``pad``, where ``_shifted``
+        (certificates) and ``_round_eigh`` put a unit or a large diagonal, so each matrix's block is computed exactly
+        as it would be alone (see ``merged``). ``on_device`` (CUDA): the per-matrix rounding coefficients are
+        computed on the device from per-run fills (a host list would be an upload, a host sync) and the Gram per run
+        of one shape (no products over the padding); the values are those of ``merged`` over one group per shape,
+        for a fraction of the launches. ``bounds``: the Gram's rounding bound and the structural test, already
+        computed from the (unscaled, not float64) weights (CPU)."""
         self.index = index
         self.wide = [w.shape[0] < w.shape[1] for w in mats]
         dev = mats[0].device
         scaled = any(w.dtype == _F64 for w in mats)
         if scaled:
-            # scale by powers of two (exact) read from the stored dtype, so one float64 pass makes the stack
-            amax = torch.stack([w.detach().abs().amax() for w in mats]).to(_F64)
+            # scale by powers of two (exact) read from the stored dtype, so one float64 pass makes the stack (on CUDA,
+            # float64 matrices only: a batch there spans shapes, and each shape keeps what its own group would do)
+            amax = torch.stack([w.detach().abs().amax() if w.dtype == _F64 or not on_device
+                                else torch.full((), 0.5, device=dev) for w in mats]).to(_F64)
             self.exp = torch.frexp(amax).exponent.to(_F64)  # A_true = 2^exp * A
         else:
             # float32 and narrower need no scaling: their squares lie in [2e-90, 1.2e77], so no product or sum of
@@ -343,17 +351,43 @@ class _Group:
                 A[j].copy_(w.detach().T if wd else w.detach())  # cast and (for wide matrices) transpose in one pass
         self.A = A.mul_(torch.pow(2.0, -self.exp)[:, None, None]) if scaled else A
         self.B, self.m, self.n = A.shape
+        m_, n_ = self.row_m, self.row_n
+        # (index, wide, first row, end row, m, n) per run of one tall shape and orientation
+        self.parts, a = [], 0
+        for b in range(1, self.B + 1):
+            if b == self.B or (m_[b], n_[b], self.wide[b]) != (m_[a], n_[a], self.wide[a]):
+                self.parts.append((index[a:b], self.wide[a:b], a, b, m_[a], n_[a]))
+                a = b
+        dims = None
+        if on_device and size is not None:  # [B, 2] float64 (m, n) per matrix, filled per run on the device
+            dims = torch.cat([torch.full((b - a, 2), float(m), dtype=_F64, device=dev) for _, _, a, b, m, _n in
+                              self.parts])
+            for _, _, a, b, _m, n in self.parts:
+                dims[a:b, 1] = float(n)
         self.pad = None  # [B, n] True on the padding coordinates of a batch padded across n
         if any(n != self.n for n in self.row_n):
-            self.pad = torch.arange(self.n, device=dev)[None, :] >= torch.tensor(self.row_n, device=dev)[:, None]
-        m_, n_ = self.row_m, self.row_n
+            col = torch.arange(self.n, device=dev)[None, :]
+            self.pad = col >= (dims[:, 1:] if dims is not None else torch.tensor(self.row_n, device=dev)[:, None])
 
         def coef(f):  # a rounding coefficient of (m, n): a float for one shape, a [B] tensor for a ragged batch
             if size is None:
                 return f(m_[0], n_[0])
+            if dims is not None:  # the same float64 operations as on the host, on [B] tensors
+                return f(dims[:, 0], dims[:, 1])
             return torch.tensor([f(m, n) for m, n in zip(m_, n_, strict=True)], dtype=_F64, device=dev)
 
-        self.G = _gram(self.A)
+        if dims is not None:
+            # the Gram per run of one shape, each on its own [m, n] block (padding would add flops, not launches)
+            G = A.new_zeros(self.B, self.n, self.n) if self.pad is not None else A.new_empty(self.B, self.n, self.n)
+            for _, _, a, b, m, n in self.parts:
+                Ap = A[a:b, :m, :n]
+                if n == self.n:
+                    torch.bmm(Ap.mT, Ap, out=G[a:b])
+                else:
+                    G[a:b, :n, :n] = Ap.mT @ Ap
+            self.G = G
+        else:
+            self.G = _gram(self.A)
         if bounds is not None:
             self.gram_err, self.structural = bounds.gram_err.to(dev), bounds.structural.to(dev)
         else:
@@ -367,7 +401,7 @@ class _Group:
             empty_col = prods[..., 1] == 0
             if self.pad is not None:
                 empty_col &= ~self.pad
-            n_t = coef(lambda m, n: float(n))
+            n_t = dims[:, 1] if dims is not None else coef(lambda m, n: float(n))
             self.structural = empty_col.any(1) | ((row_abs > 0).sum(1) < n_t)
         diag = self.G.diagonal(dim1=1, dim2=2)
         self.finite = torch.isfinite(diag).all(1)  # any NaN/Inf entry reaches its column's squared norm
@@ -382,15 +416,9 @@ class _Group:
         # m-dependent rounding coefficients of |A x| and of the SVD (floats for one shape, else [B] tensors)
         self.val_coef = coef(lambda m, n: 2 * _gamma(m + n + 2))
         self.svd_coef = coef(lambda m, n: 4 * (m + n) * _U)
-        # (index, wide, first row, end row, m, n) per run of one tall shape and orientation
-        self.parts, a = [], 0
-        for b in range(1, self.B + 1):
-            if b == self.B or (m_[b], n_[b], self.wide[b]) != (m_[a], n_[a], self.wide[a]):
-                self.parts.append((index[a:b], self.wide[a:b], a, b, m_[a], n_[a]))
-                a = b
         # an all-zero matrix (values 0, set by the caller's flags) iterates on I instead of a singular G: its G is
         # exactly 0, so adding the flag to the diagonal makes it I (in place: no copy of every G)
-        diag.add_(self.zero.to(_F64)[:, None])
+        diag.add_((self.zero[:, None] if self.pad is None else self.zero[:, None] & ~self.pad).to(_F64))
 
     @classmethod
     def merged(cls, parts: list[_Group], n: int | None = None) -> _Group:
@@ -699,39 +727,41 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
     G = g.G[rows]
     budget = 1 + opt.rtol
 
-    def pair(top_share: float):
-        """Upper shift t with ``top_share`` of the budget, and the lowest sigma_min (squared) that still keeps
-        kappa_floor within the budget given t and the other two bracket ends."""
-        t = (smax * budget**top_share) ** 2
-        need = t.sqrt() * ((smin_hi / smax_lo.clamp_min(1e-300) + opt.floor) / budget**0.95 - opt.floor)
-        return need.clamp_min(0) ** 2, t
-
     if top_only:  # sigma_min = 0 exactly: the whole budget goes to the top
         t = (smax * budget**0.95) ** 2
         L, ok = _chol(_shifted(G, (t - g.margin(t, rows))[:, None], -torch.ones(1, dtype=_F64, device=G.device),
                                _rows(g.pad, rows)))
         return torch.zeros_like(t), ok[:, 0], t, None, G.shape[0]
-    tau, t = pair(0.3)
-    tau_loose = (0.8 * smin) ** 2
-    xi_tau, xi_loose, xi_t = tau + g.margin(tau, rows), tau_loose + g.margin(tau_loose, rows), t - g.margin(t, rows)
     both = L_it is not None and not sync
-    shifts = [xi_tau, xi_t]
-    if both:
-        # sync-free: no later round can fix a sigma_max that the fixed power steps left a little low (a clustered
-        # top after a large step), so a second pair that gives the top most of the budget is tested in the same
-        # batched call (no extra launch); the Ritz sigma_min is usually accurate to far better than its share.
-        # The looser lower shift only drives a next round's inverse iteration: not factored in the last round
-        tau2, t2 = pair(0.8)
-        shifts += [tau2 + g.margin(tau2, rows), t2 - g.margin(t2, rows)] + ([] if last else [xi_loose])
-    xi = torch.stack(shifts, 1)
-    col = torch.arange(xi.shape[1], device=G.device)  # (built on the device: an upload would be a host sync)
-    sign = 1 - 2 * (col % 2 == 1).to(_F64)  # upper tests at the odd columns: [1, -1] or [1, -1, 1, -1(, 1)]
-    L, ok = _chol(_shifted(G, xi, sign, _rows(g.pad, rows)))  # lower test: G - xi I; upper test: xi I - G
+    # pairs (tau, t): the upper shift t gives the top a share of the budget (0.3; sync-free also 0.8: no later round
+    # can fix a sigma_max that the fixed power steps left a little low, a clustered top after a large step, and the
+    # Ritz sigma_min is usually accurate to far better than its share), tau is the lowest sigma_min (squared) that
+    # still keeps kappa_floor within the budget given t and the other two bracket ends. Both pairs are tested in one
+    # batched call (no extra launch), their arithmetic done on [b, pairs] tensors (each op is a launch on CUDA)
+    shares = [0.3, 0.8] if both else [0.3]
+    t_all = torch.stack([smax * budget**share for share in shares], 1) ** 2
+    ratio = (smin_hi / smax_lo.clamp_min(1e-300) + opt.floor) / budget**0.95 - opt.floor
+    tau_all = (t_all.sqrt() * ratio[:, None]).clamp_min(0) ** 2
+    tau_loose = (0.8 * smin) ** 2
+    # columns [tau, t, tau2, t2(, loose)]: the looser lower shift only drives a next round's inverse iteration (and
+    # the sync path factors it for the rows that need it): the sync-free path adds it unless this is the last round
+    cols = [tau_all[:, 0], t_all[:, 0]] + ([tau_all[:, 1], t_all[:, 1]] if both else [])
+    cols += [tau_loose] if (both and not last) or not both else []
+    raw = torch.stack(cols, 1)
+    col = torch.arange(raw.shape[1], device=G.device)  # (built on the device: an upload would be a host sync)
+    sign = 1 - 2 * ((col % 2 == 1) & (col < 4)).to(_F64)  # upper tests at columns 1 and 3: [1, -1, 1, -1(, 1)]
+    # shifted by the rounding margin mu(shift), outwards: lower tests factor G - (tau + mu) I, upper (t - mu) I - G
+    xi_all = raw + sign * (g.margin0[rows][:, None] + g.margin1 * raw.abs())
+    tau, t = tau_all[:, 0], t_all[:, 0]
+    xi_loose = xi_all[:, -1]
+    xi = xi_all if both else xi_all[:, :2]
+    L, ok = _chol(_shifted(G, xi, sign[:xi.shape[1]], _rows(g.pad, rows)))  # lower: G - xi I; upper: xi I - G
     count = xi.shape[1] * G.shape[0]
     ok_tau, ok_t, L_tau = ok[:, 0], ok[:, 1], L[:, 0]
     next_L = None
     if both:
         # the best proven end on each side (_meets then judges the bracket they make)
+        tau2, t2 = tau_all[:, 1], t_all[:, 1]
         ok_tau2, ok_t2 = ok[:, 2], ok[:, 3]
         tau = torch.where(ok_tau2, tau2, tau)
         L_tau = torch.where(ok_tau2[:, None, None], L[:, 2], L_tau)
@@ -823,12 +853,11 @@ def _finish(g: _Group, rows, X, Y, x, y, L_it, opt: SpectralOptions, sync: bool,
     lower_sq, upper_ok, t, next_L, nf = _certify(g, rows, smin, smax, smin_hi, smax_lo, opt, sync, L_it, top_only,
                                                  last)
     structural, zero = g.structural[rows], g.zero[rows]
-    smin_lo = torch.where(structural, torch.zeros_like(smin), lower_sq.sqrt())
-    smin = torch.where(structural, torch.zeros_like(smin), smin)
-    smin_hi = torch.where(structural, torch.zeros_like(smin), smin_hi)
-    u_min = torch.where(structural[:, None], torch.zeros_like(u_min), u_min)  # 0 is a subgradient at the minimum
-    smax_hi = torch.where(upper_ok, t.sqrt(), g.lam_max_bound[rows].sqrt())
-    smax_hi = torch.where(zero, torch.zeros_like(smax_hi), smax_hi)
+    # sigma_min = 0 exactly where structural (one masked fill for the three values: each op is a launch on CUDA)
+    smin_lo, smin, smin_hi = torch.stack([lower_sq.sqrt(), smin, smin_hi], 1).masked_fill(
+        structural[:, None], 0.0).unbind(1)
+    u_min = u_min.masked_fill(structural[:, None], 0.0)  # 0 is a subgradient at the minimum
+    smax_hi = torch.where(upper_ok, t.sqrt(), g.lam_max_bound[rows].sqrt()).masked_fill(zero, 0.0)
     certified = _meets(smin_lo, smin_hi, smax_lo, smax_hi, opt) & (upper_ok | zero) & g.finite[rows]
     return _Round(X, Y, x, y, smin, smax, u_min, u_max, smin_lo, smin_hi, smax_lo, smax_hi, certified, next_L, nf)
 
@@ -1245,6 +1274,7 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
 
     groups: list[tuple[tuple[int, ...], _Group]] = []
     small: dict[tuple[int, ...], list[int]] = {}
+    on_device: dict[tuple[int, ...], list[int]] = {}
     for (m, n, wide), idx in by_shape.items():
         warm_ok = blocks_in is not None and all(blocks_in[i] is not None for i in idx)
         if merge_small and max(opt.block, 2) <= n <= _EIGH_MAX:
@@ -1252,9 +1282,15 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
             # batch padded to 128 slower than the groups it replaced); r and r_top are the same for all of them
             small.setdefault((1 << (n - 1).bit_length(), warm_ok), []).extend(idx)
             continue
-        # CPU: no merging (its padding is a copy of A); CUDA: one batch per bucket of n (_batch_n)
-        key = (_batch_n(n, opt.block), warm_ok) if merge_by_n else (m, n, wide, warm_ok)
-        groups.append((key, _Group(idx, [mats[i] for i in idx], bounds=bounds_of(idx))))
+        if merge_by_n:  # CUDA: one batch per bucket of n (_batch_n), built below
+            on_device.setdefault((_batch_n(n, opt.block), warm_ok), []).extend(idx)
+            continue
+        # CPU: one group per tall shape and orientation (its padding would be a copy of A)
+        groups.append(((m, n, wide, warm_ok), _Group(idx, [mats[i] for i in idx], bounds=bounds_of(idx))))
+    for key, idx in on_device.items():
+        part = [mats[i] for i in idx]
+        size = (max(max(w.shape) for w in part), max(min(w.shape) for w in part))
+        groups.append((key, _Group(idx, part, size=size, on_device=True)))
     for key, idx in small.items():
         part = [mats[i] for i in idx]
         size = (max(max(w.shape) for w in part), max(min(w.shape) for w in part))
@@ -1327,6 +1363,34 @@ class VectorGroup:
     V: torch.Tensor  # [B, n, k]
 
 
+class GroupVectors(Sequence):
+    """``estimate.u_max`` (and ``v_max``, ``u_min``, ``v_min``): matrix i's vector in its own orientation, a view into
+    its ``VectorGroup`` made when asked for. (A TSCNC step reads only the groups: four views per matrix every step
+    were host time on CUDA.)"""
+
+    def __init__(self, groups: list[VectorGroup], n_mats: int, left: bool, col: int) -> None:
+        self._where: list = [None] * n_mats
+        for g in groups:
+            for j, (i, wide) in enumerate(zip(g.index, g.wide, strict=True)):
+                self._where[i] = (g, j, wide)
+        self._left, self._col = left, col
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        g, j, wide = self._where[i]
+        # tall orientation: U holds the left vectors and V the right ones; a wide matrix (W = A^T) swaps them
+        return (g.V if self._left == wide else g.U)[j, :, self._col]
+
+
+def group_vectors(groups: list[VectorGroup], n_mats: int) -> tuple[GroupVectors, ...]:
+    """(u_max, v_max, u_min, v_min) of the groups (column 0 of U / V: the sigma_max pair, column 1: sigma_min)."""
+    return tuple(GroupVectors(groups, n_mats, left, col) for col in (0, 1) for left in (True, False))
+
+
 def _pack(mats, results, per, opt: SpectralOptions, work: dict, ritz_block: bool) -> SpectralEstimate:
     """Per-matrix values in true units, in the input order; vectors in each matrix's own orientation."""
     scaled: dict = {}
@@ -1339,21 +1403,12 @@ def _pack(mats, results, per, opt: SpectralOptions, work: dict, ritz_block: bool
     def flag(key):
         return torch.stack([results[gi][1][key][j] for gi, j in per])
 
-    u_max, v_max, u_min, v_min, groups = [], [], [], [], []
+    groups = []
     for g, res in results:  # split back into tall shapes (a merged batch holds several m, zero-padded)
         U, V = torch.stack([res["u_max"], res["u_min"]], 2), torch.stack([res["y"], res["x"]], 2)
         for index, wide, a, b, m, n in g.parts:
             groups.append(VectorGroup(index, wide, U[a:b, :m], V[a:b, :n]))
-    for gi, j in per:
-        g, res = results[gi]
-        m, n = g.row_m[j], g.row_n[j]
-        um, vm, un, vn = res["u_max"][j, :m], res["y"][j, :n], res["u_min"][j, :m], res["x"][j, :n]
-        if g.wide[j]:  # W = A^T: swap left and right
-            um, vm, un, vn = vm, um, vn, un
-        u_max.append(um)
-        v_max.append(vm)
-        u_min.append(un)
-        v_min.append(vn)
+    u_max, v_max, u_min, v_min = group_vectors(groups, len(mats))
     structural = torch.stack([results[gi][0].structural[j] for gi, j in per])
     finite = torch.stack([results[gi][0].finite[j] for gi, j in per])
     first = None

@@ -370,6 +370,37 @@ def test_cuda_batches_merged_across_n_compute_each_matrix_like_a_lone_call(sync,
                 W.device) for W in mats]
 
 
+def test_cuda_batch_built_in_one_pass_equals_the_merge_of_per_shape_groups():
+    """The CUDA batch (_Group with on_device=True: A, coefficients and bounds once for the batch, the Gram per run of
+    one shape) holds what merging one group per tall shape would: the same padded A, flags, padding and rounding
+    coefficients exactly, and Gram-derived quantities equal up to the summation order of the products (each still a
+    length-m dot product: the rounding bounds are the same)."""
+    import fastcnc.spectral as spectral
+
+    gen = torch.Generator().manual_seed(9)
+    mats = [_graded(300, 100, 1e4), _pruned(64, 576, 0.05).T.contiguous(), _kahan(60),
+            torch.randn(10, 512, generator=gen), torch.randn(64, 27, generator=gen), torch.randn(27, 64, generator=gen),
+            torch.randn(64, 27, generator=gen),
+            _pruned(128, 1152, 0.05, seed=3, empty_rows=2), torch.zeros(50, 20), _graded(100, 40, 1e3).float(),
+            _graded(100, 40, 1e2, seed=5).float()]
+    mats[5][3] = 0  # a zero row of a wide matrix: an empty column of its tall form, structurally rank-deficient
+    runs: dict = {}
+    for i in sorted(range(len(mats)), key=lambda i: (max(mats[i].shape), min(mats[i].shape))):
+        runs.setdefault((max(mats[i].shape), min(mats[i].shape)), []).append(i)
+    idx = [i for r in runs.values() for i in r]
+    with _backend.cuda_code_path():
+        old = spectral._Group.merged([spectral._Group(r, [mats[i] for i in r]) for r in runs.values()])
+        size = (max(max(mats[i].shape) for i in idx), max(min(mats[i].shape) for i in idx))
+        new = spectral._Group(idx, [mats[i] for i in idx], size=size, on_device=True)
+    for key in ("A", "exp", "structural", "finite", "zero", "val_coef", "svd_coef", "pad", "eye"):
+        assert torch.equal(getattr(old, key), getattr(new, key)), key
+    assert (old.margin1, old.parts, old.index, old.row_m, old.row_n) == (new.margin1, new.parts, new.index, new.row_m,
+                                                                        new.row_n)
+    for key in ("G", "gram_err", "trace", "fro", "lam_max_bound", "margin0"):
+        torch.testing.assert_close(getattr(new, key), getattr(old, key), rtol=1e-14, atol=0, msg=key)
+    assert bool(new.structural[idx.index(5)]) and bool(new.zero[idx.index(8)])
+
+
 def test_thousands_of_small_same_shape_blocks_are_one_group():
     gen = torch.Generator().manual_seed(5)
     mats = list(torch.randn(2000, 8, 6, generator=gen, dtype=torch.float64).unbind(0))
