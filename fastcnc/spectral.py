@@ -302,6 +302,54 @@ def _source_bounds(mats: list[torch.Tensor]) -> _SourceBounds:
                          torch.tensor(fin))
 
 
+# Rounding coefficients of a matrix's own (m, n), named so a batch's table of them can be keyed by name
+def _gram_coef(m, n):  # the Gram's error bound, with the rounding of the product that computes it
+    return _gamma(m) * (1 + 2 * _gamma(m + n))
+
+
+def _sum_coef(m, n):  # a computed sum of n non-negative terms, made an upper bound
+    return 1 + _gamma(n)
+
+
+def _chol_coef(m, n):  # Rump's criterion for a Cholesky factorization of an n x n matrix (doubled)
+    return 2 * _gamma(n + 2)
+
+
+def _value_coef(m, n):  # |A x|: a length-m product and a length-n norm
+    return 2 * _gamma(m + n + 2)
+
+
+def _svd_coef(m, n):  # backward-stable SVD: |sigma_i - computed| <~ p(m, n) u |A|
+    return 4 * (m + n) * _U
+
+
+def _n_float(m, n):
+    return float(n)
+
+
+_COEFS = (_gram_coef, _sum_coef, _chol_coef, _value_coef, _svd_coef, _n_float)
+_SHAPE_TABLES: dict = {}  # (device, n, runs) -> device tensors, see _shape_table
+_MAX_SHAPE_TABLES = 64
+
+
+def _shape_table(parts, n: int, device: torch.device) -> dict:
+    """Per-matrix rounding coefficients ([B] float64, by function name) and padding mask ([B, n]) of a CUDA batch,
+    uploaded once per set of shapes and kept (one upload is a host sync: the first call with new shapes is a cold
+    call that syncs anyway, and every warm call after it, the captured graph included, reads the same tensors)."""
+    runs = tuple((b - a, m, n_i) for _, _, a, b, m, n_i in parts)
+    key = (device, n, runs)
+    hit = _SHAPE_TABLES.get(key)
+    if hit is None:
+        rows = [(m, n_i) for count, m, n_i in runs for _ in range(count)]
+        values = torch.tensor([[f(m, n_i) for f in _COEFS] for m, n_i in rows], dtype=_F64).to(device)
+        hit = {f.__name__: values[:, k] for k, f in enumerate(_COEFS)}
+        hit["pad"] = torch.arange(n, device=device)[None, :] >= values[:, -1:]
+        if len(_SHAPE_TABLES) >= _MAX_SHAPE_TABLES:
+            _SHAPE_TABLES.pop(next(iter(_SHAPE_TABLES)))
+        _SHAPE_TABLES[key] = hit
+    return hit
+
+
 class _Group:
     """Matrices of one tall shape [m, n] (or, ``size`` given, of several shapes zero-padded to one): a stacked float64
     copy (float64 inputs scaled by powers of two to max |a| in [1/2, 1)), its Gram, the rounding bounds that every
@@ -313,10 +361,11 @@ class _Group:
         ``_batch_n``), each zero-padded to [m, n] in the tall orientation, matrices of one shape and orientation next
         to each other. Zero rows change no product; zero columns are marked in ``pad``, where ``_shifted``
         (certificates) and ``_round_eigh`` put a unit or a large diagonal, so each matrix's block is computed exactly
-        as it would be alone (see ``merged``). ``on_device`` (CUDA): the per-matrix rounding coefficients are
-        computed on the device from per-run fills (a host list would be an upload, a host sync) and the Gram per run
-        of one shape (no products over the padding); the values are those of ``merged`` over one group per shape,
-        for a fraction of the launches. ``bounds``: the Gram's rounding bound and the structural test, already
+        as it would be alone (see ``merged``). ``on_device`` (CUDA): the per-matrix rounding coefficients and the
+        padding mask come from a device table kept per set of shapes (``_shape_table``), the Gram is formed per run
+        of one shape (no products over the padding), and every bound once for the batch: the values are those of
+        ``merged`` over one group per shape (up to the summation order of products), for a fraction of the
+        launches. ``bounds``: the Gram's rounding bound and the structural test, already
         computed from the (unscaled, not float64) weights (CPU)."""
         self.index = index
         self.wide = [w.shape[0] < w.shape[1] for w in mats]
@@ -358,25 +407,20 @@ class _Group:
             if b == self.B or (m_[b], n_[b], self.wide[b]) != (m_[a], n_[a], self.wide[a]):
                 self.parts.append((index[a:b], self.wide[a:b], a, b, m_[a], n_[a]))
                 a = b
-        dims = None
-        if on_device and size is not None:  # [B, 2] float64 (m, n) per matrix, filled per run on the device
-            dims = torch.cat([torch.full((b - a, 2), float(m), dtype=_F64, device=dev) for _, _, a, b, m, _n in
-                              self.parts])
-            for _, _, a, b, _m, n in self.parts:
-                dims[a:b, 1] = float(n)
+        table = _shape_table(self.parts, self.n, dev) if on_device and size is not None else None
         self.pad = None  # [B, n] True on the padding coordinates of a batch padded across n
         if any(n != self.n for n in self.row_n):
-            col = torch.arange(self.n, device=dev)[None, :]
-            self.pad = col >= (dims[:, 1:] if dims is not None else torch.tensor(self.row_n, device=dev)[:, None])
+            self.pad = table["pad"] if table is not None else (
+                torch.arange(self.n, device=dev)[None, :] >= torch.tensor(self.row_n, device=dev)[:, None])
 
         def coef(f):  # a rounding coefficient of (m, n): a float for one shape, a [B] tensor for a ragged batch
             if size is None:
                 return f(m_[0], n_[0])
-            if dims is not None:  # the same float64 operations as on the host, on [B] tensors
-                return f(dims[:, 0], dims[:, 1])
+            if table is not None:  # the same coefficients, kept on the device per set of shapes
+                return table[f.__name__]
             return torch.tensor([f(m, n) for m, n in zip(m_, n_, strict=True)], dtype=_F64, device=dev)
 
-        if dims is not None:
+        if table is not None:
             # the Gram per run of one shape, each on its own [m, n] block (padding would add flops, not launches)
             G = A.new_zeros(self.B, self.n, self.n) if self.pad is not None else A.new_empty(self.B, self.n, self.n)
             for _, _, a, b, m, n in self.parts:
@@ -395,27 +439,27 @@ class _Group:
             row_abs = absA.sum(2)  # [B, m]
             # (|A|^T |A|) 1 and the column sums of |A| in one product
             prods = absA.mT @ torch.stack([row_abs, torch.ones_like(row_abs)], 2)  # [B, n, 2]
-            self.gram_err = coef(lambda m, n: _gamma(m) * (1 + 2 * _gamma(m + n))) * prods[..., 0].amax(1)
+            self.gram_err = coef(_gram_coef) * prods[..., 0].amax(1)
             # rank(A) < n when a column is empty or fewer than n rows hold a nonzero: sigma_min = 0 exactly
             # (sums of |a| are 0 exactly when every term is; padding columns are not the matrix's)
             empty_col = prods[..., 1] == 0
             if self.pad is not None:
                 empty_col &= ~self.pad
-            n_t = dims[:, 1] if dims is not None else coef(lambda m, n: float(n))
+            n_t = coef(_n_float)
             self.structural = empty_col.any(1) | ((row_abs > 0).sum(1) < n_t)
         diag = self.G.diagonal(dim1=1, dim2=2)
         self.finite = torch.isfinite(diag).all(1)  # any NaN/Inf entry reaches its column's squared norm
-        self.trace = diag.sum(1) * coef(lambda m, n: 1 + _gamma(n))
+        self.trace = diag.sum(1) * coef(_sum_coef)
         self.fro = self.trace.sqrt()
         self.zero = self.trace == 0
         # rigorous upper bound on lambda_max(A^T A): row-sum norm of fl(G) plus the Gram's error
-        self.lam_max_bound = self.G.abs().sum(2).amax(1) * coef(lambda m, n: 1 + _gamma(n)) + self.gram_err
+        self.lam_max_bound = self.G.abs().sum(2).amax(1) * coef(_sum_coef) + self.gram_err
         self.eye = torch.eye(self.n, dtype=_F64, device=dev)
-        self.margin0 = self.gram_err + coef(lambda m, n: 2 * _gamma(n + 2)) * self.trace + 4 * _U * self.lam_max_bound
+        self.margin0 = self.gram_err + coef(_chol_coef) * self.trace + 4 * _U * self.lam_max_bound
         self.margin1 = max(2 * _gamma(n + 2) * n + 4 * _U for n in set(n_))
         # m-dependent rounding coefficients of |A x| and of the SVD (floats for one shape, else [B] tensors)
-        self.val_coef = coef(lambda m, n: 2 * _gamma(m + n + 2))
-        self.svd_coef = coef(lambda m, n: 4 * (m + n) * _U)
+        self.val_coef = coef(_value_coef)
+        self.svd_coef = coef(_svd_coef)
         # an all-zero matrix (values 0, set by the caller's flags) iterates on I instead of a singular G: its G is
         # exactly 0, so adding the flag to the diagonal makes it I (in place: no copy of every G)
         diag.add_((self.zero[:, None] if self.pad is None else self.zero[:, None] & ~self.pad).to(_F64))
