@@ -1,9 +1,8 @@
 """CUDA-graph replay of the spectral engine's sync-free call (what ``TSCNC`` runs on CUDA every step).
 
-Why: the sync-free call issues some ten thousand small kernels for ResNet-50 (two fixed rounds of shifted Cholesky
-factorizations, triangular solves and Rayleigh-Ritz products per shape group). On an H200 its host side took 225 ms
-of a 229 ms step against ~48 ms of kernel time (benchmarks/results/gpu-2026-11-27-h200-s10): the step is bound by
-Python and launches, not by the GPU. The call has no host sync and, warm, the same shapes and the same work every
+Why: the sync-free call issues thousands of small kernels for ResNet-50 (shifted Cholesky factorizations, products
+and Rayleigh-Ritz steps per batch). On an H200 its host side took 225 ms of a 229 ms step against ~48 ms of kernel
+time (benchmarks/results/gpu-2026-11-27-h200-s10, two rounds): eagerly, the step is bound by Python and launches. The call has no host sync and, warm, the same shapes and the same work every
 step, so it can be captured once and replayed: one launch on the host.
 
 Static buffers: a contiguous copy of every matrix and the warm state (bottom/top blocks and the previous lower bound
