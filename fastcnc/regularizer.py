@@ -12,6 +12,7 @@ from fastcnc import _backend
 from fastcnc._checks import check_choice, check_eps_floor, check_int, check_positive
 from fastcnc.cnc import CNC_KINDS, penalty_from_estimate
 from fastcnc.graphed import GraphedEngine
+from fastcnc.layers import _MaskedMixin
 from fastcnc.pruning import tensor_sparsity
 from fastcnc.spectral import SpectralEstimate, SpectralOptions, SpectralState, as_matrices, extreme_singular_values
 from fastcnc.spectral_math import kappa
@@ -28,6 +29,23 @@ def constrained_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _effective_weight(layer: nn.Module) -> torch.Tensor:
     # masked layers constrain the weight they compute with (pruned entries are zero in it)
     return layer.effective_weight() if hasattr(layer, "effective_weight") else layer.weight
+
+
+def _effective_weights(layers: list[nn.Module]) -> list[torch.Tensor]:
+    """``_effective_weight`` of every layer, the W * M of fastcnc's masked layers as one multi-tensor product: one
+    autograd node and one launch instead of one per layer each way (host time on CUDA; same values)."""
+    out: list = [None] * len(layers)
+    masked = []
+    for i, layer in enumerate(layers):
+        if getattr(type(layer), "effective_weight", None) is _MaskedMixin.effective_weight:
+            masked.append(i)
+        else:
+            out[i] = _effective_weight(layer)
+    if masked:
+        products = torch._foreach_mul([layers[i].weight for i in masked], [layers[i].mask for i in masked])
+        for i, w in zip(masked, products, strict=True):
+            out[i] = w
+    return out
 
 
 class TSCNC(nn.Module):
@@ -210,7 +228,7 @@ class TSCNC(nn.Module):
         return [not c for c in certified]
 
     def forward(self) -> torch.Tensor:
-        weights = [_effective_weight(layer) for _, layer in self._layers]
+        weights = _effective_weights([layer for _, layer in self._layers])
         total = weights[0].new_zeros((), dtype=torch.float32)
         # the engine first: on CUDA its graph runs on the device while the host goes on with the TSC term
         if self.lambda_cnc > 0 or self.last_estimate is None:
