@@ -361,12 +361,16 @@ class _Group:
         ``_batch_n``), each zero-padded to [m, n] in the tall orientation, matrices of one shape and orientation next
         to each other. Zero rows change no product; zero columns are marked in ``pad``, where ``_shifted``
         (certificates) and ``_round_eigh`` put a unit or a large diagonal, so each matrix's block is computed exactly
-        as it would be alone (see ``merged``). ``on_device`` (CUDA): the per-matrix rounding coefficients and the
-        padding mask come from a device table kept per set of shapes (``_shape_table``), the Gram is formed per run
-        of one shape (no products over the padding), and every bound once for the batch: the values are those of
-        ``merged`` over one group per shape (up to the summation order of products), for a fraction of the
-        launches. ``bounds``: the Gram's rounding bound and the structural test, already
-        computed from the (unscaled, not float64) weights (CPU)."""
+        as it would be alone: the padding coordinates come last, so the leading n_i x n_i block of a Cholesky factor
+        (and its rounding) is the matrix's own, and the unit diagonal makes the trailing block exactly I (its
+        off-diagonal factor entries are exact zeros); iterates started with zero padding stay zero there; every
+        rounding coefficient is each matrix's own (``margin1``: the largest).
+
+        ``on_device`` (CUDA): the per-matrix rounding coefficients and the padding mask come from a device table kept
+        per set of shapes (``_shape_table``), the Gram is formed per run of one shape (no products over the padding),
+        and every bound once for the batch: the values are those of one group per shape (up to the summation order
+        of products), for a fraction of the launches. ``bounds``: the Gram's rounding bound and the structural test,
+        already computed from the (unscaled, not float64) weights (CPU)."""
         self.index = index
         self.wide = [w.shape[0] < w.shape[1] for w in mats]
         dev = mats[0].device
@@ -463,60 +467,6 @@ class _Group:
         # an all-zero matrix (values 0, set by the caller's flags) iterates on I instead of a singular G: its G is
         # exactly 0, so adding the flag to the diagonal makes it I (in place: no copy of every G)
         diag.add_((self.zero[:, None] if self.pad is None else self.zero[:, None] & ~self.pad).to(_F64))
-
-    @classmethod
-    def merged(cls, parts: list[_Group], n: int | None = None) -> _Group:
-        """One batch of groups (CUDA): everything after the Gram depends on n only, so the iteration and the
-        certificates run once for all of them (each op is a launch on CUDA). A is zero-padded to the largest m: zero
-        rows change neither A x nor its norm (adding an exact 0 is exact), so values, vectors (padded with zeros) and
-        their bounds, which keep each matrix's own m, are those of the separate groups.
-
-        ``n`` (default: the largest n of the parts) pads smaller n with zero columns of A and zero rows and columns
-        of G, marked in ``pad``. The padding coordinates come last, so the leading n_i x n_i block of a Cholesky
-        factor (and its rounding) is that of the matrix alone; ``_shifted`` puts a unit diagonal there, which makes
-        the trailing block exactly I (its off-diagonal factor entries are exact zeros). Iterates started with zero
-        padding stay zero there (G and the factor do not couple them), and every rounding coefficient is each
-        matrix's own (``margin1``: the largest of the parts')."""
-        n = max(p.n for p in parts) if n is None else n
-        if len(parts) == 1 and parts[0].n == n:
-            return parts[0]
-        g = cls.__new__(cls)
-        first = parts[0]
-        dev = first.A.device
-        g.n, g.margin1 = n, max(p.margin1 for p in parts)
-        g.eye = first.eye if first.n == n else torch.eye(n, dtype=_F64, device=dev)
-        g.pad = None
-        if any(p.n != n or p.pad is not None for p in parts):
-            g.pad = torch.cat([torch.nn.functional.pad(
-                p.pad if p.pad is not None else torch.zeros(p.B, p.n, dtype=torch.bool, device=dev),
-                (0, n - p.n), value=True) for p in parts])
-        g.m = max(p.m for p in parts)
-        g.B = sum(p.B for p in parts)
-        g.index = [i for p in parts for i in p.index]
-        g.wide = [w for p in parts for w in p.wide]
-        g.row_m = [m for p in parts for m in p.row_m]
-        g.row_n = [n_i for p in parts for n_i in p.row_n]
-        g.parts, start = [], 0
-        for p in parts:
-            for index, wide, a, b, m_i, n_i in p.parts:
-                g.parts.append((index, wide, start + a, start + b, m_i, n_i))
-            start += p.B
-        g.A = first.A.new_zeros(g.B, g.m, g.n)
-        g.G = torch.cat([p.G for p in parts]) if g.pad is None else first.G.new_zeros(g.B, g.n, g.n)
-        start = 0
-        for p in parts:
-            g.A[start:start + p.B, :p.m, :p.n] = p.A
-            if g.pad is not None:
-                g.G[start:start + p.B, :p.n, :p.n] = p.G
-            start += p.B
-        for key in ("exp", "gram_err", "structural", "finite", "trace", "fro", "zero", "lam_max_bound", "margin0"):
-            setattr(g, key, torch.cat([getattr(p, key) for p in parts]))
-        # [B] coefficients filled on the device (an upload of a host list would be a host sync on CUDA)
-        for key in ("val_coef", "svd_coef"):
-            setattr(g, key, torch.cat([
-                c if isinstance(c := getattr(p, key), torch.Tensor) else torch.full((p.B,), c, dtype=_F64, device=dev)
-                for p in parts]))
-        return g
 
     def margin(self, shift: torch.Tensor, rows=slice(None)) -> torch.Tensor:
         """mu(shift): bound on all rounding between fl(G) -/+ shift I and the exact A^T A -/+ shift I."""
@@ -1230,7 +1180,7 @@ def extreme_singular_values(
     blocks_in, lower_in = _warm_state(state, mats, shapes, opt, sync)
     work = {"grams": len(mats), "rounds": 0, "factorizations": 0, "inverse_steps": 0, "fallbacks": 0}
     gen = torch.Generator().manual_seed(opt.seed)
-    by_n, fast_groups = _batches(mats, shapes, blocks_in, opt, sync, gen, tight_max, ritz_block)
+    batches, fast_groups = _batches(mats, shapes, blocks_in, opt, sync, gen, tight_max, ritz_block)
     per: list = [None] * len(mats)  # (group, row) of each matrix
     results = []
     for g, start, warm in fast_groups:
@@ -1244,15 +1194,10 @@ def extreme_singular_values(
         results.append((g, res))
         for j, i in enumerate(g.index):
             per[i] = (len(results) - 1, j)
-    for key, members in by_n.items():
-        warm_ok = key[-1]
-        g = _Group.merged([m[0] for m in members])
-        start = members[0][1] if len(members) == 1 else torch.cat(
-            [torch.nn.functional.pad(m[1], (0, 0, 0, g.n - m[1].shape[1])) for m in members])
+    for g, start, warm_ok in batches:
         idx = g.index
         grp_flags = flags if isinstance(flags, bool) else [flags[i] for i in idx]
         lower = torch.stack([lower_in[i] for i in idx]).to(g.A.device) if warm_ok and lower_in is not None else None
-        members.clear()  # the merged batch holds its own (padded) copy of A
         res = _solve_group(g, opt, start, lower, grp_flags, sync, work)
         results.append((g, res))
         for j, i in enumerate(idx):
@@ -1276,19 +1221,19 @@ def _refresh_flags(refresh, n_mats: int) -> bool | list[bool]:
 
 
 def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tight_max: bool, ritz_block: bool):
-    """Groups of matrices solved together: key -> [(group of one tall shape, its start blocks)], key ending in
-    whether the group is warm-started; and the structurally rank-deficient groups that skip the Gram (CPU), as
-    (group, start blocks, warm)."""
+    """Batches of matrices solved together, as (group, start blocks, warm-started): on CPU one per tall shape and
+    orientation (small ones merged, see below), on CUDA one per bucket of n; and the structurally rank-deficient
+    groups that skip the Gram (CPU), in the same form."""
     merge_by_n = _backend.on_cuda(mats[0])
     by_shape: dict[tuple[int, int, bool], list[int]] = {}
     for i, (a, b) in enumerate(shapes):
         # on CPU one orientation per group, so wide ones are stored untransposed (_Group: a transposing copy costs
         # more than the ops of a second group); on CUDA one group per tall shape (fewer launches)
         by_shape.setdefault((max(a, b), min(a, b), a < b and not merge_by_n), []).append(i)
-    # Grams (and the rounding terms, which need A) per tall shape; then, on CUDA, one batch per (n, warm or cold) for
-    # the rounds and certificates, which depend on n only: fewer launches (the GPU step is launch-bound) for A
-    # zero-padded to the batch's largest m. On CPU the padding's extra flops cost more than the ops saved (ResNet-50
-    # trajectory, 1 thread: 1739 vs 1577 ms), so a batch stays one tall shape there.
+    # On CUDA one batch per (bucket of n, warm or cold) for everything (the Gram per shape inside it): fewer launches
+    # (the GPU step is launch-bound) for A zero-padded to the batch's largest m and n. On CPU the padding's extra
+    # flops cost more than the ops saved (ResNet-50 trajectory, 1 thread: 1739 vs 1577 ms), so a batch stays one tall
+    # shape there.
     # Small matrices on CPU (the eigh path) are stacked across shapes from the start, zero-padded (a ragged _Group):
     # there the cost is mostly a few microseconds of Python per op and group (ResNet-18 at width 16 has 12 groups)
     merge_small = sync and not merge_by_n
@@ -1339,13 +1284,13 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
         part = [mats[i] for i in idx]
         size = (max(max(w.shape) for w in part), max(min(w.shape) for w in part))
         groups.append((key, _Group(idx, part, size=size, bounds=bounds_of(idx))))
-    by_n: dict[tuple[int, ...], list] = {}
+    batches = []
     for key, g in groups:
         if sync and not bool(g.finite.all()):
             bad = g.index[int((~g.finite).nonzero()[0, 0])]
             check_tensor(f"weights[{bad}]", mats[bad], finite=True)
         start = _start_blocks(g, blocks_in if key[-1] else None, min(opt.block, g.n), min(2, g.n), gen)
-        by_n.setdefault(key, []).append((g, start))
+        batches.append((g, start, key[-1]))
     fast_groups = []
     for key, idx in structural.items():
         g = _Structural(idx, [mats[i] for i in idx], bounds.take(idx))
@@ -1356,7 +1301,7 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
             start = torch.stack([torch.randn(g.n, r, generator=torch.Generator().manual_seed(opt.seed), dtype=_F64)
                                  for _ in idx])
         fast_groups.append((g, start, key[-1]))
-    return by_n, fast_groups
+    return batches, fast_groups
 
 
 def _batch_n(n: int, block: int) -> int:

@@ -370,11 +370,12 @@ def test_cuda_batches_merged_across_n_compute_each_matrix_like_a_lone_call(sync,
                 W.device) for W in mats]
 
 
-def test_cuda_batch_built_in_one_pass_equals_the_merge_of_per_shape_groups():
-    """The CUDA batch (_Group with on_device=True: A, coefficients and bounds once for the batch, the Gram per run of
-    one shape) holds what merging one group per tall shape would: the same padded A, flags, padding and rounding
-    coefficients exactly, and Gram-derived quantities equal up to the summation order of the products (each still a
-    length-m dot product: the rounding bounds are the same)."""
+def test_cuda_batch_built_in_one_pass_holds_each_shape_groups_values():
+    """The CUDA batch (_Group with on_device=True: several tall shapes zero-padded to one [m, n], A, coefficients and
+    bounds once for the batch, the Gram per run of one shape) holds, on each matrix's rows, what a group of that shape
+    alone would: the same A, flags and rounding coefficients exactly, the Gram-derived quantities up to the summation
+    order of the products (each entry still one length-m dot product: the same rounding bounds), zeros and a padding
+    mask on the padding."""
     import fastcnc.spectral as spectral
 
     gen = torch.Generator().manual_seed(9)
@@ -389,16 +390,27 @@ def test_cuda_batch_built_in_one_pass_equals_the_merge_of_per_shape_groups():
         runs.setdefault((max(mats[i].shape), min(mats[i].shape)), []).append(i)
     idx = [i for r in runs.values() for i in r]
     with _backend.cuda_code_path():
-        old = spectral._Group.merged([spectral._Group(r, [mats[i] for i in r]) for r in runs.values()])
         size = (max(max(mats[i].shape) for i in idx), max(min(mats[i].shape) for i in idx))
-        new = spectral._Group(idx, [mats[i] for i in idx], size=size, on_device=True)
-    for key in ("A", "exp", "structural", "finite", "zero", "val_coef", "svd_coef", "pad", "eye"):
-        assert torch.equal(getattr(old, key), getattr(new, key)), key
-    assert (old.margin1, old.parts, old.index, old.row_m, old.row_n) == (new.margin1, new.parts, new.index, new.row_m,
-                                                                        new.row_n)
-    for key in ("G", "gram_err", "trace", "fro", "lam_max_bound", "margin0"):
-        torch.testing.assert_close(getattr(new, key), getattr(old, key), rtol=1e-14, atol=0, msg=key)
-    assert bool(new.structural[idx.index(5)]) and bool(new.zero[idx.index(8)])
+        batch = spectral._Group(idx, [mats[i] for i in idx], size=size, on_device=True)
+        alone = {shape: spectral._Group(r, [mats[i] for i in r]) for shape, r in runs.items()}
+    assert batch.index == idx and (batch.m, batch.n) == size
+    start = 0
+    for (m, n), r in runs.items():
+        g, rows = alone[(m, n)], slice(start, start + len(r))
+        start += len(r)
+        assert torch.equal(batch.A[rows, :m, :n], g.A)
+        assert not batch.A[rows, m:].any() and not batch.A[rows, :, n:].any()
+        assert not batch.G[rows, n:].any() and not batch.G[rows, :, n:].any()
+        assert torch.equal(batch.pad[rows], torch.arange(batch.n)[None, :].expand(len(r), -1) >= n)
+        for key in ("exp", "structural", "finite", "zero"):
+            assert torch.equal(getattr(batch, key)[rows], getattr(g, key)), key
+        for key in ("val_coef", "svd_coef"):
+            assert bool((getattr(batch, key)[rows] == getattr(g, key)).all()), key
+        torch.testing.assert_close(batch.G[rows, :n, :n], g.G, rtol=1e-14, atol=0)
+        for key in ("gram_err", "trace", "fro", "lam_max_bound", "margin0"):
+            torch.testing.assert_close(getattr(batch, key)[rows], getattr(g, key), rtol=1e-14, atol=0, msg=key)
+        assert batch.margin1 >= g.margin1
+    assert bool(batch.structural[idx.index(5)]) and bool(batch.zero[idx.index(8)])
 
 
 def test_thousands_of_small_same_shape_blocks_are_one_group():
