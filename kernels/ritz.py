@@ -1,8 +1,9 @@
 """The spectral engine's small-block steps, one program per matrix of a batch, all in float64 registers:
 
-- ``cholesky_qr(X)``: Cholesky QR of [B, n, r] blocks (r <= 8): S = X^T X, its Cholesky factor L and L^-1 formed in
-  registers, then X L^-T written out; one launch per pass instead of a product, a batched r x r Cholesky (several
-  cuSOLVER kernels and a pointer-array set-up) and a batched triangular solve.
+- ``cholesky_qr(X)``: Cholesky QR of [B, n, r] blocks (the engine sends r <= 8: the register tiles grow as r^2):
+  S = X^T X, its Cholesky factor L and L^-1 formed in registers, then X L^-T written out; one launch per pass instead
+  of a product, a batched r x r Cholesky (several cuSOLVER kernels and a pointer-array set-up) and a batched
+  triangular solve.
 - ``bottom_eigvec(H)``: the eigenvector of the smallest eigenvalue of each symmetric positive definite [r, r] H (the
   Rayleigh-Ritz matrix of a bottom block), as the dominant eigenvector of H^-1 by repeated squaring; one launch
   instead of some twenty small ones.
@@ -19,8 +20,6 @@ import triton
 import triton.language as tl
 
 from ._common import device_guard
-
-MAX_COLUMNS = 8  # wider blocks take the torch path (the register tiles grow as r^2)
 
 
 @triton.jit
