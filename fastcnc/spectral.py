@@ -333,9 +333,9 @@ _MAX_SHAPE_TABLES = 64
 
 
 def _shape_table(parts, n: int, device: torch.device) -> dict:
-    """Per-matrix rounding coefficients ([B] float64, by function name) and padding mask ([B, n]) of a CUDA batch,
-    uploaded once per set of shapes and kept (one upload is a host sync: the first call with new shapes is a cold
-    call that syncs anyway, and every warm call after it, the captured graph included, reads the same tensors)."""
+    """Per-matrix rounding coefficients ([B] float64, by function name) and padding mask ([B, n]) of a ragged batch,
+    made once per set of shapes and kept. On CUDA that is one upload (a host sync) at the first call with new shapes,
+    a cold call that syncs anyway; every warm call after it, the captured graph included, reads the same tensors."""
     runs = tuple((b - a, m, n_i) for _, _, a, b, m, n_i in parts)
     key = (device, n, runs)
     hit = _SHAPE_TABLES.get(key)
@@ -366,10 +366,11 @@ class _Group:
         off-diagonal factor entries are exact zeros); iterates started with zero padding stay zero there; every
         rounding coefficient is each matrix's own (``margin1``: the largest).
 
-        ``on_device`` (CUDA): the per-matrix rounding coefficients and the padding mask come from a device table kept
-        per set of shapes (``_shape_table``), the Gram is formed per run of one shape (no products over the padding),
-        and every bound once for the batch: the values are those of one group per shape (up to the summation order
-        of products), for a fraction of the launches. ``bounds``: the Gram's rounding bound and the structural test,
+        The per-matrix rounding coefficients and the padding mask of a ragged batch come from a table kept per set
+        of shapes (``_shape_table``). ``on_device`` (CUDA, ``size`` given): the Gram is formed per run of one shape
+        (no products over the padding) and only float64 matrices are scaled; with every bound computed once for the
+        batch, the values are those of one group per shape (up to the summation order of products), for a fraction
+        of the launches. ``bounds``: the Gram's rounding bound and the structural test,
         already computed from the (unscaled, not float64) weights (CPU)."""
         self.index = index
         self.wide = [w.shape[0] < w.shape[1] for w in mats]
@@ -411,20 +412,14 @@ class _Group:
             if b == self.B or (m_[b], n_[b], self.wide[b]) != (m_[a], n_[a], self.wide[a]):
                 self.parts.append((index[a:b], self.wide[a:b], a, b, m_[a], n_[a]))
                 a = b
-        table = _shape_table(self.parts, self.n, dev) if on_device and size is not None else None
-        self.pad = None  # [B, n] True on the padding coordinates of a batch padded across n
-        if any(n != self.n for n in self.row_n):
-            self.pad = table["pad"] if table is not None else (
-                torch.arange(self.n, device=dev)[None, :] >= torch.tensor(self.row_n, device=dev)[:, None])
+        table = _shape_table(self.parts, self.n, dev) if size is not None else None
+        # [B, n] True on the padding coordinates of a batch padded across n
+        self.pad = table["pad"] if table is not None and any(n != self.n for n in self.row_n) else None
 
         def coef(f):  # a rounding coefficient of (m, n): a float for one shape, a [B] tensor for a ragged batch
-            if size is None:
-                return f(m_[0], n_[0])
-            if table is not None:  # the same coefficients, kept on the device per set of shapes
-                return table[f.__name__]
-            return torch.tensor([f(m, n) for m, n in zip(m_, n_, strict=True)], dtype=_F64, device=dev)
+            return f(m_[0], n_[0]) if table is None else table[f.__name__]
 
-        if table is not None:
+        if on_device:
             # the Gram per run of one shape, each on its own [m, n] block (padding would add flops, not launches)
             G = A.new_zeros(self.B, self.n, self.n) if self.pad is not None else A.new_empty(self.B, self.n, self.n)
             for _, _, a, b, m, n in self.parts:
@@ -1262,28 +1257,21 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
         return bounds.take(idx) if bounds is not None and all(plain[i] for i in idx) else None
 
     groups: list[tuple[tuple[int, ...], _Group]] = []
-    small: dict[tuple[int, ...], list[int]] = {}
-    on_device: dict[tuple[int, ...], list[int]] = {}
+    ragged: dict[tuple[int, ...], list[int]] = {}  # (bucket of n, warm) -> matrices zero-padded into one batch
     for (m, n, wide), idx in by_shape.items():
         warm_ok = blocks_in is not None and all(blocks_in[i] is not None for i in idx)
-        if merge_small and max(opt.block, 2) <= n <= _EIGH_MAX:
+        if merge_by_n:  # CUDA: one batch per bucket of n (_batch_n)
+            ragged.setdefault((_batch_n(n, opt.block), warm_ok), []).extend(idx)
+        elif merge_small and max(opt.block, 2) <= n <= _EIGH_MAX:
             # one eigh batch per power-of-two bucket of n: padding at most doubles n (eigh's n^3 made a single
             # batch padded to 128 slower than the groups it replaced); r and r_top are the same for all of them
-            small.setdefault((1 << (n - 1).bit_length(), warm_ok), []).extend(idx)
-            continue
-        if merge_by_n:  # CUDA: one batch per bucket of n (_batch_n), built below
-            on_device.setdefault((_batch_n(n, opt.block), warm_ok), []).extend(idx)
-            continue
-        # CPU: one group per tall shape and orientation (its padding would be a copy of A)
-        groups.append(((m, n, wide, warm_ok), _Group(idx, [mats[i] for i in idx], bounds=bounds_of(idx))))
-    for key, idx in on_device.items():
+            ragged.setdefault((1 << (n - 1).bit_length(), warm_ok), []).extend(idx)
+        else:  # CPU: one group per tall shape and orientation (its padding would be a copy of A)
+            groups.append(((m, n, wide, warm_ok), _Group(idx, [mats[i] for i in idx], bounds=bounds_of(idx))))
+    for key, idx in ragged.items():
         part = [mats[i] for i in idx]
         size = (max(max(w.shape) for w in part), max(min(w.shape) for w in part))
-        groups.append((key, _Group(idx, part, size=size, on_device=True)))
-    for key, idx in small.items():
-        part = [mats[i] for i in idx]
-        size = (max(max(w.shape) for w in part), max(min(w.shape) for w in part))
-        groups.append((key, _Group(idx, part, size=size, bounds=bounds_of(idx))))
+        groups.append((key, _Group(idx, part, size=size, bounds=bounds_of(idx), on_device=merge_by_n)))
     batches = []
     for key, g in groups:
         if sync and not bool(g.finite.all()):

@@ -23,6 +23,30 @@ from ._common import device_guard
 
 
 @triton.jit
+def _inverse_cholesky_factor(S, R: tl.constexpr):
+    """L^-1 for the Cholesky factor L of the symmetric positive definite [R, R] register tile S (S = L L^T)."""
+    cols = tl.arange(0, R)
+    ii = cols[:, None]
+    jj = cols[None, :]
+    # L one column per step: L[:, j] = (S[:, j] - L L[j, :]^T) / sqrt(that at j), below j
+    L = tl.zeros((R, R), dtype=tl.float64)
+    for j in tl.static_range(R):
+        l_row = tl.sum(tl.where(ii == j, L, 0.0), axis=0)
+        c = tl.sum(tl.where(jj == j, S, 0.0), axis=1) - tl.sum(L * l_row[None, :], axis=1)
+        d = tl.sum(tl.where(cols == j, c, 0.0), axis=0)
+        L = tl.where((jj == j) & (ii >= j), c[:, None] / tl.sqrt(d), L)
+    # Z = L^-1 by forward substitution, one row per step
+    Z = tl.zeros((R, R), dtype=tl.float64)
+    for j in tl.static_range(R):
+        l_row = tl.sum(tl.where(ii == j, L, 0.0), axis=0)
+        l_jj = tl.sum(tl.where(cols == j, l_row, 0.0), axis=0)
+        acc = tl.sum(tl.where(ii < j, l_row[:, None] * Z, 0.0), axis=0)
+        z_row = (tl.where(cols == j, 1.0, 0.0) - acc) / l_jj
+        Z = tl.where(ii == j, z_row[None, :], Z)
+    return Z
+
+
+@triton.jit
 def _cholesky_qr_kernel(x_ptr, y_ptr, n, r, sxb, sxn, sxr, syb, syn, syr,
                         R: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -46,21 +70,7 @@ def _cholesky_qr_kernel(x_ptr, y_ptr, n, r, sxb, sxn, sxr, syb, syn, syr,
     S = tl.where(ii == jj, S * tl.full((), 1 + 1e-14, tl.float64) + 1e-300, S)
     S = tl.where((ii == jj) & (ii >= r), 1.0, S)
 
-    # Cholesky factor L, one column per step: L[:, j] = (S[:, j] - L L[j, :]^T) / sqrt(that at j), below j
-    L = tl.zeros((R, R), dtype=tl.float64)
-    for j in tl.static_range(R):
-        l_row = tl.sum(tl.where(ii == j, L, 0.0), axis=0)
-        c = tl.sum(tl.where(jj == j, S, 0.0), axis=1) - tl.sum(L * l_row[None, :], axis=1)
-        d = tl.sum(tl.where(cols == j, c, 0.0), axis=0)
-        L = tl.where((jj == j) & (ii >= j), c[:, None] / tl.sqrt(d), L)
-    # Z = L^-1 by forward substitution, one row per step
-    Z = tl.zeros((R, R), dtype=tl.float64)
-    for j in tl.static_range(R):
-        l_row = tl.sum(tl.where(ii == j, L, 0.0), axis=0)
-        l_jj = tl.sum(tl.where(cols == j, l_row, 0.0), axis=0)
-        acc = tl.sum(tl.where(ii < j, l_row[:, None] * Z, 0.0), axis=0)
-        z_row = (tl.where(cols == j, 1.0, 0.0) - acc) / l_jj
-        Z = tl.where(ii == j, z_row[None, :], Z)
+    Z = _inverse_cholesky_factor(S, R)
 
     # Y = X L^-T: y_i = Z x_i for every row i
     Zt = tl.trans(Z)
@@ -86,21 +96,7 @@ def _bottom_eigvec_kernel(h_ptr, z_ptr, r, shb, shr, shc, szb, szr,
     trace = tl.sum(tl.sum(tl.where(ii == jj, H, 0.0), axis=1), axis=0)
     H = tl.where(ii == jj, H + (tl.full((), 1e-15, tl.float64) * trace + 1e-300), H)
     H = tl.where((ii == jj) & (ii >= r), 1.0, H)  # padding: I (its inverse's block is I, below the matrix's own)
-
-    L = tl.zeros((R, R), dtype=tl.float64)
-    for j in tl.static_range(R):
-        l_row = tl.sum(tl.where(ii == j, L, 0.0), axis=0)
-        c = tl.sum(tl.where(jj == j, H, 0.0), axis=1) - tl.sum(L * l_row[None, :], axis=1)
-        d = tl.sum(tl.where(cols == j, c, 0.0), axis=0)
-        L = tl.where((jj == j) & (ii >= j), c[:, None] / tl.sqrt(d), L)
-    Z = tl.zeros((R, R), dtype=tl.float64)
-    for j in tl.static_range(R):
-        l_row = tl.sum(tl.where(ii == j, L, 0.0), axis=0)
-        l_jj = tl.sum(tl.where(cols == j, l_row, 0.0), axis=0)
-        acc = tl.sum(tl.where(ii < j, l_row[:, None] * Z, 0.0), axis=0)
-        z_row = (tl.where(cols == j, 1.0, 0.0) - acc) / l_jj
-        Z = tl.where(ii == j, z_row[None, :], Z)
-    Z = tl.where(mask, Z, 0.0)  # H^-1 = Z^T Z on the matrix's own block only
+    Z = tl.where(mask, _inverse_cholesky_factor(H, R), 0.0)  # H^-1 = Z^T Z on the matrix's own block only
 
     # K = Z^T Z = H^-1, then K^(2^SQUARINGS), rescaled by its trace every third squaring (as _dominant)
     K = tl.sum(Z[:, :, None] * Z[:, None, :], axis=0)
