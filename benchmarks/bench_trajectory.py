@@ -4,7 +4,8 @@ Run: pytest benchmarks/bench_trajectory.py --benchmark-enable [--benchmark-json 
 (`--benchmark-disable` runs each target once: a smoke test.) The trajectory is the ``tiny`` preset of
 benchmarks/trajectory.py (ResNet-18 width 16, dense -> 95% gradual pruning -> fine-tuning, recorded and cached under
 runs/trajectories/); the timed call is on its last snapshot, fastcnc warm-started from the one before. Group
-``cnc-trajectory-resnet18-w16`` compares fastcnc with eigvalsh of the float64 / float32 Gram and svdvals. The full
+``cnc-trajectory-resnet18-w16`` compares fastcnc with eigvalsh of the float64 Gram (of the whole matrix, and of its
+nonzero rows), of the float32 Gram, and svdvals. The full
 benchmark with per-step accuracy and certificates is ``python benchmarks/run.py trajectory``.
 """
 
@@ -19,7 +20,7 @@ from fastcnc.cnc import penalty_from_estimate
 from fastcnc.spectral import SpectralState, extreme_singular_values
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-IMPLS = ("fastcnc", "eigh64", "eigh32", "svdvals")
+IMPLS = ("fastcnc", "eigh64", "eigh64r", "eigh32", "svdvals")
 
 
 @pytest.fixture(scope="module")

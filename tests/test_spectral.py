@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from fastcnc import _backend
+from fastcnc import _backend, spectral
+from fastcnc.cnc import penalty_from_estimate
 from fastcnc.reference import matrix_with_spectrum
 from fastcnc.spectral import SpectralState, as_matrices, extreme_singular_values
 
@@ -493,6 +494,74 @@ def test_state_roundtrip():
     s2 = SpectralState.from_dict(state.to_dict())
     e1, e2 = extreme_singular_values(A, state=state), extreme_singular_values(A, state=s2)
     assert torch.equal(e1.sigma_min, e2.sigma_min)
+
+
+def _zero_rows(W, rows, wide):
+    W = W.clone()
+    if wide:
+        W[:, rows] = 0
+    else:
+        W[rows] = 0
+    return W
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["tall", "wide"])
+def test_groups_formed_from_nonzero_rows_match_the_full_matrices(wide, monkeypatch):
+    # pruning empties whole rows of the tall orientation (input features); a CPU group whose matrices all have at
+    # most 90% nonzero rows is formed from those alone (padded to the group's largest count). Values, brackets,
+    # vectors (zeros on the empty rows), the exact fallback, the Ritz blocks and the gradient must be those of the
+    # full matrices
+    gen = torch.Generator().manual_seed(3)
+    m, n = 700, 150
+    mats = []
+    for k, (dtype, empty) in enumerate(((torch.float32, 300), (torch.float32, 120), (torch.float64, 250))):
+        A = _graded(m, n, 10.0 ** (k + 1), seed=k)
+        A = _zero_rows(A, torch.randperm(m, generator=gen)[:empty], False).to(dtype)
+        mats.append(A.T.contiguous() if wide else A)
+    formed = []  # per group solved: formed from its nonzero rows?
+    solve = spectral._solve_group
+    monkeypatch.setattr(spectral, "_solve_group", lambda g, *a, **k: formed.append(g.held is not None) or solve(g, *a,
+                                                                                                              **k))
+    state = SpectralState()
+    cold = extreme_singular_values(mats, state=state)
+    moved = [w + 1e-3 * torch.randn_like(w) * (w != 0) for w in mats]
+    warm = extreme_singular_values(moved, state=state, ritz_block=True)
+    assert formed == [True, True]  # one group (float32 and float64 alike), compacted in both calls
+    monkeypatch.setattr(spectral, "_COMPACT_ROWS", -1.0)  # the same calls on the full matrices
+    state_full = SpectralState()
+    cold_full = extreme_singular_values(mats, state=state_full)
+    warm_full = extreme_singular_values(moved, state=state_full, ritz_block=True)
+    refreshed = extreme_singular_values(moved, refresh=True)
+    monkeypatch.undo()
+    refreshed_rows = extreme_singular_values(moved, refresh=True)
+    for est, ref, ws in ((cold, cold_full, mats), (warm, warm_full, moved), (refreshed_rows, refreshed, moved)):
+        check_estimate(est, ws)
+        for key in ("sigma_min", "sigma_max", "sigma_min_lo", "sigma_max_hi"):
+            torch.testing.assert_close(getattr(est, key), getattr(ref, key), rtol=1e-9, atol=0)
+        for i, W in enumerate(ws):
+            Wd = W.double()
+            for u, v, s in ((est.u_min[i], est.v_min[i], est.sigma_min[i]), (est.u_max[i], est.v_max[i],
+                                                                             est.sigma_max[i])):
+                assert u.shape == (W.shape[0],) and v.shape == (W.shape[1],)
+                # the long side's vector is A x / |A x| by construction: zero where the row of A is
+                if wide:
+                    torch.testing.assert_close(v, Wd.T @ u / s, rtol=0, atol=1e-12)
+                else:
+                    torch.testing.assert_close(u, Wd @ v / s, rtol=0, atol=1e-12)
+    for (s, U, V), (s_f, U_f, V_f), W in zip(warm.bottom, warm_full.bottom, moved, strict=True):
+        assert U.shape == U_f.shape and V.shape == V_f.shape
+        torch.testing.assert_close(s, s_f, rtol=1e-9, atol=0)
+        if wide:
+            torch.testing.assert_close(V, W.double().T @ U / s, rtol=0, atol=1e-10)
+        else:
+            torch.testing.assert_close(U, W.double() @ V / s, rtol=0, atol=1e-10)
+    grads = []
+    for est in (warm, warm_full):
+        leaves = [w.clone().requires_grad_() for w in moved]
+        penalty_from_estimate(leaves, est, eps=1e-6, from_these_weights=True).backward()
+        grads.append([w.grad for w in leaves])
+    for g, g_full in zip(*grads, strict=True):
+        torch.testing.assert_close(g, g_full, rtol=1e-5, atol=1e-12)
 
 
 def test_as_matrices_conv_and_groups():
