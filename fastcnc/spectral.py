@@ -252,7 +252,8 @@ def _gram(A: torch.Tensor) -> torch.Tensor:
 class _SourceBounds:
     """Per matrix, from its weights as stored (CPU): ``gram_err`` bounds |fl(A^T A) - A^T A|_2 for a float64 Gram of
     the unscaled A, ``norm`` bounds sigma_max, ``structural``: rank(A) < n from the zero pattern, ``finite``,
-    ``rows``: the rows of the tall A that hold a nonzero, where at most ``_COMPACT_ROWS`` of them do (else None)."""
+    ``rows``: the rows of the tall A that hold a nonzero, where at least n and at most ``_COMPACT_ROWS`` of them do
+    (else None)."""
 
     gram_err: torch.Tensor  # [L] float64
     norm: torch.Tensor  # [L] float64
@@ -302,7 +303,8 @@ def _source_bounds(mats: list[torch.Tensor]) -> _SourceBounds:
         st.append(bool((c == 0).any()) or int((r > 0).sum()) < n)
         fin.append(bool(torch.isfinite(q).all() & torch.isfinite(c).all()))
         held = r != 0  # (a NaN row is held: the Gram must see it)
-        rows.append(held.nonzero().flatten() if int(held.sum()) <= _COMPACT_ROWS * m else None)
+        count = int(held.sum())  # (fewer than n: structurally singular, and A keeps at least n rows)
+        rows.append(held.nonzero().flatten() if n <= count <= _COMPACT_ROWS * m else None)
     return _SourceBounds(torch.tensor(ge, dtype=_F64), torch.tensor(nb, dtype=_F64), torch.tensor(st),
                          torch.tensor(fin), rows)
 

@@ -112,6 +112,34 @@ def test_engine_brackets_truth_and_certifies_kappa(specs, dtype, iters, block, m
         assert est.u_max[i].shape == (A.shape[0],) and est.v_max[i].shape == (A.shape[1],)
 
 
+@settings(max_examples=12, **SETTINGS)
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(260, 400), n=st.integers(129, 160), count=st.integers(1, 3),
+       empty=st.lists(st.floats(0.1, 0.55), min_size=3, max_size=3), log_kappa=st.floats(0.0, 3.0),
+       wide=st.booleans(), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_groups_of_matrices_with_empty_rows_are_bracketed_cold_and_warm(seed, m, n, count, empty, log_kappa, wide,
+                                                                       dtype):
+    # pruned inputs: zero rows of the tall orientation (n > 128: a Gram group, formed from its nonzero rows)
+    gen = torch.Generator().manual_seed(seed)
+    mats = []
+    for k in range(count):
+        s = 10.0 ** (-log_kappa * torch.rand(n, generator=gen, dtype=torch.float64))
+        A = matrix_with_spectrum(m, n, s, generator=gen)
+        A[torch.randperm(m, generator=gen)[:int(empty[k] * m)]] = 0
+        mats.append((A.T if wide else A).contiguous().to(dtype))
+    state = fastcnc.SpectralState()
+    for step in range(2):
+        if step:
+            mats = [W + 1e-3 * W.abs().max() * torch.randn(W.shape, generator=gen, dtype=W.dtype) * (W != 0)
+                    for W in mats]
+        est = fastcnc.extreme_singular_values(mats, state=state, floor=FLOOR)
+        _check_bracket_and_residual(est, mats, dtype)
+        for i, W in enumerate(mats):
+            u, v = (est.v_min[i], est.u_min[i]) if wide else (est.u_min[i], est.v_min[i])  # long side, short side
+            A = (W.T if wide else W).double()
+            if not bool(est.structural[i]):  # the long side's vector: A x / |A x|, zero on the empty rows
+                torch.testing.assert_close(u, A @ v / est.sigma_min[i], rtol=0, atol=1e-12)
+
+
 @settings(max_examples=25, **SETTINGS)
 @given(seed=st.integers(0, 2**31 - 1), specs=st.lists(spectra(min_dim=13), min_size=1, max_size=3),
        dtype=st.sampled_from([torch.float64, torch.float32]))
