@@ -525,8 +525,8 @@ _INVERSE_BY_PRODUCTS_ON = {"cuda"}  # devices whose inverse-iteration steps are 
 class _Structural:
     """Structurally rank-deficient matrices of one tall shape and orientation (CPU, host-steered, the default
     ``tight_max=False``): sigma_min = 0 exactly, so kappa_floor = 1 / floor whatever sigma_max is, and only sigma_max
-    is estimated, by block power steps on A itself in the weights' precision (float32, or float64): no float64 copy,
-    no Gram, no factorization. The bracket of sigma_max is [|A y| less its rounding bound, sqrt(||A||_1 ||A||_inf)]:
+    is estimated, by block power steps on A itself in the weights' precision (float32, or float64): no copy of the
+    weights, no Gram, no factorization. The bracket of sigma_max is [|A y| less its rounding bound, sqrt(||A||_1 ||A||_inf)]:
     proven, not tight (the Gram route's certificate would cost more than everything else these rows need)."""
 
     def __init__(self, index: list[int], mats: list[torch.Tensor], bounds: _SourceBounds) -> None:
@@ -536,23 +536,31 @@ class _Structural:
         self.wide = [w0.shape[0] < w0.shape[1]] * len(mats)
         self.m, self.n = max(w0.shape), min(w0.shape)
         self.B = len(mats)
-        S = torch.stack([w.detach().to(self.wd) for w in mats])
-        self.A = S.mT if self.wide[0] else S  # [B, m, n] (a transposed view for wide ones: BLAS takes it as is)
+        # the weights as stored, multiplied one at a time: stacking them would copy every weight (these are the
+        # largest layers once pruned), for a handful of thin products
+        self.W = [w.detach().to(self.wd) for w in mats]
         self.row_m, self.row_n = [self.m] * self.B, [self.n] * self.B
         self.parts = [(index, self.wide, 0, self.B, self.m, self.n)]
         self.exp = torch.zeros(self.B, dtype=_F64)
         self.structural = torch.ones(self.B, dtype=torch.bool)
         self.finite = torch.ones(self.B, dtype=torch.bool)
 
+    def times(self, Y: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """A @ Y ([B, n, k] -> [B, m, k]), or A^T @ Y, in the weights' precision, float64 out. Each product runs over
+        the rows of W as stored (a thin product with a transposed operand is ~3x slower on CPU, see ``_times``)."""
+        Y = Y.to(self.wd)
+        right = self.wide[0] == transposed  # W @ Y[j] (W = A^T wide, A tall); else (Y[j]^T W)^T
+        return torch.stack([W @ Y[j] if right else (Y[j].mT @ W).mT for j, W in enumerate(self.W)]).to(_F64)
+
     def solve(self, start: torch.Tensor, r: int, min_steps: int, max_steps: int, rtol: float) -> dict:
         """Power steps from ``start``'s top block until its top Ritz value moves by less than rtol / 100 (relative)
         from one step to the next (at least ``min_steps``, at most ``max_steps``), a Ritz pick in it, and
         sigma_max = |A y| with its bracket. The stopping test is a heuristic, not a proof: the bracket is the proof."""
-        A, wd = self.A, self.wd
+        wd = self.wd
         X, Y0 = _initial_blocks(start, r, start.shape[-1] - r)
         Y, prev = Y0, None
         for step in range(max_steps + 1):
-            AY = (A @ Y.to(wd)).to(_F64)  # [B, m, k]: also the Rayleigh-Ritz matrix of the current block
+            AY = self.times(Y)  # [B, m, k]: also the Rayleigh-Ritz matrix of the current block
             H = AY.mT @ AY
             if Y.shape[-1] == 2:
                 a, b, c = _sym2(H)
@@ -563,14 +571,14 @@ class _Structural:
                 break
             prev = top
             # (an all-zero A keeps its start block: the warm state must stay a basis)
-            new = _orth((A.mT @ AY.to(wd)).to(_F64), passes=1)
+            new = _orth(self.times(AY, transposed=True), passes=1)
             ok = torch.isfinite(new).flatten(1).all(1) & (new.flatten(1).abs().amax(1) > 0)
             Y = torch.where(ok[:, None, None], new, Y)
         # (an all-zero A leaves y = 0); rounded to the working precision: the vector the product below really uses
         y = _unit_or(_top_pick(H, Y), Y0[..., 0]).to(wd).to(_F64)
         y_norm = y.norm(dim=1)
         y = y / y_norm[:, None]
-        z = (A @ (y * y_norm[:, None]).to(wd)[..., None]).squeeze(-1).to(_F64)  # exact inputs: y_w = y |y_w|
+        z = self.times((y * y_norm[:, None])[..., None]).squeeze(-1)  # exact inputs: y_w = y |y_w|
         s = z.norm(dim=1)
         # |fl(A y_w) - A y_w| <= gamma_n |A| |y_w| (+ n tiny per entry: underflow), and || |A| ||_2 <= norm bound
         u, tiny = torch.finfo(wd).eps / 2, torch.finfo(wd).tiny
