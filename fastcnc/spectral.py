@@ -530,8 +530,9 @@ class _Structural:
     """Structurally rank-deficient matrices of one tall shape and orientation (CPU, host-steered, the default
     ``tight_max=False``): sigma_min = 0 exactly, so kappa_floor = 1 / floor whatever sigma_max is, and only sigma_max
     is estimated, by block power steps on A itself in the weights' precision (float32, or float64): no copy of the
-    weights, no Gram, no factorization. The bracket of sigma_max is [|A y| less its rounding bound, sqrt(||A||_1 ||A||_inf)]:
-    proven, not tight (the Gram route's certificate would cost more than everything else these rows need)."""
+    weights, no Gram, no factorization. The bracket of sigma_max is [|A y| less its rounding bound,
+    sqrt(||A||_1 ||A||_inf)]: proven, not tight (the Gram route's certificate would cost more than everything else
+    these rows need)."""
 
     def __init__(self, index: list[int], mats: list[torch.Tensor], bounds: _SourceBounds) -> None:
         self.index, self.bounds = index, bounds
