@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
-from fastcnc import _backend, spectral
+from fastcnc import TSCNC, _backend, sparsify, spectral
 from fastcnc.cnc import penalty_from_estimate
 from fastcnc.reference import matrix_with_spectrum
 from fastcnc.spectral import SpectralState, as_matrices, extreme_singular_values
@@ -562,6 +563,45 @@ def test_groups_formed_from_nonzero_rows_match_the_full_matrices(wide, monkeypat
         grads.append([w.grad for w in leaves])
     for g, g_full in zip(*grads, strict=True):
         torch.testing.assert_close(g, g_full, rtol=1e-5, atol=1e-12)
+
+
+def test_tscnc_on_layers_with_pruned_inputs_matches_the_full_matrices(monkeypatch):
+    # TSCNC end to end on layers whose masks empty whole inputs (n > 128: the engine's groups drop those rows): the
+    # penalty and the weights' gradients of a warm step equal those computed on the full matrices
+    def step(compact: bool):
+        monkeypatch.setattr(spectral, "_COMPACT_ROWS", 0.9 if compact else -1.0)
+        torch.manual_seed(0)
+        net = sparsify(nn.Sequential(nn.Linear(400, 150), nn.Linear(150, 300)))
+        gen = torch.Generator().manual_seed(1)
+        # a wide layer with half its inputs pruned away (zero columns of W = zero rows of its tall W^T) and a tall
+        # one with half its outputs pruned away (zero rows of W)
+        for layer, dim in zip(net, (1, 0), strict=True):
+            size = layer.mask.shape[dim]
+            dead = torch.randperm(size, generator=gen)[:size // 2]
+            mask = torch.ones_like(layer.mask)
+            mask.index_fill_(dim, dead, 0.0)
+            layer.set_mask(mask)
+        formed.clear()
+        reg = TSCNC(net, lambda_tsc=1e-3, lambda_cnc=1e-2)
+        reg()  # the first call is exact
+        with torch.no_grad():
+            for layer in net:
+                layer.weight.add_(1e-3 * torch.randn(layer.weight.shape, generator=gen))
+        value = reg()
+        value.backward()
+        return value.detach(), [layer.weight.grad.clone() for layer in net]
+
+    formed = []  # per group solved: formed from its nonzero rows?
+    solve = spectral._solve_group
+    monkeypatch.setattr(spectral, "_solve_group", lambda g, *a, **k: formed.append(g.held is not None) or solve(g, *a,
+                                                                                                              **k))
+    value, grads = step(True)
+    assert formed == [True] * 4  # two groups per call (the first call's exact SVD runs on the same groups)
+    value_full, grads_full = step(False)
+    assert formed == [False] * 4
+    torch.testing.assert_close(value, value_full, rtol=1e-6, atol=0)
+    for g, g_full in zip(grads, grads_full, strict=True):
+        torch.testing.assert_close(g, g_full, rtol=1e-4, atol=1e-9)
 
 
 def test_as_matrices_conv_and_groups():
