@@ -643,12 +643,12 @@ def test_bad_options_raise(kwargs, match):
         extreme_singular_values(torch.randn(40, 30), **kwargs)
 
 
-def test_blocked_cholesky_matches_lapack_and_flags_failures():
-    # CPU, n above two blocks: factored block by block in place; same factor as LAPACK's, same ok flags
-    from fastcnc.spectral import _CHOL_BLOCK, _chol
+@pytest.mark.parametrize("n", [spectral._CHOL_LEAF + 1, 3 * spectral._CHOL_LEAF + 37, 512])
+def test_recursive_cholesky_matches_lapack_and_flags_failures(n):
+    # CPU, n above the leaf size: factored on halves in place; same factor as LAPACK's, same ok flags
+    from fastcnc.spectral import _chol
 
     gen = torch.Generator().manual_seed(12)
-    n = 2 * _CHOL_BLOCK + 37
     A = torch.randn(3, 2, n + 20, n, generator=gen, dtype=torch.float64)
     H = A.mT @ A
     H[1, 0].diagonal().sub_(float(torch.linalg.eigvalsh(H[1, 0])[3]))  # indefinite
