@@ -421,13 +421,10 @@ class _Group:
             m = max(len(h) for h in self.held)
             A = torch.empty((len(mats), self.row_n[0], m) if self.wide[0] else (len(mats), m, self.row_n[0]),
                             dtype=_F64, device=dev)
+            rows_dim = 1 if self.wide[0] else 0  # (one orientation per CPU group; wide ones stored as given, as below)
             for j, (w, h) in enumerate(zip(mats, self.held, strict=True)):
-                if self.wide[0]:  # (one orientation per CPU group; wide ones stored as given, as below)
-                    A[j, :, :len(h)].copy_(w.detach().index_select(1, h))
-                    A[j, :, len(h):].zero_()
-                else:
-                    A[j, :len(h)].copy_(w.detach().index_select(0, h))
-                    A[j, len(h):].zero_()
+                A[j].narrow(rows_dim, 0, len(h)).copy_(w.detach().index_select(rows_dim, h))
+                A[j].narrow(rows_dim, len(h), m - len(h)).zero_()
             A = A.mT if self.wide[0] else A
         elif all(self.wide):
             # stored as given and used through its transposed view: BLAS takes transposed operands for free, while a
@@ -551,11 +548,11 @@ class _Structural:
         self.finite = torch.ones(self.B, dtype=torch.bool)
 
     def times(self, Y: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-        """A @ Y ([B, n, k] -> [B, m, k]), or A^T @ Y, in the weights' precision, float64 out. Each product runs over
-        the rows of W as stored (a thin product with a transposed operand is ~3x slower on CPU, see ``_times``)."""
+        """A @ Y ([B, n, k] -> [B, m, k]), or A^T @ Y, in the weights' precision, float64 out (``_times``: over the
+        rows of W as stored)."""
         Y = Y.to(self.wd)
-        right = self.wide[0] == transposed  # W @ Y[j] (W = A^T wide, A tall); else (Y[j]^T W)^T
-        return torch.stack([W @ Y[j] if right else (Y[j].mT @ W).mT for j, W in enumerate(self.W)]).to(_F64)
+        flip = self.wide[0] != transposed  # A = W^T for a wide W
+        return torch.stack([_times(W.mT if flip else W, Y[j]) for j, W in enumerate(self.W)]).to(_F64)
 
     def solve(self, start: torch.Tensor, r: int, min_steps: int, max_steps: int, rtol: float) -> dict:
         """Power steps from ``start``'s top block until its top Ritz value moves by less than rtol / 100 (relative)
@@ -608,7 +605,8 @@ def _chol(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     On CPU, n > ``_CHOL_LEAF`` recurses on halves in place (``_chol_halves``): torch's own call spends more time
     copying into and zeroing the upper triangle of its column-major result than factoring (n = 512: 1.7x slower), and
-    halving down to 64 beat blocking by 192 by 15-30% on the batches the engine factors (n = 128-1024, one thread).
+    halving down to 64 beat blocking by 192 on the batches the engine factors (one thread: 9-34% on batches of 2-10
+    matrices of n = 128-1024, 2-7% on a single matrix of n = 256-512).
     Only triangular solves read the factor, so its strict upper triangle is left as it is. Rounding is that of any
     blocked Cholesky, which the certificates' margins (Rump's criterion) already assume.
     """
@@ -810,7 +808,7 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
     # columns [tau, t, tau2, t2(, loose)]: the looser lower shift only drives a next round's inverse iteration (and
     # the sync path factors it for the rows that need it): the sync-free path adds it unless this is the last round
     cols = [tau_all[:, 0], t_all[:, 0]] + ([tau_all[:, 1], t_all[:, 1]] if both else [])
-    cols += [tau_loose] if (both and not last) or not both else []
+    cols += [] if both and last else [tau_loose]
     raw = torch.stack(cols, 1)
     col = torch.arange(raw.shape[1], device=G.device)  # (built on the device: an upload would be a host sync)
     sign = 1 - 2 * ((col % 2 == 1) & (col < 4)).to(_F64)  # upper tests at columns 1 and 3: [1, -1, 1, -1(, 1)]
