@@ -233,8 +233,19 @@ def _tscnc_step_syncs(lambda_tsc: float, kind: str = "conv"):
     return syncs
 
 
-def test_tscnc_cnc_step_has_no_host_syncs(one_intra_op_thread):
+@pytest.mark.parametrize("route", ["batched", "halves"])
+def test_tscnc_cnc_step_has_no_host_syncs(route, one_intra_op_thread, monkeypatch):
+    if route == "halves":  # the factorizations and L^-1 by halves (spectral._CHOL_HALVES, _TRI_INVERSE_LEAF)
+        from fastcnc import spectral
+
+        monkeypatch.setitem(spectral._CHOL_HALVES, "cuda", (4, 2))  # (the model's n are 4-10: one batch of n 10)
+        monkeypatch.setattr(spectral, "_TRI_INVERSE_LEAF", 2)
+        monkeypatch.setattr(spectral, "_INVERSE_BY_PRODUCTS_ON", {"cuda", "cpu"})
+        calls = []
+        halves = spectral._chol_halves
+        monkeypatch.setattr(spectral, "_chol_halves", lambda H, leaf: calls.append(H.shape) or halves(H, leaf))
     syncs = _tscnc_step_syncs(lambda_tsc=0.0)
+    assert route == "batched" or calls
     assert not syncs, f"TSCNC (CNC term) forward+backward on the CUDA path syncs:\n{format_syncs(syncs)}"
 
 

@@ -643,9 +643,11 @@ def test_bad_options_raise(kwargs, match):
         extreme_singular_values(torch.randn(40, 30), **kwargs)
 
 
-@pytest.mark.parametrize("n", [spectral._CHOL_LEAF + 1, 3 * spectral._CHOL_LEAF + 37, 512])
-def test_recursive_cholesky_matches_lapack_and_flags_failures(n):
-    # CPU, n above the leaf size: factored on halves in place; same factor as LAPACK's, same ok flags
+@pytest.mark.parametrize("route", [None, (96, 32)], ids=["cpu-route", "cuda-route-by-halves"])
+@pytest.mark.parametrize("n", [65, 229, 512])
+def test_recursive_cholesky_matches_lapack_and_flags_failures(n, route, monkeypatch):
+    # n above the leaf size: factored on halves in place (CPU; the CUDA path where _CHOL_HALVES["cuda"] asks for it,
+    # with its own split and leaf); same factor as LAPACK's, same ok flags
     from fastcnc.spectral import _chol
 
     gen = torch.Generator().manual_seed(12)
@@ -654,11 +656,68 @@ def test_recursive_cholesky_matches_lapack_and_flags_failures(n):
     H[1, 0].diagonal().sub_(float(torch.linalg.eigvalsh(H[1, 0])[3]))  # indefinite
     H[2, 1, 0, 0] = float("nan")
     want, info = torch.linalg.cholesky_ex(H)
-    L, ok = _chol(H.clone())
+    if route is None:
+        L, ok = _chol(H.clone())
+    else:
+        monkeypatch.setitem(spectral._CHOL_HALVES, "cuda", route)
+        with _backend.cuda_code_path():
+            L, ok = _chol(H.clone())
     assert ok.tolist() == [[True, True], [False, True], [True, False]]
     assert ok.tolist() == (info == 0).logical_and(torch.isfinite(want.diagonal(dim1=-2, dim2=-1)).all(-1)).tolist()
     for i, j in ((0, 0), (0, 1), (1, 1), (2, 0)):
         torch.testing.assert_close(L[i, j].tril(), want[i, j], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [33, 100, 257])
+def test_triangular_inverse_by_halves_matches_a_solve(n, monkeypatch):
+    # L^-1 by halves (leaves by a solve, the rest products) against one triangular solve: zeros above the diagonal,
+    # the factor's strict upper triangle ignored (the recursive Cholesky leaves the input's entries there)
+    from fastcnc.spectral import _tri_inverse
+
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(4, n + 5, n, generator=gen, dtype=torch.float64)
+    L = torch.linalg.cholesky(A.mT @ A + 1e-2 * torch.eye(n, dtype=torch.float64))
+    eye = torch.eye(n, dtype=torch.float64)
+    want = torch.linalg.solve_triangular(L, eye.expand(4, -1, -1), upper=False)
+    garbage = L + torch.randn(L.shape, generator=gen, dtype=torch.float64).triu(1)
+    monkeypatch.setattr(spectral, "_TRI_INVERSE_LEAF", 16)
+    got = _tri_inverse(garbage, eye)
+    assert torch.equal(got.triu(1), torch.zeros_like(got))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("device", CUDA_OR_SIM)
+def test_cuda_factorizations_by_halves_certify_like_the_batched_call(device, monkeypatch):
+    # the CUDA path with its Cholesky factorizations and L^-1 by halves (what _CHOL_HALVES["cuda"] and
+    # _TRI_INVERSE_LEAF switch on): cold then warm sync-free calls on the hard cases must certify and bracket the
+    # truth as the library's batched calls do, with kappa within rtol of theirs
+    import fastcnc.spectral as spectral
+
+    gen = torch.Generator().manual_seed(21)
+    mats = [_graded(300, 100, 1e4), _kahan(90), _graded(700, 256, 1e2, seed=1).float(), _graded(250, 200, 1e3, seed=2),
+            _pruned(160, 1152, 0.05, seed=3, empty_rows=2), torch.randn(64, 27, generator=gen)]
+    drift = [W + 1e-4 * W.abs().mean() * (W != 0) * torch.randn(W.shape, generator=gen, dtype=W.dtype)
+             for W in mats]
+    if device == "cuda":
+        mats, drift = [W.cuda() for W in mats], [W.cuda() for W in drift]
+    else:  # the CUDA rule of the inverse-iteration steps on CPU tensors
+        monkeypatch.setattr(spectral, "_INVERSE_BY_PRODUCTS_ON", {"cuda", "cpu"})
+    runs = {}
+    for route in ("batched", "halves"):
+        if route == "halves":
+            monkeypatch.setitem(spectral._CHOL_HALVES, "cuda", (64, 32))
+            monkeypatch.setattr(spectral, "_TRI_INVERSE_LEAF", 32)
+        state, out = SpectralState(), []
+        with _backend.cuda_code_path() if device == "sim" else contextlib.nullcontext():
+            for batch in (mats, drift):
+                out.append(extreme_singular_values(batch, state=state, sync=False, floor=1e-6))
+        runs[route] = out
+    for k, batch in enumerate((mats, drift)):
+        a, b = runs["batched"][k], runs["halves"][k]
+        check_estimate(b, [W.cpu() for W in batch], floor=1e-6)
+        assert torch.equal(a.certified, b.certified) and bool(a.certified.all())
+        kf = [(e.sigma_max / (e.sigma_min + 1e-6 * e.sigma_max)).cpu() for e in (a, b)]  # what is certified
+        torch.testing.assert_close(kf[1], kf[0], rtol=RTOL, atol=0)
 
 
 @pytest.mark.parametrize("sync", [True, False])
