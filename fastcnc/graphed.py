@@ -26,6 +26,7 @@ from fastcnc.spectral import (
     VectorGroup,
     extreme_singular_values,
     group_vectors,
+    prepare_capture_branches,
     warm_block_width,
 )
 
@@ -43,6 +44,7 @@ class _TorchCudaGraph:
         with torch.cuda.stream(side):
             warmup()
         torch.cuda.current_stream().wait_stream(side)
+        prepare_capture_branches(torch.device("cuda", torch.cuda.current_device()))
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             out = fn()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -10,13 +11,14 @@ from torch import nn
 
 from fastcnc import _backend
 from fastcnc._checks import check_choice, check_eps_floor, check_int, check_positive
-from fastcnc.cnc import CNC_KINDS, penalty_from_estimate
+from fastcnc.cnc import CNC_KINDS, cnc_from_sigmas, penalty_from_estimate
 from fastcnc.graphed import GraphedEngine
 from fastcnc.layers import _MaskedMixin
 from fastcnc.pruning import tensor_sparsity
 from fastcnc.spectral import SpectralEstimate, SpectralOptions, SpectralState, as_matrices, extreme_singular_values
 from fastcnc.spectral_math import kappa
 from fastcnc.tsc import tsc_penalty
+from fastcnc.tscnc_terms import TSCNCTermsFunction
 
 __all__ = ["TSCNC", "constrained_layers"]
 
@@ -227,12 +229,31 @@ class TSCNC(nn.Module):
                       RuntimeWarning, stacklevel=3)
         return [not c for c in certified]
 
+    def _fused_terms(self, layers: list[nn.Module]) -> bool:
+        """Whether this call takes both penalties through one autograd node (``TSCNCTermsFunction``): both on, the
+        plain Ritz values (no soft-min), the Triton backend, one dtype, and every layer's effective weight W or
+        W * M (a buffer mask)."""
+        if not (self.lambda_tsc > 0 and self.lambda_cnc > 0 and self.smooth_min == 0):
+            return False
+        first = layers[0].weight
+        if not _backend.use_triton(first):
+            return False
+        for layer in layers:
+            kind = getattr(type(layer), "effective_weight", None)
+            if layer.weight.dtype != first.dtype or not (kind is None or (
+                    kind is _MaskedMixin.effective_weight and not layer.mask.requires_grad)):
+                return False
+        return True
+
     def forward(self) -> torch.Tensor:
-        weights = _effective_weights([layer for _, layer in self._layers])
+        layers = [layer for _, layer in self._layers]
+        fused = self._fused_terms(layers)
+        with torch.no_grad() if fused else contextlib.nullcontext():
+            weights = _effective_weights(layers)
         total = weights[0].new_zeros((), dtype=torch.float32)
         # the engine first: on CUDA its graph runs on the device while the host goes on with the TSC term
         if self.lambda_cnc > 0 or self.last_estimate is None:
-            mats, _ = self._matrices(weights)
+            mats, owner = self._matrices(weights)
             masks = self._mask_signature_now()
             late = self._read_pending(len(mats))
             refresh = self.calls == 0 or not self.state.matches([tuple(m.shape) for m in mats]) or (
@@ -242,6 +263,20 @@ class TSCNC(nn.Module):
             self._mask_signature = masks
             est = self._engine(mats, refresh)
             self.last_estimate = est
+            if fused:
+                blocks, first = [], {}
+                for m, j in zip(mats, owner, strict=True):
+                    row = first.setdefault(j, 0)
+                    blocks.append((j, row, m.shape[0], m.shape[1]))
+                    first[j] = row + m.shape[0]
+                sigmas = torch.stack([est.sigma_max, est.sigma_min], 1)
+                masks = [layer.mask if getattr(type(layer), "effective_weight", None) is not None else None
+                         for layer in layers]
+                tsc, sigmas = TSCNCTermsFunction.apply(self.a, est.groups, sigmas, blocks, masks,
+                                                       [w.contiguous() for w in weights],
+                                                       *[layer.weight for layer in layers])
+                cnc = cnc_from_sigmas(sigmas, kind=self.cnc, kappa_target=self.kappa_target, eps=self.eps).sum()
+                return self._count(total + self.lambda_cnc * cnc.float() + self.lambda_tsc * tsc.sum().float())
             if self.lambda_cnc > 0:
                 cnc = penalty_from_estimate(mats, est, kind=self.cnc, kappa_target=self.kappa_target, eps=self.eps,
                                             smooth_min=self.smooth_min, from_these_weights=True)
@@ -249,6 +284,9 @@ class TSCNC(nn.Module):
         if self.lambda_tsc > 0:
             # with CNC on, the spectral engine rejects NaN/Inf weights anyway: check here only without it
             total = total + self.lambda_tsc * tsc_penalty(weights, a=self.a, check_finite=self.lambda_cnc == 0).float()
+        return self._count(total)
+
+    def _count(self, total: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         self.work["calls"] = self.calls
         return total

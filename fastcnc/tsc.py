@@ -120,23 +120,7 @@ class TSCPenaltyFunction(torch.autograd.Function):
     def forward(ctx, a: float, *weights: torch.Tensor) -> torch.Tensor:
         ctx.a = a
         ctx.save_for_backward(*weights)
-        out_dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
-        groups = _dtype_groups(list(weights))
-        parts = []
-        for idx in groups:
-            group = [weights[i] for i in idx]
-            if _backend.use_triton(group[0]):
-                block = _kernel_block()
-                values, _ = _backend.kernels("tsc").tsc_value_grad(_kernel_inputs(group, block), a, None, block=block)
-            else:
-                values = _values_torch(group, a)
-            parts.append(values.to(out_dtype))
-        if len(groups) == 1:
-            return parts[0]
-        order = torch.tensor([i for idx in groups for i in idx])
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order))
-        return torch.cat(parts)[inverse.to(parts[0].device)]
+        return tsc_values(list(weights), a)
 
     @staticmethod
     @once_differentiable  # the penalty's Hessian is not needed by any trainer: fail loudly on double backward
@@ -144,23 +128,54 @@ class TSCPenaltyFunction(torch.autograd.Function):
         weights = ctx.saved_tensors
         grads: list[torch.Tensor | None] = [None] * len(weights)
         needed = [i for i in range(len(weights)) if ctx.needs_input_grad[1 + i]]
-        for idx in _dtype_groups([weights[i] for i in needed]):
-            idx = [needed[j] for j in idx]
-            group = [weights[i] for i in idx]
+        if needed:
             scale = grad_values
-            if idx != list(range(len(weights))):  # the common one-group case needs no host->device index copy
-                scale = grad_values[torch.tensor(idx, device=grad_values.device)]
-            scale = scale.to(_acc_dtype(group[0].dtype))
-            if _backend.use_triton(group[0]):
-                block = _kernel_block()
-                _, group_grads = _backend.kernels("tsc").tsc_value_grad(
-                    _kernel_inputs(group, block), ctx.a, scale, compute_value=False, block=block
-                )
-            else:
-                group_grads = _grads_torch(group, ctx.a, scale)
-            for i, g in zip(idx, group_grads, strict=True):
+            if len(needed) < len(weights):  # the common all-needed case needs no host->device index copy
+                scale = grad_values[torch.tensor(needed, device=grad_values.device)]
+            for i, g in zip(needed, tsc_grads([weights[i] for i in needed], ctx.a, scale), strict=True):
                 grads[i] = g
         return (None, *grads)
+
+
+def tsc_values(weights: list[torch.Tensor], a: float) -> torch.Tensor:
+    """[L] TSC values (no autograd): one batched launch per dtype on CUDA, the torch path on CPU."""
+    out_dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+    groups = _dtype_groups(weights)
+    parts = []
+    for idx in groups:
+        group = [weights[i] for i in idx]
+        if _backend.use_triton(group[0]):
+            block = _kernel_block()
+            values, _ = _backend.kernels("tsc").tsc_value_grad(_kernel_inputs(group, block), a, None, block=block)
+        else:
+            values = _values_torch(group, a)
+        parts.append(values.to(out_dtype))
+    if len(groups) == 1:
+        return parts[0]
+    order = torch.tensor([i for idx in groups for i in idx])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return torch.cat(parts)[inverse.to(parts[0].device)]
+
+
+def tsc_grads(weights: list[torch.Tensor], a: float, scale: torch.Tensor) -> list[torch.Tensor]:
+    """``scale[l] * d rho_a(W_l) / dW_l`` for every layer (no autograd), in each weight's dtype. On CUDA each dtype's
+    gradients are views into one flat buffer of that dtype, every layer starting at a tile boundary."""
+    grads: list = [None] * len(weights)
+    for idx in _dtype_groups(weights):
+        group = [weights[i] for i in idx]
+        part = scale if len(idx) == len(weights) else scale[torch.tensor(idx, device=scale.device)]
+        part = part.to(_acc_dtype(group[0].dtype))
+        if _backend.use_triton(group[0]):
+            block = _kernel_block()
+            _, group_grads = _backend.kernels("tsc").tsc_value_grad(
+                _kernel_inputs(group, block), a, part, compute_value=False, block=block
+            )
+        else:
+            group_grads = _grads_torch(group, a, part)
+        for i, g in zip(idx, group_grads, strict=True):
+            grads[i] = g
+    return grads
 
 
 def tsc_penalty(

@@ -1,6 +1,7 @@
 """Backward of the CNC bilinear forms for many matrices in one launch: for every matrix i,
 ``grad_i = c_i0 u_i0 v_i0^T + c_i1 u_i1 v_i1^T`` (the exact gradient of sigma_hat = u^T W v with frozen unit vectors),
-written in the weights' dtype.
+written in the weights' dtype, or added in place to another gradient already in a flat buffer (TSCNC's fused
+backward adds it to the TSC gradient).
 
 Each program owns one [BLOCK_M, BLOCK_N] tile of one matrix (a tile -> matrix table, cached per layout, as the TSC
 kernel's layer table). The vectors are fresh tensors every step, so instead of a table of their pointers (an upload
@@ -34,6 +35,7 @@ def _rank2_grad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     OUT_F64: tl.constexpr,
+    ACCUMULATE: tl.constexpr,  # add to what the buffer holds (another penalty's gradient) instead of overwriting it
 ):
     pid = tl.program_id(0)
     i = tl.load(table_ptr + 7 * n_mats + pid)
@@ -58,17 +60,21 @@ def _rank2_grad_kernel(
     if not OUT_F64:  # narrower outputs are rounded from float32, as the torch path's float32 product
         g = g.to(tl.float32)
     out = grad_ptr + out_offset + r[:, None] * cols + c[None, :]
-    tl.store(out, g.to(grad_ptr.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
+    ok = r_ok[:, None] & c_ok[None, :]
+    if ACCUMULATE:  # added in float32 (float64) and rounded once: as autograd's sum for float32 / float64 outputs
+        g = g + tl.load(out, mask=ok, other=0.0).to(tl.float64 if OUT_F64 else tl.float32)
+    tl.store(out, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
 _TABLES: collections.OrderedDict[tuple, tuple[torch.Tensor, int, list[int]]] = collections.OrderedDict()
 MAX_TABLES = 32
 
 
-def _table(device: torch.device, layout: tuple, shapes: tuple[tuple[int, int], ...]):
+def _table(device: torch.device, layout: tuple, shapes: tuple[tuple[int, int], ...], at_offsets: tuple | None = None):
     """Device table for this layout of the vector groups and these matrix shapes, the tile count and each gradient's
-    offset in the flat buffer (cached: both are the same every step, so no upload after the first)."""
-    key = (device, layout, shapes)
+    offset in the flat buffer (cached: both are the same every step, so no upload after the first). ``at_offsets``:
+    the offsets of gradients that already exist in a flat buffer (else each starts at an ALIGN boundary)."""
+    key = (device, layout, shapes, at_offsets)
     hit = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
@@ -82,7 +88,7 @@ def _table(device: torch.device, layout: tuple, shapes: tuple[tuple[int, int], .
         at += B * (m + n) * 2
     offsets, first, tiles_n, tile_matrix, at = [], [], [], [], 0
     for i, (m, n) in enumerate(shapes):
-        offsets.append(at)
+        offsets.append(at if at_offsets is None else at_offsets[i])
         at += triton.cdiv(m * n, ALIGN) * ALIGN
         first.append(len(tile_matrix))
         tiles_n.append(triton.cdiv(n, BLOCK_N))
@@ -97,7 +103,8 @@ def _table(device: torch.device, layout: tuple, shapes: tuple[tuple[int, int], .
 
 
 def rank2_grads(groups: list[tuple[list[int], list[bool], torch.Tensor, torch.Tensor]], coef: torch.Tensor,
-                shapes: list[tuple[int, int]], dtype: torch.dtype) -> list[torch.Tensor]:
+                shapes: list[tuple[int, int]], dtype: torch.dtype,
+                add_to: tuple[torch.Tensor, list[int]] | None = None) -> list[torch.Tensor]:
     """``[c_i0 u_i0 v_i0^T + c_i1 u_i1 v_i1^T]`` for every matrix i, as [rows_i, cols_i] tensors of ``dtype``.
 
     Args:
@@ -106,20 +113,29 @@ def rank2_grads(groups: list[tuple[list[int], list[bool], torch.Tensor, torch.Te
         coef: float64 [L, 2] coefficients.
         shapes: per matrix its own (rows, cols).
         dtype: the gradients' dtype.
+        add_to: (flat buffer of ``dtype``, per matrix the element offset of its contiguous row-major [rows, cols]
+            block in it): add the products to those blocks in place instead of writing a new buffer.
 
     Returns:
-        views into one flat buffer, each contiguous.
+        views into one flat buffer (``add_to``'s when given), each contiguous.
     """
     assert coef.dtype == torch.float64 and coef.shape == (len(shapes), 2)
     device = coef.device
     layout = tuple((tuple(index), tuple(wide), tuple(U.shape), tuple(V.shape)) for index, wide, U, V in groups)
     assert all(U.shape[-1] == 2 and V.shape[-1] == 2 for *_, U, V in groups)
-    table, n_tiles, offsets = _table(device, layout, tuple(shapes))
+    if add_to is not None:
+        flat, at = add_to
+        assert flat.dtype == dtype and flat.device == device and flat.is_contiguous() and len(at) == len(shapes)
+        assert all(0 <= o and o + m * n <= flat.numel() for o, (m, n) in zip(at, shapes, strict=True))
+        at = tuple(int(o) for o in at)
+    table, n_tiles, offsets = _table(device, layout, tuple(shapes), None if add_to is None else at)
     # one flat float64 copy of every vector (the table's offsets point into it): no per-step pointer table upload
     vec = torch.cat([t.reshape(-1) for *_, U, V in groups for t in (U, V)])
-    flat = torch.empty(offsets[-1], dtype=dtype, device=device)
+    if add_to is None:
+        flat = torch.empty(offsets[-1], dtype=dtype, device=device)
     if n_tiles:
         with device_guard(coef):
             _rank2_grad_kernel[(n_tiles,)](table, vec, coef.contiguous(), flat, len(shapes), BLOCK_M=BLOCK_M,
-                                           BLOCK_N=BLOCK_N, OUT_F64=dtype == torch.float64, num_warps=4)
+                                           BLOCK_N=BLOCK_N, OUT_F64=dtype == torch.float64,
+                                           ACCUMULATE=add_to is not None, num_warps=4)
     return [flat[offsets[i]:offsets[i] + m * n].view(m, n) for i, (m, n) in enumerate(shapes)]

@@ -66,6 +66,62 @@ def test_backward_kernel_equals_torch_path(dtype, device):
             torch.testing.assert_close(gk.double(), gt.double(), rtol=tol, atol=tol * float(gt.abs().max()))
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.interpret),
+                                    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+                                        not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_tscnc_fused_terms_equal_the_separate_terms(dtype, device, monkeypatch):
+    # TSCNC on the Triton backend takes both penalties through one autograd node (fastcnc/tscnc_terms.py: TSC's
+    # gradient, CNC's rank-2 terms added in place, the masks applied once); the separate terms are the reference:
+    # the same values and gradients (bit for bit in float32 / float64; bfloat16 rounds the sum once, not each term),
+    # on masked convs (one grouped), a plain 1x1 conv and a masked linear, along three SGD steps
+    from fastcnc import _backend
+    from fastcnc.layers import MaskedConv2d, MaskedLinear
+    from fastcnc.regularizer import TSCNC
+    from fastcnc.tscnc_terms import TSCNCTermsFunction
+
+    def model():
+        torch.manual_seed(0)
+        net = nn.Sequential(MaskedConv2d(3, 8, 3), MaskedConv2d(8, 8, 3, groups=2), nn.Conv2d(8, 6, 1),
+                            nn.Flatten(), MaskedLinear(24, 10)).to(device=device, dtype=dtype)
+        gen = torch.Generator().manual_seed(1)
+        for layer in (net[0], net[1], net[4]):
+            layer.set_mask((torch.rand(layer.weight.shape, generator=gen) > 0.4).to(device))
+        return net
+
+    nets = [model(), model()]
+    regs = [TSCNC(n, lambda_tsc=1e-2, lambda_cnc=1e-1) for n in nets]
+    monkeypatch.setattr(regs[1], "_fused_terms", lambda layers: False)
+    fused_calls = []
+    apply = TSCNCTermsFunction.apply
+    monkeypatch.setattr(TSCNCTermsFunction, "apply", lambda *a: fused_calls.append(1) or apply(*a))
+    _backend.force_backend("triton")
+    try:
+        steps = 1 if dtype == torch.bfloat16 else 3  # (bfloat16 weights part after one step, by the last bits)
+        for step in range(steps):
+            out = []
+            for net, reg in zip(nets, regs, strict=True):
+                net.zero_grad()
+                value = reg()
+                value.backward()
+                out.append((value, [p.grad for p in net.parameters() if p.grad is not None]))
+                with torch.no_grad():
+                    for p in net.parameters():
+                        if p.grad is not None:
+                            p.sub_(0.5 * p.grad)
+            assert torch.equal(out[0][0], out[1][0]), (step, out[0][0], out[1][0])
+            assert len(out[0][1]) == len(out[1][1]) == 4
+            for a, b in zip(out[0][1], out[1][1], strict=True):
+                assert a.dtype == b.dtype == dtype and a.shape == b.shape
+                if dtype == torch.bfloat16:  # rounded once (fused) vs each term, then the sum (one rounding apart)
+                    torch.testing.assert_close(a, b, rtol=2**-7, atol=2**-7 * float(b.abs().max()))
+                else:
+                    assert torch.equal(a, b), (step, float((a.double() - b.double()).abs().max()))
+    finally:
+        _backend.force_backend(None)
+    assert len(fused_calls) == steps
+
+
 @pytest.mark.parametrize("smooth_min", [0.0, 0.05], ids=["ritz", "softmin"])
 @pytest.mark.parametrize("kind", ["log", "kappa", "hinge"])
 def test_cnc_penalty_gradcheck_with_frozen_vectors(kind, smooth_min):

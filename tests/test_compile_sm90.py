@@ -117,6 +117,9 @@ def _launch_bilinear():
     U, V = torch.randn(1, 13, 2, dtype=torch.float64), torch.randn(1, 9, 2, dtype=torch.float64)
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         bilinear.rank2_grads([([0], [True], U, V)], torch.ones(1, 2, dtype=torch.float64), [(9, 13)], dtype)
+        # added in place to another gradient (TSCNC's fused backward)
+        bilinear.rank2_grads([([0], [True], U, V)], torch.ones(1, 2, dtype=torch.float64), [(9, 13)], dtype,
+                             add_to=(torch.zeros(9 * 13 + 5, dtype=dtype), [3]))
 
 
 def _launch_masked_matmul(dtype: str, block: int, precision: str, has_bias: bool, products: str):

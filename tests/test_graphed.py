@@ -174,6 +174,40 @@ def test_cuda_graph_replay_matches_the_eager_call():
     assert (graphed.captures, graphed.replays) == (2, 4)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_solves_batches_on_parallel_branches_like_the_eager_call(monkeypatch):
+    # three batches (n = 40, 200, 300) captured side by side on the side streams, replayed warm after drift: the
+    # same values, flags and vectors as eager calls, which run the batches one after another on one stream
+    from fastcnc import spectral
+
+    branched = []
+    pick = spectral._capture_branches
+
+    def spy(device):
+        out = pick(device)
+        branched.append(out is not None)
+        return out
+
+    monkeypatch.setattr(spectral, "_capture_branches", spy)
+    gen = torch.Generator().manual_seed(6)
+    shapes = (((96, 40), 0.3), ((400, 200), 0.2), ((200, 600), 0.1), ((300, 900), 0.05), ((24, 70), 0.5))
+    mats = [_pruned(s, d, gen).cuda() for s, d in shapes]
+    ref, st = SpectralState(), SpectralState()
+    extreme_singular_values(mats, state=ref, sync=False, refresh=True, **OPTIONS)
+    extreme_singular_values(mats, state=st, sync=False, refresh=True, **OPTIONS)
+    graphed = GraphedEngine(OPTIONS)
+    for rounds in (2, 1, 1):
+        mats = [m.cuda() for m in _drift([m.cpu() for m in mats], gen)]
+        want = extreme_singular_values(mats, state=ref, sync=False, **(OPTIONS | {"max_rounds": rounds}))
+        got = graphed(mats, st, max_rounds=rounds)
+        assert got is not None, graphed.disabled
+        for x, y in zip(_tensors(got), _tensors(want), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    # eager calls never branch; the captures (one per round count) did
+    assert True in branched and graphed.captures == 2
+
+
 @pytest.mark.skipif(not _backend.INTERPRET, reason="the CUDA code path on CPU tensors needs TRITON_INTERPRET=1")
 def test_tscnc_with_replayed_graphs_trains_exactly_like_eager_through_pruning_and_a_reload():
     # the whole TSCNC protocol on the CUDA code path (sync-free calls, flags read one call late, one or two rounds,
