@@ -117,7 +117,7 @@ def rank2_grads(groups: list[tuple[list[int], list[bool], torch.Tensor, torch.Te
             block in it): add the products to those blocks in place instead of writing a new buffer.
 
     Returns:
-        views into one flat buffer (``add_to``'s when given), each contiguous.
+        views into one flat buffer, each contiguous (none with ``add_to``).
     """
     assert coef.dtype == torch.float64 and coef.shape == (len(shapes), 2)
     device = coef.device
@@ -138,4 +138,6 @@ def rank2_grads(groups: list[tuple[list[int], list[bool], torch.Tensor, torch.Te
             _rank2_grad_kernel[(n_tiles,)](table, vec, coef.contiguous(), flat, len(shapes), BLOCK_M=BLOCK_M,
                                            BLOCK_N=BLOCK_N, OUT_F64=dtype == torch.float64,
                                            ACCUMULATE=add_to is not None, num_warps=4)
+    if add_to is not None:  # (the caller holds its views)
+        return []
     return [flat[offsets[i]:offsets[i] + m * n].view(m, n) for i, (m, n) in enumerate(shapes)]
