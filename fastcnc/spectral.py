@@ -1286,15 +1286,17 @@ def extreme_singular_values(
         results.append((g, res))
         for j, i in enumerate(g.index):
             per[i] = (len(results) - 1, j)
-    branches = None if sync or len(batches) < 2 else _capture_branches(batches[0][0].A.device)
-    main = torch.cuda.current_stream(batches[0][0].A.device) if branches else None
-    for k, (g, start, warm_ok) in enumerate(batches):
-        idx = g.index
-        grp_flags = flags if isinstance(flags, bool) else [flags[i] for i in idx]
+    device = mats[0].device
+    branches = None if sync or len(batches) < 2 else _capture_branches(device)
+    main = torch.cuda.current_stream(device) if branches else None
+    for k, (build, warm_ok) in enumerate(batches):
         if branches:  # fork: the batch's inputs were made on the capture stream
             branch = branches[k % len(branches)]
             branch.wait_stream(main)
         with torch.cuda.stream(branch) if branches else contextlib.nullcontext():
+            g, start = build()
+            idx = g.index
+            grp_flags = flags if isinstance(flags, bool) else [flags[i] for i in idx]
             lower = torch.stack([lower_in[i] for i in idx]).to(g.A.device) if warm_ok and lower_in is not None \
                 else None
             res = _solve_group(g, opt, start, lower, grp_flags, sync, work)
@@ -1315,6 +1317,7 @@ def extreme_singular_values(
 
 _GRAPH_BRANCHES = 4  # side streams per device on which a captured sync-free call solves its batches (0: none)
 _branch_streams: dict = {}  # device -> its side streams, made by prepare_capture_branches
+_BUILD_ON_BRANCHES = True  # sync-free CUDA batches are built (float64 copy, Gram, bounds) on their branch too
 
 
 def prepare_capture_branches(device: torch.device) -> None:
@@ -1357,9 +1360,9 @@ def _refresh_flags(refresh, n_mats: int) -> bool | list[bool]:
 
 
 def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tight_max: bool, ritz_block: bool):
-    """Batches of matrices solved together, as (group, start blocks, warm-started): on CPU one per tall shape and
-    orientation (small ones merged, see below), on CUDA one per bucket of n; and the structurally rank-deficient
-    groups that skip the Gram (CPU), in the same form."""
+    """Batches of matrices solved together, as (a call that returns the group and its start blocks, warm-started):
+    on CPU one per tall shape and orientation (small ones merged, see below), on CUDA one per bucket of n; and the
+    structurally rank-deficient groups that skip the Gram (CPU), as (group, start blocks, warm-started)."""
     merge_by_n = _backend.on_cuda(mats[0])
     by_shape: dict[tuple[int, int, bool], list[int]] = {}
     for i, (a, b) in enumerate(shapes):
@@ -1411,17 +1414,30 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
             held = [bounds.rows[i] for i in idx] if bounds is not None else None
             groups.append(((m, n, wide, warm_ok), _Group(idx, [mats[i] for i in idx], bounds=bounds_of(idx),
                                                              held=held)))
-    for key, idx in ragged.items():
+    def ragged_group(idx):
         part = [mats[i] for i in idx]
         size = (max(max(w.shape) for w in part), max(min(w.shape) for w in part))
-        groups.append((key, _Group(idx, part, size=size, bounds=bounds_of(idx), on_device=merge_by_n)))
+        return _Group(idx, part, size=size, bounds=bounds_of(idx), on_device=merge_by_n)
+
+    def with_start(g, warm):
+        return g, _start_blocks(g, blocks_in if warm else None, min(opt.block, g.n), min(2, g.n), gen)
+
+    # a sync-free CUDA batch is built where it is solved (a captured call builds it on its own branch of the graph,
+    # see prepare_capture_branches); otherwise every batch is built first (sync: NaN/Inf weights raise before any
+    # solve)
+    lazy = merge_by_n and not sync and _BUILD_ON_BRANCHES
+    for key, idx in ragged.items():
+        groups.append((key, (lambda idx=idx: ragged_group(idx)) if lazy else ragged_group(idx)))
     batches = []
     for key, g in groups:
+        if callable(g):
+            batches.append((lambda g=g, warm=key[-1]: with_start(g(), warm), key[-1]))
+            continue
         if sync and not bool(g.finite.all()):
             bad = g.index[int((~g.finite).nonzero()[0, 0])]
             check_tensor(f"weights[{bad}]", mats[bad], finite=True)
-        start = _start_blocks(g, blocks_in if key[-1] else None, min(opt.block, g.n), min(2, g.n), gen)
-        batches.append((g, start, key[-1]))
+        built = with_start(g, key[-1])
+        batches.append((lambda built=built: built, key[-1]))
     fast_groups = []
     for key, idx in structural.items():
         g = _Structural(idx, [mats[i] for i in idx], bounds.take(idx))
