@@ -1,5 +1,5 @@
-"""The engine's float64 Cholesky factorizations and triangular inverses by route, on the batches one TSCNC step
-factors, then the whole TSCNC step under each route, in one run.
+"""The engine's float64 Cholesky factorizations by route, on the batches one TSCNC step factors, then the whole TSCNC
+step under each route, in one run.
 
     python benchmarks/cholesky_routes.py [--model resnet50] [--sparsity 0.95] [--repeats 20] [--out DIR]
 
@@ -11,14 +11,15 @@ of the layers' own float64 Grams scaled to lambda_max ~ 1 plus 1e-3 I, factored 
   halves S/L     ``spectral._chol`` recursing on halves above n = S down to leaves of L (``_CHOL_HALVES``)
   looped         ``cholesky_ex`` per matrix (cuSOLVER's potrf)
   magma          the batched call with ``torch.backends.cuda.preferred_linalg_library("magma")`` (where it exists)
-and L^-1 of the batch's factors ``[b, n, n]`` by one triangular solve (the default) or by halves with leaves of L
-(``_TRI_INVERSE_LEAF``). On CUDA each is captured in a CUDA graph and replayed (device time: the engine runs from a
-graph); medians of ``--repeats``; ``max diff`` is the largest difference from the batched factor (or the solve's
-inverse) relative to its largest entry.
+On CUDA each is captured in a CUDA graph and replayed (device time: the engine runs from a graph); medians of
+``--repeats``; ``max diff`` is the largest difference from the batched factor relative to its largest entry.
 
 Part 2 (step): ``tscnc_step.py``'s fastcnc step (``TSCNC(model)()`` + backward, warm, replayed as a graph on CUDA)
-with each (Cholesky route, inverse leaf) set in turn on the same weights: median ms, and what the timed calls did
-(late certificates, exact refreshes, one-round calls) and how far each estimate is from the first route's.
+with each Cholesky route set in turn on the same weights: median ms, and what the timed calls did (late
+certificates, exact refreshes, one-round calls) and how far each estimate is from the first route's.
+
+Measured on an H200 (benchmarks/results/gpu-2026-11-27-h200-s12-start/): the batched call won at every n, so it is
+the CUDA default.
 
 Part 3 (CUDA): ``tscnc_step.py``'s whole row (graph, eager, two rounds, host syncs, eigvalsh-of-Gram and svdvals in
 the same run) with the fastest route of part 2.
@@ -40,8 +41,7 @@ import fastcnc
 from fastcnc import as_matrices, spectral
 
 HALVES = [(64, 64), (128, 64), (128, 128), (256, 128), (256, 256)]  # (split above n, leaf) timed per batch
-STEP_ROUTES = [(None, None), ((128, 64), None), ((128, 128), None), ((256, 128), None), ((256, 256), None),
-               ((128, 64), 128), ((256, 128), 128), ((256, 128), 256)]
+STEP_ROUTES = [None, (128, 64), (128, 128), (256, 128), (256, 256)]
 
 
 def replay_ms(fn, device: str, repeats: int) -> tuple[list[float], str]:
@@ -84,21 +84,14 @@ def batches_of(model, device: str) -> dict[int, list[torch.Tensor]]:
     return out
 
 
-def routes_for(H4: torch.Tensor, L: torch.Tensor, key: str) -> dict:
-    """name -> call: the factorizations of ``H4`` by each route, then L^-1 of the factors ``L`` by each route."""
+def routes_for(H4: torch.Tensor, key: str) -> dict:
+    """name -> call: the factorizations of ``H4`` by each route."""
     n = H4.shape[-1]
-    eye = torch.eye(n, dtype=torch.float64, device=H4.device)
 
     def halves(split, leaf):
         def call():
             spectral._CHOL_HALVES[key] = (split, leaf)
             return spectral._chol(H4.clone())[0]
-        return call
-
-    def inverse(leaf):
-        def call():
-            spectral._TRI_INVERSE_LEAF = leaf
-            return spectral._tri_inverse(L, eye)
         return call
 
     def magma():
@@ -113,8 +106,6 @@ def routes_for(H4: torch.Tensor, L: torch.Tensor, key: str) -> dict:
     routes["looped"] = lambda: torch.stack([torch.linalg.cholesky_ex(h, check_errors=False)[0] for h in H4])
     if key == "cuda":
         routes["magma"] = magma
-    routes["inverse by solve"] = inverse(None)
-    routes.update({f"inverse by halves /{f}": inverse(f) for f in (64, 128, 256) if n > f})
     return routes
 
 
@@ -122,19 +113,15 @@ def kernel_table(model, device: str, repeats: int) -> tuple[list[dict], str]:
     rows = []
     md = ("| n | matrices | route | ms | vs batched | max diff | timed as |\n|---|---|---|---|---|---|---|\n")
     key = "cuda" if device == "cuda" else "cpu"
-    saved_route, saved_leaf = spectral._CHOL_HALVES[key], spectral._TRI_INVERSE_LEAF
+    saved = spectral._CHOL_HALVES[key]
     for n, H in batches_of(model, device).items():
         H4 = H.repeat(4, 1, 1)
         ref, _ = torch.linalg.cholesky_ex(H4)
-        L = ref[:H.shape[0]]
-        eye = torch.eye(n, dtype=torch.float64, device=device)
-        inv_ref = torch.linalg.solve_triangular(L, eye.expand(L.shape[0], -1, -1), upper=False)
         base = None
-        for name, fn in routes_for(H4, L, key).items():
+        for name, fn in routes_for(H4, key).items():
             try:
                 got = fn()
-                want = inv_ref if name.startswith("inverse") else ref
-                diff = float((got.tril() - want).abs().max() / want.abs().max())
+                diff = float((got.tril() - ref).abs().max() / ref.abs().max())
                 if name == "magma":  # (its calls may synchronise: a failed capture could poison the stream)
                     ms, how = time_ms(fn, device, repeats)[0], "eager"
                 else:
@@ -143,13 +130,11 @@ def kernel_table(model, device: str, repeats: int) -> tuple[list[dict], str]:
                 md += f"| {n} | {H.shape[0]} | {name} | failed: {str(err).splitlines()[0][:80]} | | | |\n"
                 continue
             finally:
-                spectral._CHOL_HALVES[key], spectral._TRI_INVERSE_LEAF = saved_route, saved_leaf
+                spectral._CHOL_HALVES[key] = saved
             med = statistics.median(ms)
-            if name in ("batched", "inverse by solve"):
-                base = med
-            rows.append({"n": n, "matrices": H.shape[0], "factored": H.shape[0] if name.startswith("inverse")
-                         else H4.shape[0], "route": name, "ms_median": med, "ms_all": ms, "max_rel_diff": diff,
-                         "timed_as": how})
+            base = med if name == "batched" else base
+            rows.append({"n": n, "matrices": H.shape[0], "factored": H4.shape[0], "route": name, "ms_median": med,
+                         "ms_all": ms, "max_rel_diff": diff, "timed_as": how})
             md += f"| {n} | {H.shape[0]} | {name} | {med:.3f} | {base / med:.2f}x | {diff:.1e} | {how} |\n"
             print(md.splitlines()[-1], flush=True)
     return rows, md
@@ -157,54 +142,52 @@ def kernel_table(model, device: str, repeats: int) -> tuple[list[dict], str]:
 
 def step_table(model, device: str, repeats: int, warmup: int) -> tuple[list[dict], str]:
     rows, first = [], None
-    md = ("| Cholesky route | L^-1 leaf | step ms | vs first | host ms | late | refreshed | one-round calls | "
-          "max rel diff of sigmas |\n|---|---|---|---|---|---|---|---|---|\n")
+    md = ("| Cholesky route | step ms | vs first | host ms | late | refreshed | one-round calls | "
+          "max rel diff of sigmas |\n|---|---|---|---|---|---|---|---|\n")
     key = "cuda" if device == "cuda" else "cpu"
-    saved_route, saved_leaf = spectral._CHOL_HALVES[key], spectral._TRI_INVERSE_LEAF
-    for route, leaf in STEP_ROUTES:
-        spectral._CHOL_HALVES[key] = route if route is not None or key == "cuda" else saved_route
-        spectral._TRI_INVERSE_LEAF = leaf
+    saved = spectral._CHOL_HALVES[key]
+    for route in STEP_ROUTES:
+        spectral._CHOL_HALVES[key] = route if route is not None or key == "cuda" else saved
         try:
             _, reg, t_dev, t_host, work = _run_fastcnc(model, device, repeats, warmup, cuda_graph=True)
             est = reg.last_estimate
             sigmas = torch.stack([est.sigma_max, est.sigma_min]).double().cpu()
         finally:
-            spectral._CHOL_HALVES[key], spectral._TRI_INVERSE_LEAF = saved_route, saved_leaf
+            spectral._CHOL_HALVES[key] = saved
         med = statistics.median(t_dev)
         if first is None:
             first = (med, sigmas)
         diff = float(((sigmas - first[1]).abs() / first[1].abs().clamp_min(1e-300)).max())
         name = "batched" if route is None else f"halves {route[0]}/{route[1]}"
-        rows.append({"route": name, "halves": route, "inverse_leaf": leaf, "ms_median": med, "ms_all": t_dev,
+        rows.append({"route": name, "halves": route, "ms_median": med, "ms_all": t_dev,
                      "host_ms_median": statistics.median(t_host), "uncertified_late": work["uncertified_late"],
                      "refreshed": work["fallbacks"], "one_round_calls": work["one_round_calls"],
-                     "max_rel_diff_vs_first": diff, "graph": reg._graphed.captures if reg._graphed else None})
-        md += (f"| {name} | {leaf or 'solve'} | {med:.2f} | {first[0] / med:.2f}x | {statistics.median(t_host):.2f} |"
-               f" {work['uncertified_late']} | {work['fallbacks']} | {work['one_round_calls']}/{repeats} | "
+                     "max_rel_diff_vs_first": diff})
+        md += (f"| {name} | {med:.2f} | {first[0] / med:.2f}x | {statistics.median(t_host):.2f} | "
+               f"{work['uncertified_late']} | {work['fallbacks']} | {work['one_round_calls']}/{repeats} | "
                f"{diff:.1e} |\n")
         print(md.splitlines()[-1], flush=True)
     return rows, md
 
 
 def final_row(model, device: str, best: dict) -> str:
-    """``tscnc_step.measure`` (graph, eager, two rounds, svdvals, eigvalsh-of-Gram, host syncs) with the fastest
-    step route set; its numbers are added to ``best``."""
-    saved_route, saved_leaf = spectral._CHOL_HALVES["cuda"], spectral._TRI_INVERSE_LEAF
-    spectral._CHOL_HALVES["cuda"], spectral._TRI_INVERSE_LEAF = best["halves"], best["inverse_leaf"]
+    """``tscnc_step.measure`` (graph, eager, two rounds, one stream, svdvals, eigvalsh-of-Gram, host syncs) with the
+    fastest step route set; its numbers are added to ``best``."""
+    saved = spectral._CHOL_HALVES["cuda"]
+    spectral._CHOL_HALVES["cuda"] = best["halves"]
     try:
         row = measure(model, device, 30, 5, 5)
     finally:
-        spectral._CHOL_HALVES["cuda"], spectral._TRI_INVERSE_LEAF = saved_route, saved_leaf
+        spectral._CHOL_HALVES["cuda"] = saved
     row.pop("step")
     best["measure"] = row
     med = row["ms_median"]
-    return (f"route {best['route']}, L^-1 leaf {best['inverse_leaf'] or 'solve'}: fastcnc {med['fastcnc']:.2f} ms "
-            f"(host {row['fastcnc_host_ms_median']:.2f}; two rounds {med['fastcnc-two-rounds']:.2f}; eager "
-            f"{med['fastcnc-eager']:.2f}), eigvalsh-gram {med['eigvalsh-gram']:.1f} ms, svdvals {med['svdvals']:.1f} "
-            f"ms: **{row['speedup_vs_eigvalsh_gram']:.1f}x vs eigvalsh, {row['speedup_vs_svdvals']:.1f}x vs "
-            f"svdvals**; host syncs {row['host_syncs_per_step']}, refreshed {row['refreshed_in_timed_calls']}, late "
-            f"{row['uncertified_late_in_timed_calls']}, one-round calls {row['one_round_calls']}/30, graph vs eager "
-            f"{row['graph_vs_eager_max_rel_diff']:.1e}\n")
+    return (f"route {best['route']}: fastcnc {med['fastcnc']:.2f} ms (host {row['fastcnc_host_ms_median']:.2f}; "
+            f"two rounds {med['fastcnc-two-rounds']:.2f}; eager {med['fastcnc-eager']:.2f}), eigvalsh-gram "
+            f"{med['eigvalsh-gram']:.1f} ms, svdvals {med['svdvals']:.1f} ms: **{row['speedup_vs_eigvalsh_gram']:.1f}x "
+            f"vs eigvalsh, {row['speedup_vs_svdvals']:.1f}x vs svdvals**; host syncs {row['host_syncs_per_step']}, "
+            f"refreshed {row['refreshed_in_timed_calls']}, late {row['uncertified_late_in_timed_calls']}, one-round "
+            f"calls {row['one_round_calls']}/30, graph vs eager {row['graph_vs_eager_max_rel_diff']:.1e}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             f"commit {env['commit']}, {env['date']}; medians of {repeats}.\n\n")
     kernels, kmd = kernel_table(model, a.device, repeats)
     sync(a.device)
-    md = head + "## Factorizations and inverses, per batch\n\n" + kmd
+    md = head + "## Factorizations, per batch\n\n" + kmd
     steps = []
     if not a.skip_step:
         steps, smd = step_table(model, a.device, repeats, warmup=5 if a.device == "cuda" else 1)

@@ -523,8 +523,6 @@ _RITZ_MAX_COLUMNS = 8  # blocks up to this width take kernels/ritz.py on CUDA (i
 # Cholesky route per code path (see _chol): (n above which a factorization recurses on halves, leaf size), or None
 # for the library's batched call at every n
 _CHOL_HALVES = {"cpu": (64, 64), "cuda": None}
-# leaf size of the triangular inverse formed by halves on CUDA (see _tri_inverse), or None for one triangular solve
-_TRI_INVERSE_LEAF: int | None = None
 _INVERSE_BY_PRODUCTS_ON = {"cuda"}  # devices whose inverse-iteration steps are products with L^-1 (see _round)
 
 
@@ -612,7 +610,7 @@ def _chol(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     call spends more time copying into and zeroing the upper triangle of its column-major result than factoring
     (n = 512: 1.7x slower), and halving down to 64 beat blocking by 192 on the batches the engine factors (one
     thread: 9-34% on batches of 2-10 matrices of n = 128-1024, 2-7% on a single matrix of n = 256-512).
-    Only triangular solves and ``_tri_inverse`` read the factor, so its strict upper triangle is left as it is.
+    Only triangular solves read the factor, so its strict upper triangle is left as it is.
     Rounding is that of any blocked Cholesky, which the certificates' margins (Rump's criterion) already assume.
     """
     route = _CHOL_HALVES["cuda" if _backend.on_cuda(H) else "cpu"]
@@ -637,23 +635,6 @@ def _chol_halves(H: torch.Tensor, leaf: int) -> torch.Tensor:
     H[..., h:, :h] = P
     H[..., h:, h:].sub_(P @ P.mT)
     return ok & _chol_halves(H[..., h:, h:], leaf)
-
-
-def _tri_inverse(L: torch.Tensor, eye: torch.Tensor) -> torch.Tensor:
-    """L^-1 of a batch of lower-triangular factors (their strict upper triangles ignored) with zeros above the
-    diagonal. With ``_TRI_INVERSE_LEAF`` set, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]],
-    leaves by a triangular solve, the rest products. Only inverse-iteration directions use it (see _round), so the
-    products' different rounding is harmless there."""
-    n = L.shape[-1]
-    if _TRI_INVERSE_LEAF is None or n <= _TRI_INVERSE_LEAF:
-        return torch.linalg.solve_triangular(L, eye[:n, :n].expand(*L.shape[:-2], -1, -1), upper=False)
-    h = n // 2
-    A, C = _tri_inverse(L[..., :h, :h], eye), _tri_inverse(L[..., h:, h:], eye)
-    out = L.new_zeros(L.shape)
-    out[..., :h, :h] = A
-    out[..., h:, h:] = C
-    out[..., h:, :h] = -(C @ (L[..., h:, :h] @ A))
-    return out
 
 
 def _orth(X: torch.Tensor, passes: int = 2) -> torch.Tensor:
@@ -883,7 +864,7 @@ def _round(g: _Group, rows, X, Y, L_it, iters: int, opt: SpectralOptions, sync: 
         # batched products. Only the iterate's direction depends on it (the values and certificates are computed
         # from G afresh), and the shift sits ~1% below lambda_min, so the explicit inverse's extra rounding
         # (~u kappa(G - tau I)) stays far below what the Rayleigh quotient can see at rtol
-        Li = _tri_inverse(L_it, g.eye)
+        Li = torch.linalg.solve_triangular(L_it, g.eye.expand(L_it.shape[0], -1, -1), upper=False)
         for _ in range(iters):
             X = _orth(Li.mT @ (Li @ X), passes=1)
         X = _orth(X, passes=1)

@@ -235,11 +235,10 @@ def _tscnc_step_syncs(lambda_tsc: float, kind: str = "conv"):
 
 @pytest.mark.parametrize("route", ["batched", "halves"])
 def test_tscnc_cnc_step_has_no_host_syncs(route, one_intra_op_thread, monkeypatch):
-    if route == "halves":  # the factorizations and L^-1 by halves (spectral._CHOL_HALVES, _TRI_INVERSE_LEAF)
+    if route == "halves":  # the factorizations by halves (spectral._CHOL_HALVES)
         from fastcnc import spectral
 
         monkeypatch.setitem(spectral._CHOL_HALVES, "cuda", (4, 2))  # (the model's n are 4-10: one batch of n 10)
-        monkeypatch.setattr(spectral, "_TRI_INVERSE_LEAF", 2)
         monkeypatch.setattr(spectral, "_INVERSE_BY_PRODUCTS_ON", {"cuda", "cpu"})
         calls = []
         halves = spectral._chol_halves

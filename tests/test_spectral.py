@@ -668,29 +668,11 @@ def test_recursive_cholesky_matches_lapack_and_flags_failures(n, route, monkeypa
         torch.testing.assert_close(L[i, j].tril(), want[i, j], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("n", [33, 100, 257])
-def test_triangular_inverse_by_halves_matches_a_solve(n, monkeypatch):
-    # L^-1 by halves (leaves by a solve, the rest products) against one triangular solve: zeros above the diagonal,
-    # the factor's strict upper triangle ignored (the recursive Cholesky leaves the input's entries there)
-    from fastcnc.spectral import _tri_inverse
-
-    gen = torch.Generator().manual_seed(3)
-    A = torch.randn(4, n + 5, n, generator=gen, dtype=torch.float64)
-    L = torch.linalg.cholesky(A.mT @ A + 1e-2 * torch.eye(n, dtype=torch.float64))
-    eye = torch.eye(n, dtype=torch.float64)
-    want = torch.linalg.solve_triangular(L, eye.expand(4, -1, -1), upper=False)
-    garbage = L + torch.randn(L.shape, generator=gen, dtype=torch.float64).triu(1)
-    monkeypatch.setattr(spectral, "_TRI_INVERSE_LEAF", 16)
-    got = _tri_inverse(garbage, eye)
-    assert torch.equal(got.triu(1), torch.zeros_like(got))
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
-
-
 @pytest.mark.parametrize("device", CUDA_OR_SIM)
 def test_cuda_factorizations_by_halves_certify_like_the_batched_call(device, monkeypatch):
-    # the CUDA path with its Cholesky factorizations and L^-1 by halves (what _CHOL_HALVES["cuda"] and
-    # _TRI_INVERSE_LEAF switch on): cold then warm sync-free calls on the hard cases must certify and bracket the
-    # truth as the library's batched calls do, with kappa within rtol of theirs
+    # the CUDA path with its Cholesky factorizations by halves (what _CHOL_HALVES["cuda"] switches on; off by
+    # default: slower on an H200, benchmarks/cholesky_routes.py): cold then warm sync-free calls on the hard cases
+    # must certify and bracket the truth as the library's batched calls do, with kappa within rtol of theirs
     import fastcnc.spectral as spectral
 
     gen = torch.Generator().manual_seed(21)
@@ -706,7 +688,6 @@ def test_cuda_factorizations_by_halves_certify_like_the_batched_call(device, mon
     for route in ("batched", "halves"):
         if route == "halves":
             monkeypatch.setitem(spectral._CHOL_HALVES, "cuda", (64, 32))
-            monkeypatch.setattr(spectral, "_TRI_INVERSE_LEAF", 32)
         state, out = SpectralState(), []
         with _backend.cuda_code_path() if device == "sim" else contextlib.nullcontext():
             for batch in (mats, drift):
