@@ -1298,7 +1298,6 @@ def extreme_singular_values(
 
 _GRAPH_BRANCHES = 4  # side streams per device on which a captured sync-free call solves its batches (0: none)
 _branch_streams: dict = {}  # device -> its side streams, made by prepare_capture_branches
-_BUILD_ON_BRANCHES = True  # sync-free CUDA batches are built (float64 copy, Gram, bounds) on their branch too
 
 
 def prepare_capture_branches(device: torch.device) -> None:
@@ -1400,25 +1399,25 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
         size = (max(max(w.shape) for w in part), max(min(w.shape) for w in part))
         return _Group(idx, part, size=size, bounds=bounds_of(idx), on_device=merge_by_n)
 
-    def with_start(g, warm):
-        return g, _start_blocks(g, blocks_in if warm else None, min(opt.block, g.n), min(2, g.n), gen)
+    # a sync-free CUDA batch is built where it is solved, so a captured call builds it on its own branch of the graph
+    # (prepare_capture_branches); otherwise every batch is built first (sync: NaN/Inf weights raise before any solve)
+    lazy = merge_by_n and not sync
 
-    # a sync-free CUDA batch is built where it is solved (a captured call builds it on its own branch of the graph,
-    # see prepare_capture_branches); otherwise every batch is built first (sync: NaN/Inf weights raise before any
-    # solve)
-    lazy = merge_by_n and not sync and _BUILD_ON_BRANCHES
-    for key, idx in ragged.items():
-        groups.append((key, (lambda idx=idx: ragged_group(idx)) if lazy else ragged_group(idx)))
-    batches = []
-    for key, g in groups:
-        if callable(g):
-            batches.append((lambda g=g, warm=key[-1]: with_start(g(), warm), key[-1]))
-            continue
+    def batch(make, warm: bool):
+        def with_start(g):
+            return g, _start_blocks(g, blocks_in if warm else None, min(opt.block, g.n), min(2, g.n), gen)
+
+        if lazy:
+            return (lambda: with_start(make())), warm
+        g = make()
         if sync and not bool(g.finite.all()):
             bad = g.index[int((~g.finite).nonzero()[0, 0])]
             check_tensor(f"weights[{bad}]", mats[bad], finite=True)
-        built = with_start(g, key[-1])
-        batches.append((lambda built=built: built, key[-1]))
+        built = with_start(g)
+        return (lambda: built), warm
+
+    batches = [batch(lambda g=g: g, key[-1]) for key, g in groups]
+    batches += [batch(lambda idx=idx: ragged_group(idx), key[-1]) for key, idx in ragged.items()]
     fast_groups = []
     for key, idx in structural.items():
         g = _Structural(idx, [mats[i] for i in idx], bounds.take(idx))

@@ -174,6 +174,21 @@ def test_cuda_graph_replay_matches_the_eager_call():
     assert (graphed.captures, graphed.replays) == (2, 4)
 
 
+def test_batches_branch_only_inside_a_cuda_capture():
+    # side streams exist only for CUDA devices and are used only while a capture is under way: eager calls, CPU
+    # tensors and the simulated CUDA path solve their batches in order on the current stream
+    from fastcnc import spectral
+
+    spectral.prepare_capture_branches(torch.device("cpu"))
+    assert torch.device("cpu") not in spectral._branch_streams
+    assert spectral._capture_branches(torch.device("cpu")) is None
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        spectral.prepare_capture_branches(device)
+        assert len(spectral._branch_streams[device]) == spectral._GRAPH_BRANCHES
+        assert spectral._capture_branches(device) is None  # (not capturing)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_solves_batches_on_parallel_branches_like_the_eager_call(monkeypatch):
