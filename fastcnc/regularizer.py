@@ -35,7 +35,9 @@ def _effective_weight(layer: nn.Module) -> torch.Tensor:
 
 def _effective_weights(layers: list[nn.Module]) -> list[torch.Tensor]:
     """``_effective_weight`` of every layer, the W * M of fastcnc's masked layers as one multi-tensor product: one
-    autograd node and one launch instead of one per layer each way (host time on CUDA; same values)."""
+    autograd node and one forward launch instead of one per layer (its backward still multiplies tensor by tensor;
+    on the Triton backend TSCNC forms W * M without autograd and applies the masks in its own backward, see
+    ``fastcnc.tscnc_terms``)."""
     out: list = [None] * len(layers)
     masked = []
     for i, layer in enumerate(layers):
