@@ -676,8 +676,8 @@ def test_cuda_factorizations_by_halves_certify_like_the_batched_call(device, mon
     import fastcnc.spectral as spectral
 
     gen = torch.Generator().manual_seed(21)
-    mats = [_graded(300, 100, 1e4), _kahan(90), _graded(700, 256, 1e2, seed=1).float(), _graded(250, 200, 1e3, seed=2),
-            _pruned(160, 1152, 0.05, seed=3, empty_rows=2), torch.randn(64, 27, generator=gen)]
+    mats = [_graded(300, 100, 1e4), _kahan(90), _graded(250, 200, 1e3, seed=2).float(),
+            _pruned(160, 1152, 0.05, seed=3, empty_rows=2)]
     drift = [W + 1e-4 * W.abs().mean() * (W != 0) * torch.randn(W.shape, generator=gen, dtype=W.dtype)
              for W in mats]
     if device == "cuda":
