@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -105,7 +107,40 @@ def profile_table(step, device: str, steps: int) -> str:
     if device == "cuda":  # what the host spends its time on (the part of the step outside the replayed graph)
         table += ("\nBy self CPU time:\n\n```\n" + events.table(sort_by="self_cpu_time_total", row_limit=30,
                                                                  max_name_column_width=60) + "\n```\n")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(path))
+            table += "\n" + stream_table(json.loads(path.read_text()), steps)
     return table
+
+
+def stream_table(trace: dict, steps: int) -> str:
+    """Kernels per CUDA stream in a chrome trace of ``steps`` calls: count, busy ms per step (the sum of kernel
+    durations) and the last kernel's end minus the first's start; and for all streams together the busy time (the
+    union of kernel intervals) against the sum: how much the graph's branches overlap."""
+    per: dict = {}
+    spans = []
+    for ev in trace.get("traceEvents", []):
+        if ev.get("cat") != "kernel" or "dur" not in ev:
+            continue
+        stream = ev.get("args", {}).get("stream")
+        start, end = float(ev["ts"]), float(ev["ts"]) + float(ev["dur"])
+        count, busy, lo, hi = per.get(stream, (0, 0.0, math.inf, -math.inf))
+        per[stream] = (count + 1, busy + end - start, min(lo, start), max(hi, end))
+        spans.append((start, end))
+    if not spans:
+        return "No kernel events in the trace.\n"
+    union, reach = 0.0, -math.inf
+    for start, end in sorted(spans):
+        union += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    total = sum(busy for _, busy, _, _ in per.values())
+    md = (f"Kernels per CUDA stream ({steps} steps; ms per step): sum of kernel time {total / 1e3 / steps:.2f}, "
+          f"device busy (union over streams) {union / 1e3 / steps:.2f}\n\n| stream | kernels per step | busy ms "
+          "per step | first start to last end, ms (all steps) |\n|---|---|---|---|\n")
+    for stream, (count, busy, lo, hi) in sorted(per.items(), key=lambda kv: -kv[1][1]):
+        md += f"| {stream} | {count / steps:.0f} | {busy / 1e3 / steps:.2f} | {(hi - lo) / 1e3:.2f} |\n"
+    return md
 
 
 def _run_fastcnc(model, device: str, repeats: int, warmup: int, cuda_graph: bool, two_rounds: bool = False):

@@ -1,0 +1,33 @@
+"""Smoke tests of benchmarks/tscnc_step.py (the whole-TSCNC-step benchmark is a CLI, run on a GPU by gpu_session.sh):
+its CPU run end to end on ResNet-18, and the per-stream kernel table it adds to a CUDA profile.
+
+Run: pytest benchmarks/bench_tscnc_step.py
+"""
+
+import json
+
+from tscnc_step import main, stream_table
+
+
+def _kernel(stream, ts, dur):
+    return {"ph": "X", "cat": "kernel", "name": "k", "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+
+def test_stream_table_sums_per_stream_and_measures_the_overlap():
+    # two steps; stream 7 busy 0-10 and 20-30 us, stream 9 busy 5-15 us: the union is 25 us, the sum 30 us
+    trace = {"traceEvents": [_kernel(7, 0, 10), _kernel(9, 5, 10), _kernel(7, 20, 10),
+                             {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 100}]}
+    md = stream_table(trace, steps=2)
+    assert "sum of kernel time 0.01" in md and "device busy (union over streams) 0.01" in md  # (15 and 12.5 us/step)
+    rows = [line.split(" | ") for line in md.splitlines() if line.startswith("| 7 ") or line.startswith("| 9 ")]
+    assert [r[0] for r in rows] == ["| 7", "| 9"]  # busiest first
+    assert rows[0][1] == "1" and rows[0][2] == "0.01" and rows[0][3] == "0.03 |"
+    assert stream_table({"traceEvents": []}, steps=1) == "No kernel events in the trace.\n"
+
+
+def test_tscnc_step_cli_runs_on_cpu(tmp_path):
+    assert main(["--model", "resnet18", "--device", "cpu", "--sparsity", "0", "0.9", "--repeats", "1",
+                 "--warmup", "1", "--baseline-repeats", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "tscnc-step-cpu-resnet18.json").read_text())
+    assert [row["sparsity"] for row in res["rows"]] == [0.0, 0.9]
+    assert all(row["refreshed_in_timed_calls"] == 0 for row in res["rows"])
