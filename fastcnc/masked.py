@@ -52,6 +52,7 @@ class TileTable:
     keep: torch.Tensor  # [G*N, K] uint8
     density: float  # fraction of tiles with a nonzero
     n_nonzero: int  # number of tiles with a nonzero (host int: sizes the dW row split without reading the table)
+    full: bool = False  # every weight kept (an all-ones mask): a masked layer then computes with its weight as is
 
 
 def _tile_nonzero(mask3: torch.Tensor, block: int) -> torch.Tensor:
@@ -94,6 +95,7 @@ def build_tile_table(mask: torch.Tensor, block: int | None = None) -> TileTable:
         k_cnt=nz.sum(2, dtype=torch.int32).contiguous(), n_idx=n_idx.contiguous(),
         n_cnt=nzt.sum(2, dtype=torch.int32).contiguous(), keep=(mask3 != 0).to(torch.uint8).reshape(g * n, k),
         density=float(nz.float().mean()) if nz.numel() else 0.0, n_nonzero=int(nz.sum()),
+        full=bool((mask3 == 1).all()),
     )
 
 
@@ -188,11 +190,20 @@ def _resolve_tiles(tiles, mask: torch.Tensor, rows: int, cols: int, groups: int)
     return tiles
 
 
+def _dense_weight(weight, mask, pruned_finite: bool, tiles: TileTable | None, layer_table: bool) -> torch.Tensor:
+    # a layer's own table (built from its current mask: the cache key holds the mask's version) that keeps every
+    # weight: W * M = W exactly, so skip the product and its backward (the 0%-sparsity case costs what dense does)
+    if layer_table and pruned_finite and tiles is not None and tiles.full:
+        return weight
+    return _masked_weight(weight, mask, pruned_finite)
+
+
 def _linear(x, weight, mask, bias, tiles, pruned_finite):
     x, weight, bias = _autocast(x, weight, bias)
+    layer_table = callable(tiles)
     tiles = _resolve_tiles(tiles, mask, *weight.shape, 1) if _backend.use_triton(x) else None
     if not _kernel_path(x, weight, tiles):
-        return F.linear(x, _masked_weight(weight, mask, pruned_finite), bias)
+        return F.linear(x, _dense_weight(weight, mask, pruned_finite, tiles, layer_table), bias)
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     out = MaskedMatmulFunction.apply(x2.t().unsqueeze(0), weight, bias, tiles, 1, True)
@@ -202,12 +213,14 @@ def _linear(x, weight, mask, bias, tiles, pruned_finite):
 
 def _conv2d(x, weight, mask, bias, stride, padding, dilation, groups, tiles, pruned_finite):
     x, weight, bias = _autocast(x, weight, bias)
+    layer_table = callable(tiles)
     if _backend.use_triton(x):
         tiles = _resolve_tiles(tiles, mask, weight.shape[0], weight[0].numel(), groups)
     else:
         tiles = None
     if not _kernel_path(x, weight, tiles):
-        return F.conv2d(x, _masked_weight(weight, mask, pruned_finite), bias, stride, padding, dilation, groups)
+        return F.conv2d(x, _dense_weight(weight, mask, pruned_finite, tiles, layer_table), bias, stride, padding,
+                        dilation, groups)
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)

@@ -206,3 +206,48 @@ def test_triton_path_equals_torch_path(make, x_shape):
         results.append((y.detach(), xi.grad, layer.weight.grad.clone()))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("make, x_shape", [(lambda: MaskedLinear(48, 40), (3, 48)),
+                                           (lambda: MaskedConv2d(4, 6, 3, padding=1, groups=2), (2, 4, 7, 7))])
+def test_full_mask_computes_like_the_dense_layer_without_the_mask_product(make, x_shape):
+    """On the CUDA dispatch rule a layer whose own tile table says every weight is kept computes with its weight as
+    is: the same outputs and gradients as the dense layer, bit for bit, and no product with the mask either way; one
+    pruned weight brings the product back (the table follows the mask's version)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastcnc import _backend
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = make()
+    dense = layer.to_dense()
+    x = torch.randn(x_shape)
+    runs = []
+    with _backend.cuda_code_path():
+        assert layer.tile_table().full
+        for net in (layer, dense):
+            net.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            with Ops() as ops:
+                y = net(xi)
+                y.backward(torch.ones_like(y))
+            runs.append((y, xi.grad, net.weight.grad, ops.names))
+        assert "mul" not in runs[0][3]
+        for a, b in zip(runs[0][:3], runs[1][:3], strict=True):
+            assert torch.equal(a, b)
+        with torch.no_grad():
+            layer.mask.view(-1)[0] = 0  # in place: a new version, a new table
+        assert not layer.tile_table().full
+        with Ops() as ops:
+            layer(x)
+        assert "mul" in ops.names
