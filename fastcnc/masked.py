@@ -192,7 +192,7 @@ def _resolve_tiles(tiles, mask: torch.Tensor, rows: int, cols: int, groups: int)
 
 def _dense_weight(weight, mask, pruned_finite: bool, tiles: TileTable | None, layer_table: bool) -> torch.Tensor:
     # a layer's own table (built from its current mask: the cache key holds the mask's version) that keeps every
-    # weight: W * M = W exactly, so skip the product and its backward (the 0%-sparsity case costs what dense does)
+    # weight: W * M = W exactly, so skip the product and its backward (at 0% sparsity the layer runs the dense ops)
     if layer_table and pruned_finite and tiles is not None and tiles.full:
         return weight
     return _masked_weight(weight, mask, pruned_finite)
