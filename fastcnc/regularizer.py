@@ -266,19 +266,7 @@ class TSCNC(nn.Module):
             est = self._engine(mats, refresh)
             self.last_estimate = est
             if fused:
-                blocks, first = [], {}
-                for m, j in zip(mats, owner, strict=True):
-                    row = first.setdefault(j, 0)
-                    blocks.append((j, row, m.shape[0], m.shape[1]))
-                    first[j] = row + m.shape[0]
-                sigmas = torch.stack([est.sigma_max, est.sigma_min], 1)
-                masks = [layer.mask if getattr(type(layer), "effective_weight", None) is not None else None
-                         for layer in layers]
-                tsc, sigmas = TSCNCTermsFunction.apply(self.a, est.groups, sigmas, blocks, masks,
-                                                       [w.contiguous() for w in weights],
-                                                       *[layer.weight for layer in layers])
-                cnc = cnc_from_sigmas(sigmas, kind=self.cnc, kappa_target=self.kappa_target, eps=self.eps).sum()
-                return self._count(total + self.lambda_cnc * cnc.float() + self.lambda_tsc * tsc.sum().float())
+                return self._count(total + self._fused_total(layers, weights, mats, owner, est))
             if self.lambda_cnc > 0:
                 cnc = penalty_from_estimate(mats, est, kind=self.cnc, kappa_target=self.kappa_target, eps=self.eps,
                                             smooth_min=self.smooth_min, from_these_weights=True)
@@ -287,6 +275,23 @@ class TSCNC(nn.Module):
             # with CNC on, the spectral engine rejects NaN/Inf weights anyway: check here only without it
             total = total + self.lambda_tsc * tsc_penalty(weights, a=self.a, check_finite=self.lambda_cnc == 0).float()
         return self._count(total)
+
+    def _fused_total(self, layers: list[nn.Module], weights: list[torch.Tensor], mats: list[torch.Tensor],
+                     owner: list[int], est: SpectralEstimate) -> torch.Tensor:
+        """lambda_cnc * CNC + lambda_tsc * TSC through ``TSCNCTermsFunction`` (``weights``: W * M formed without
+        autograd; ``mats``: their matrices, ``owner`` the layer of each)."""
+        blocks, next_row = [], {}
+        for m, j in zip(mats, owner, strict=True):  # where each matrix lies in its layer's [out, -1] view
+            row = next_row.get(j, 0)
+            blocks.append((j, row, m.shape[0], m.shape[1]))
+            next_row[j] = row + m.shape[0]
+        layer_masks = [layer.mask if getattr(type(layer), "effective_weight", None) is not None else None
+                       for layer in layers]
+        tsc, sigmas = TSCNCTermsFunction.apply(self.a, est.groups, torch.stack([est.sigma_max, est.sigma_min], 1),
+                                               blocks, layer_masks, [w.contiguous() for w in weights],
+                                               *[layer.weight for layer in layers])
+        cnc = cnc_from_sigmas(sigmas, kind=self.cnc, kappa_target=self.kappa_target, eps=self.eps).sum()
+        return self.lambda_cnc * cnc.float() + self.lambda_tsc * tsc.sum().float()
 
     def _count(self, total: torch.Tensor) -> torch.Tensor:
         self.calls += 1
