@@ -27,7 +27,14 @@ import torch
 
 from fastcnc import _backend
 from fastcnc._checks import check_choice, check_eps_floor, check_positive, check_tensor
-from fastcnc.spectral import SpectralEstimate, SpectralState, VectorGroup, extreme_singular_values, matrices_list
+from fastcnc.spectral import (
+    SpectralEstimate,
+    SpectralState,
+    VectorGroup,
+    extreme_singular_values,
+    flat_vectors,
+    matrices_list,
+)
 
 __all__ = ["BilinearFormsFunction", "cnc_from_sigmas", "cnc_penalty", "penalty_from_estimate"]
 
@@ -69,8 +76,8 @@ class BilinearFormsFunction(torch.autograd.Function):
             # CUDA: every matrix's rank-2 gradient in one launch (the loop below is ~5 ops per group and one per
             # matrix, each a launch and host time: the step outside the engine's graph is bound by them)
             shapes = [(shape[0], shape[1]) for _, shape in ctx.meta]
-            grads = _backend.kernels("bilinear").rank2_grads(
-                [(g.index, g.wide, g.U, g.V) for g in ctx.groups], grad_values.to(torch.float64), shapes, dtypes.pop())
+            grads = _backend.kernels("bilinear").rank2_grads(*flat_vectors(ctx.groups), grad_values.to(torch.float64),
+                                                             shapes, dtypes.pop())
             return (None, None, *grads)
         coeff = grad_values.to(torch.float64).unbind(0)
         for grp in ctx.groups:

@@ -28,6 +28,8 @@ from fastcnc.spectral import (
     VectorGroup,
     extreme_singular_values,
     group_vectors,
+    pack_vectors,
+    packed_vectors,
     prepare_capture_branches,
     warm_block_width,
 )
@@ -161,7 +163,11 @@ def _detached_copy(est: SpectralEstimate) -> SpectralEstimate:
     first = est.first_round_certified
     flags = torch.stack([est.certified, est.fallback, est.structural, est.finite]
                         + ([first] if first is not None else []))
-    groups = [VectorGroup(g.index, g.wide, g.U.clone(), g.V.clone()) for g in est.groups]
+    packed = packed_vectors(est.groups)
+    if packed is not None:
+        groups = pack_vectors(est.groups, packed.clone())
+    else:
+        groups = [VectorGroup(g.index, g.wide, g.U.clone(), g.V.clone()) for g in est.groups]
     u_max, v_max, u_min, v_min = group_vectors(groups, len(est.u_max))
     return SpectralEstimate(
         sigma_max=values[0], sigma_min=values[1], sigma_max_lo=values[2], sigma_max_hi=values[3],

@@ -175,7 +175,8 @@ class TSCNC(nn.Module):
         est = None
         if self._use_graph(mats) and refresh is False and self.smooth_min == 0:
             # None: this call runs eagerly
-            est = self._graphed([m.detach() for m in mats], self.state, max_rounds=rounds)
+            # (the fused path's matrices are views of W * M formed without autograd: no detach, an op per matrix)
+            est = self._graphed([m.detach() if m.requires_grad else m for m in mats], self.state, max_rounds=rounds)
         if est is None:
             with torch.no_grad():
                 est = extreme_singular_values([m.detach() for m in mats], rtol=o.rtol, floor=o.floor,

@@ -58,7 +58,8 @@ def _grads_torch(weights: list[torch.Tensor], a: float, scale: torch.Tensor) -> 
 
 def _kernel_ready(w: torch.Tensor) -> torch.Tensor:
     """Contiguous, and aligned so the kernel's 16-byte alignment hint holds (a storage offset can break it)."""
-    w = w.detach().contiguous()
+    # (a detach is a dispatched op per layer and call: only for tensors that need one)
+    w = (w.detach() if w.requires_grad else w).contiguous()
     if w.data_ptr() % _backend.kernels("tsc").POINTER_ALIGN:
         w = w.clone()  # a fresh allocation is aligned
     return w

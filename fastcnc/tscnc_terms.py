@@ -15,7 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastcnc import _backend
-from fastcnc.spectral import VectorGroup
+from fastcnc.spectral import VectorGroup, flat_vectors
 from fastcnc.tsc import tsc_grads, tsc_values
 
 __all__ = ["TSCNCTermsFunction", "MatrixBlock"]
@@ -75,6 +75,5 @@ def _add_rank2(grads: list[torch.Tensor], groups: list[VectorGroup], coef: torch
         g = grads[layer]
         assert g._base is flat or g is flat, "the TSC gradients must share one flat buffer"
         at.append((g.data_ptr() - flat.data_ptr()) // size + row * cols)
-    _backend.kernels("bilinear").rank2_grads([(g.index, g.wide, g.U, g.V) for g in groups], coef,
-                                             [(rows, cols) for _, _, rows, cols in blocks], flat.dtype,
-                                             add_to=(flat, at))
+    _backend.kernels("bilinear").rank2_grads(*flat_vectors(groups), coef, [(rows, cols) for _, _, rows, cols in blocks],
+                                             flat.dtype, add_to=(flat, at))

@@ -5,14 +5,15 @@ backward adds it to the TSC gradient).
 
 Each program owns one [BLOCK_M, BLOCK_N] tile of one matrix (a tile -> matrix table, cached per layout, as the TSC
 kernel's layer table). The vectors are fresh tensors every step, so instead of a table of their pointers (an upload
-per step) they are concatenated into one float64 buffer whose layout, and so every offset into it, is the same every
-step. Products are formed in float64 (the vectors' dtype) and rounded to the output dtype through float32 (as the
-torch path) or directly for float64.
+per step) they come in one float64 buffer (the estimate's packed vectors, or a concatenation) whose layout, and so
+every offset into it, is the same every step. Products are formed in float64 (the vectors' dtype) and rounded to the
+output dtype through float32 (as the torch path) or directly for float64.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 
 import torch
 import triton
@@ -102,14 +103,17 @@ def _table(device: torch.device, layout: tuple, shapes: tuple[tuple[int, int], .
     return hit
 
 
-def rank2_grads(groups: list[tuple[list[int], list[bool], torch.Tensor, torch.Tensor]], coef: torch.Tensor,
-                shapes: list[tuple[int, int]], dtype: torch.dtype,
+def rank2_grads(layout: list[tuple[list[int], list[bool], tuple[int, ...], tuple[int, ...]]], vectors: torch.Tensor,
+                coef: torch.Tensor, shapes: list[tuple[int, int]], dtype: torch.dtype,
                 add_to: tuple[torch.Tensor, list[int]] | None = None) -> list[torch.Tensor]:
     """``[c_i0 u_i0 v_i0^T + c_i1 u_i1 v_i1^T]`` for every matrix i, as [rows_i, cols_i] tensors of ``dtype``.
 
     Args:
-        groups: (matrix indices, wide flags, U [B, m, 2], V [B, n, 2]) per group, float64, in the tall orientation
-            (a wide matrix's left vectors are in V): column 0 holds the (u, v) pair of c_i0, column 1 that of c_i1.
+        layout: per group of vectors (matrix indices, wide flags, shape of U [B, m, 2], shape of V [B, n, 2]), in the
+            tall orientation (a wide matrix's left vectors are in V): column 0 holds the (u, v) pair of c_i0, column 1
+            that of c_i1.
+        vectors: float64, contiguous: every group's U then V, each flattened, in ``layout`` order (one tensor, so the
+            kernel's table of offsets into it is the same every step: no pointer upload).
         coef: float64 [L, 2] coefficients.
         shapes: per matrix its own (rows, cols).
         dtype: the gradients' dtype.
@@ -121,21 +125,21 @@ def rank2_grads(groups: list[tuple[list[int], list[bool], torch.Tensor, torch.Te
     """
     assert coef.dtype == torch.float64 and coef.shape == (len(shapes), 2)
     device = coef.device
-    layout = tuple((tuple(index), tuple(wide), tuple(U.shape), tuple(V.shape)) for index, wide, U, V in groups)
-    assert all(U.shape[-1] == 2 and V.shape[-1] == 2 for *_, U, V in groups)
+    layout = tuple((tuple(index), tuple(wide), tuple(u), tuple(v)) for index, wide, u, v in layout)
+    assert all(u[-1] == 2 and v[-1] == 2 for *_, u, v in layout)
+    assert vectors.dtype == torch.float64 and vectors.is_contiguous() and vectors.numel() == sum(
+        math.prod(u) + math.prod(v) for *_, u, v in layout), "vectors must hold the groups' U and V in order"
     if add_to is not None:
         flat, at = add_to
         assert flat.dtype == dtype and flat.device == device and flat.is_contiguous() and len(at) == len(shapes)
         assert all(0 <= o and o + m * n <= flat.numel() for o, (m, n) in zip(at, shapes, strict=True))
         at = tuple(int(o) for o in at)
     table, n_tiles, offsets = _table(device, layout, tuple(shapes), None if add_to is None else at)
-    # one flat float64 copy of every vector (the table's offsets point into it): no per-step pointer table upload
-    vec = torch.cat([t.reshape(-1) for *_, U, V in groups for t in (U, V)])
     if add_to is None:
         flat = torch.empty(offsets[-1], dtype=dtype, device=device)
     if n_tiles:
         with device_guard(coef):
-            _rank2_grad_kernel[(n_tiles,)](table, vec, coef.contiguous(), flat, len(shapes), BLOCK_M=BLOCK_M,
+            _rank2_grad_kernel[(n_tiles,)](table, vectors, coef.contiguous(), flat, len(shapes), BLOCK_M=BLOCK_M,
                                            BLOCK_N=BLOCK_N, OUT_F64=dtype == torch.float64,
                                            ACCUMULATE=add_to is not None, num_warps=4)
     if add_to is not None:  # (the caller holds its views)

@@ -188,9 +188,7 @@ def tsc_value_grad(
             )  # fmt: skip
     grads = None
     if scale is not None:
-        # each layer's gradient starts at a tile boundary of the flat buffer, so every view is aligned
-        grads = [
-            grad_flat[first_block[i] * block : first_block[i] * block + w.numel()].view(w.shape)
-            for i, w in enumerate(weights)
-        ]
+        # each layer's gradient starts at a tile boundary of the flat buffer, so every view is aligned (one
+        # as_strided per layer: a slice and a view would be two dispatched ops)
+        grads = [grad_flat.as_strided(w.shape, w.stride(), first_block[i] * block) for i, w in enumerate(weights)]
     return values, grads

@@ -37,6 +37,7 @@ Use ``fastcnc._backend.cuda_code_path()`` to make CPU tensors take the branches 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import traceback
 import weakref
@@ -109,6 +110,7 @@ class HostSyncCounter(TorchDispatchMode):
         self._host: dict[int, weakref.ref] = {}  # id -> weak reference (tensors compare elementwise: no WeakSet)
         self.paused = 0
         self.launches = 0  # Triton launches seen (under the interpreter): proof that the kernel path ran
+        self.ops: collections.Counter[str] = collections.Counter()  # dispatched ops (host work), by name
 
     # -- host / device bookkeeping
     def is_host(self, t: torch.Tensor) -> bool:
@@ -138,6 +140,7 @@ class HostSyncCounter(TorchDispatchMode):
         if self.paused:
             return out
         packet = func.overloadpacket
+        self.ops[packet.__name__] += 1
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         host = [self.is_host(t) for t in tensors]
         if packet in _LIFT_OPS:  # a tensor made from Python data lives on the host until uploaded

@@ -114,11 +114,11 @@ def _launch_bilinear():
     import torch
     from fastcnc.kernels import bilinear
 
-    U, V = torch.randn(1, 13, 2, dtype=torch.float64), torch.randn(1, 9, 2, dtype=torch.float64)
+    layout, vectors = [([0], [True], (1, 13, 2), (1, 9, 2))], torch.randn(44, dtype=torch.float64)
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        bilinear.rank2_grads([([0], [True], U, V)], torch.ones(1, 2, dtype=torch.float64), [(9, 13)], dtype)
+        bilinear.rank2_grads(layout, vectors, torch.ones(1, 2, dtype=torch.float64), [(9, 13)], dtype)
         # added in place to another gradient (TSCNC's fused backward)
-        bilinear.rank2_grads([([0], [True], U, V)], torch.ones(1, 2, dtype=torch.float64), [(9, 13)], dtype,
+        bilinear.rank2_grads(layout, vectors, torch.ones(1, 2, dtype=torch.float64), [(9, 13)], dtype,
                              add_to=(torch.zeros(9 * 13 + 5, dtype=dtype), [3]))
 
 

@@ -13,7 +13,7 @@ import torch
 
 from fastcnc import _backend
 from fastcnc.graphed import GraphedEngine
-from fastcnc.spectral import SpectralState, extreme_singular_values
+from fastcnc.spectral import SpectralState, extreme_singular_values, packed_vectors
 
 OPTIONS = dict(rtol=1e-2, floor=1e-6, block=4, iters=3, max_rounds=4)
 FIELDS = ("sigma_max", "sigma_min", "sigma_max_lo", "sigma_max_hi", "sigma_min_lo", "sigma_min_hi", "certified",
@@ -88,7 +88,17 @@ def _run_pair(steps, gen, graphed):
     return mats, ref, st
 
 
-def test_replay_equals_the_eager_call_step_after_step():
+@pytest.fixture(params=["cpu", pytest.param("cuda-path", marks=pytest.mark.interpret)])
+def code_path(request):
+    """The CPU path, or the CUDA code path on CPU tensors (batches merged by n, the vectors packed in one buffer)."""
+    if request.param == "cpu":
+        yield request.param
+    else:
+        with _backend.cuda_code_path():
+            yield request.param
+
+
+def test_replay_equals_the_eager_call_step_after_step(code_path):
     gen = torch.Generator().manual_seed(0)
     graphed = GraphedEngine(OPTIONS, graph_factory=ReplayOnCPU)
     _run_pair(4, gen, graphed)
@@ -108,11 +118,13 @@ def test_state_replaced_outside_the_graph_is_copied_in():
     assert graphed.captures == 1
 
 
-def test_an_estimate_outlives_the_next_replay():
+def test_an_estimate_outlives_the_next_replay(code_path):
     gen = torch.Generator().manual_seed(2)
     graphed = GraphedEngine(OPTIONS, graph_factory=ReplayOnCPU)
     mats, _, st = _run_pair(1, gen, graphed)
     first = graphed(_drift(mats, gen), st)
+    # on the CUDA path every group's vectors are views of one buffer, copied out of the graph in one op
+    assert (packed_vectors(first.groups) is not None) == (code_path == "cuda-path")
     saved = [t.clone() for t in _tensors(first)]
     second = graphed(_drift(mats, gen, 1e-1), st)
     assert not torch.equal(first.sigma_max, second.sigma_max)

@@ -7,6 +7,7 @@ device tables are built outside the count (a real training loop pays for them on
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import pytest
@@ -306,3 +307,63 @@ def test_tscnc_runs_one_round_while_the_first_round_certifies_and_two_after_a_fa
             reg()  # reads the failure: that layer exactly, the others with two rounds again
         assert reg.last_estimate.fallback.tolist() == [True, False]
         assert reg.last_estimate.work["rounds"] == 2 and reg.work["one_round_calls"] == 3
+
+
+# -- host work of the TSCNC step: what grows with the depth of the model ----------------------------------------------
+
+
+class _ReplayNothing:
+    """Stand-in for torch.cuda.CUDAGraph on CPU: a replay is one host call whose kernels are device work, so it
+    dispatches no op here (the estimate stays the captured one: enough for counting the host's ops around it)."""
+
+    def capture(self, fn, warmup):
+        warmup()
+        return fn()
+
+    def replay(self):
+        pass
+
+
+def _tscnc_step_ops(depth: int) -> collections.Counter:
+    from torch import nn
+
+    from fastcnc.graphed import GraphedEngine
+    from fastcnc.regularizer import TSCNC
+
+    torch.manual_seed(0)
+    # a masked linear of a new shape per layer (so each layer is its own vector group) and a plain one at the end
+    widths = [6 + 3 * i for i in range(depth + 1)]
+    layers = [MaskedLinear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+    model = nn.Sequential(*layers, nn.Linear(widths[-1], 4)).to(DEVICE)
+    for layer in layers:
+        layer.set_mask((torch.rand(layer.weight.shape, device=DEVICE) > 0.3).float())
+    reg = TSCNC(model, lambda_tsc=1e-3, lambda_cnc=1e-2)
+    if SIMULATE:  # the captured engine of a CUDA step, replayed by a stand-in
+        o = reg.options
+        reg._graphed = GraphedEngine(dict(rtol=o.rtol, floor=o.floor, block=o.block, iters=o.iters,
+                                          max_rounds=o.max_rounds), graph_factory=_ReplayNothing)
+        reg._use_graph = lambda mats: True
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        reg().backward()
+
+    def warm_step():
+        step()
+        if not SIMULATE:
+            torch.cuda.synchronize()
+
+    counter = _count(step, warmup=4, warm_fn=warm_step)
+    assert reg._graphed.replays >= 1 and reg.last_estimate.work["rounds"] == 1
+    return counter.ops
+
+
+def test_tscnc_step_host_ops_per_layer(one_intra_op_thread):
+    # the host's share of a CUDA TSCNC step (the engine replayed as a graph; the penalties' forward and backward
+    # around it) may grow per layer only by what autograd needs per weight: a matrix view of each layer for the
+    # engine's copy-in, each layer's own gradient tensor (a view of the fused backward's buffer) and its
+    # accumulation into .grad. Per-layer (or per-shape-group) copies, detaches and slices showed up here before
+    small, large = _tscnc_step_ops(4), _tscnc_step_ops(12)
+    per_layer = (sum(large.values()) - sum(small.values())) / 8
+    assert per_layer <= 3, f"{per_layer:.2f} host ops per extra layer: {large - small}"

@@ -734,3 +734,32 @@ def test_inverse_steps_by_products_with_the_inverse_factor_certify_like_solves(s
         torch.testing.assert_close(b.sigma_max, a.sigma_max, rtol=RTOL, atol=0)
     # the rule did change the iteration (its rounding differs), so the test is not comparing a path with itself
     assert any(not torch.equal(x, y) for x, y in zip(runs["solves"][2], runs["products"][2], strict=True))
+
+
+def test_packed_vectors_are_the_groups_vectors_in_one_buffer():
+    # VectorGroup over one flat buffer (the CUDA estimate's layout): the same U and V as the groups it packs, views
+    # made when asked for, one tensor for the backward's kernel (flat_vectors), and a repacking on a copy of the
+    # buffer owns its vectors
+    from fastcnc.spectral import flat_vectors, pack_vectors, packed_vectors
+
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.randn(s, generator=gen) for s in ((30, 12), (12, 30), (40, 7), (9, 9))]
+    est = extreme_singular_values(mats)
+    assert packed_vectors(est.groups) is None
+    packed = pack_vectors(est.groups)
+    buffer = packed_vectors(packed)
+    assert buffer is not None and buffer.numel() == sum(g.U.numel() + g.V.numel() for g in est.groups)
+    for p, g in zip(packed, est.groups, strict=True):
+        assert (p.index, p.wide, p.u_shape, p.v_shape) == (g.index, g.wide, tuple(g.U.shape), tuple(g.V.shape))
+        assert torch.equal(p.U, g.U) and torch.equal(p.V, g.V)
+        assert p.U.data_ptr() >= buffer.data_ptr() and p.U._base is not None
+    layout, vectors = flat_vectors(est.groups)
+    assert vectors is not buffer and torch.equal(vectors, buffer)
+    packed_layout, packed_flat = flat_vectors(packed)
+    assert packed_layout == layout and packed_flat is buffer
+    copy = pack_vectors(packed, buffer.clone())
+    buffer.zero_()
+    assert all(torch.equal(c.U, g.U) and torch.equal(c.V, g.V) for c, g in zip(copy, est.groups, strict=True))
+    assert packed_vectors(packed[1:]) is None  # not the whole buffer from its start: no packed tensor
+    with pytest.raises(AssertionError, match="layout"):
+        pack_vectors(est.groups, torch.zeros(3, dtype=torch.float64))
