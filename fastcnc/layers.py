@@ -1,9 +1,10 @@
 """Masked (pruned) layers: the mask is a buffer and is applied inside the forward, so pruned weights stay zero.
 
 ``MaskedLinear`` / ``MaskedConv2d`` compute with ``weight * mask``. On CPU that is plain ``F.linear`` / ``F.conv2d``
-on the masked weight; on CUDA (or a forced ``"triton"`` backend) the forward goes through ``fastcnc.masked``, which
-runs the block-sparse Triton kernels when the mask has enough all-zero tiles and cuBLAS on ``weight * mask``
-otherwise (the rule is documented in ``fastcnc/masked.py``). Either way the gradient of a pruned weight is exactly 0.
+on the masked weight; on CUDA (or a forced ``"triton"`` backend) the layer follows ``fastcnc.masked``'s dispatch
+rule: the block-sparse Triton kernels (through ``fastcnc.masked``) when the mask has enough all-zero tiles, else
+cuBLAS on ``weight * mask``, or on ``weight`` itself when the mask keeps every weight (the rule is documented in
+``fastcnc/masked.py``). Either way the gradient of a pruned weight is exactly 0.
 
 ``sparsify(model)`` swaps ``nn.Linear`` / ``nn.Conv2d`` for the masked layers in place (taking over the masks of
 ``torch.nn.utils.prune``), ``densify(model)`` swaps them back with ``weight = weight * mask`` for export.
@@ -12,10 +13,11 @@ otherwise (the rule is documented in ``fastcnc/masked.py``). Either way the grad
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastcnc import masked as _masked
-from fastcnc._backend import use_triton
+from fastcnc._backend import on_cuda, use_triton
 from fastcnc._checks import check_mask
 
 
@@ -43,6 +45,22 @@ class _MaskedMixin:
     def effective_weight(self) -> torch.Tensor:
         """The weight the layer computes with, ``weight * mask`` (differentiable in ``weight``)."""
         return self.weight * self.mask
+
+    def _dense_route(self, x: torch.Tensor) -> tuple[bool, _masked.TileTable | None]:
+        """Whether this call computes densely (``fastcnc.masked``'s dispatch rule: CPU tensors, or on CUDA a mask
+        with more than ``DENSE_FALLBACK_TILE_DENSITY`` nonzero tiles), and the tile table where the Triton backend is
+        in use. The dense route is taken here, not through the functional: its checks are for arbitrary arguments,
+        while this weight, mask and bias are the layer's own (x is checked by the torch op), and a few microseconds
+        of Python per layer are the whole cost of a small layer's step on a GPU."""
+        if not use_triton(x):
+            return True, None
+        tiles = self.tile_table()
+        return on_cuda(x) and tiles.density > _masked.DENSE_FALLBACK_TILE_DENSITY, tiles
+
+    def _dense_weight(self, tiles: _masked.TileTable | None) -> torch.Tensor:
+        # a table built from the current mask (its cache key holds the mask's version) that keeps every weight:
+        # W * M = W exactly, so no product and no backward multiply (at 0% sparsity the layer runs the dense ops)
+        return self.weight if tiles is not None and tiles.full else self.weight * self.mask
 
     @property
     def sparsity(self) -> float:
@@ -81,7 +99,10 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         self._init_mask()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _masked.masked_linear(x, self.weight, self.mask, self.bias, tiles=self.tile_table, trusted_mask=True)
+        dense, tiles = self._dense_route(x)
+        if dense:
+            return F.linear(x, self._dense_weight(tiles), self.bias)
+        return _masked.masked_linear(x, self.weight, self.mask, self.bias, tiles=tiles, trusted_mask=True)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> MaskedLinear:
@@ -121,10 +142,12 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
         self._init_mask()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding_mode != "zeros":  # reflect/replicate/circular pad first: nn.Conv2d's own path does that
-            return self._conv_forward(x, self.effective_weight(), self.bias)
+        dense, tiles = self._dense_route(x)
+        if dense or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            # (nn.Conv2d's own path pads first for reflect/replicate/circular and resolves "same" / "valid")
+            return self._conv_forward(x, self._dense_weight(tiles), self.bias)
         return _masked.masked_conv2d(x, self.weight, self.mask, self.bias, self.stride, self.padding, self.dilation,
-                                     self.groups, tiles=self.tile_table, trusted_mask=True)
+                                     self.groups, tiles=tiles, trusted_mask=True)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None) -> MaskedConv2d:

@@ -190,20 +190,11 @@ def _resolve_tiles(tiles, mask: torch.Tensor, rows: int, cols: int, groups: int)
     return tiles
 
 
-def _dense_weight(weight, mask, pruned_finite: bool, tiles: TileTable | None, layer_table: bool) -> torch.Tensor:
-    # a layer's own table (built from its current mask: the cache key holds the mask's version) that keeps every
-    # weight: W * M = W exactly, so skip the product and its backward (at 0% sparsity the layer runs the dense ops)
-    if layer_table and pruned_finite and tiles is not None and tiles.full:
-        return weight
-    return _masked_weight(weight, mask, pruned_finite)
-
-
 def _linear(x, weight, mask, bias, tiles, pruned_finite):
     x, weight, bias = _autocast(x, weight, bias)
-    layer_table = callable(tiles)
     tiles = _resolve_tiles(tiles, mask, *weight.shape, 1) if _backend.use_triton(x) else None
     if not _kernel_path(x, weight, tiles):
-        return F.linear(x, _dense_weight(weight, mask, pruned_finite, tiles, layer_table), bias)
+        return F.linear(x, _masked_weight(weight, mask, pruned_finite), bias)
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     out = MaskedMatmulFunction.apply(x2.t().unsqueeze(0), weight, bias, tiles, 1, True)
@@ -213,14 +204,12 @@ def _linear(x, weight, mask, bias, tiles, pruned_finite):
 
 def _conv2d(x, weight, mask, bias, stride, padding, dilation, groups, tiles, pruned_finite):
     x, weight, bias = _autocast(x, weight, bias)
-    layer_table = callable(tiles)
     if _backend.use_triton(x):
         tiles = _resolve_tiles(tiles, mask, weight.shape[0], weight[0].numel(), groups)
     else:
         tiles = None
     if not _kernel_path(x, weight, tiles):
-        return F.conv2d(x, _dense_weight(weight, mask, pruned_finite, tiles, layer_table), bias, stride, padding,
-                        dilation, groups)
+        return F.conv2d(x, _masked_weight(weight, mask, pruned_finite), bias, stride, padding, dilation, groups)
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)

@@ -251,3 +251,55 @@ def test_full_mask_computes_like_the_dense_layer_without_the_mask_product(make, 
         with Ops() as ops:
             layer(x)
         assert "mul" in ops.names
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
+@pytest.mark.parametrize("make, x_shape", [(lambda: MaskedLinear(48, 40), (3, 48)),
+                                           (lambda: MaskedConv2d(4, 6, 3, padding=1, groups=2), (2, 4, 7, 7)),
+                                           (lambda: MaskedConv2d(4, 6, 3, padding="same"), (2, 4, 7, 7)),
+                                           (lambda: MaskedConv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+                                            (2, 4, 7, 7))])
+def test_dense_route_is_the_functional_s_dense_fallback(make, x_shape, autocast, monkeypatch):
+    """Under the CUDA dispatch rule a mask with most tiles nonzero computes densely on W * M; the layer takes that
+    route itself (no pass through the functional's argument checks): outputs and gradients bit for bit those of the
+    functional's dense fallback, under autocast too. With a block-sparse mask the layer still goes to the kernels."""
+    from fastcnc import _backend, masked
+
+    torch.manual_seed(0)
+    layer = make()
+    layer.set_mask(_random_mask(layer.weight.shape))
+    x = torch.randn(x_shape)
+
+    def run(forward):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = forward(xi)
+        y.float().sum().backward()
+        return y, xi.grad, layer.weight.grad.clone()
+
+    def functional(xi):
+        if isinstance(layer, MaskedLinear):
+            return masked.masked_linear(xi, layer.weight, layer.mask, layer.bias)
+        if layer.padding_mode != "zeros":  # (not the functional's: nn.Conv2d pads first)
+            return layer._conv_forward(xi, layer.weight * layer.mask, layer.bias)
+        return masked.masked_conv2d(xi, layer.weight, layer.mask, layer.bias, layer.stride, layer.padding,
+                                    layer.dilation, layer.groups)
+
+    with _backend.cuda_code_path():
+        assert layer.tile_table().density > masked.DENSE_FALLBACK_TILE_DENSITY
+        want = run(functional)
+        entered = []
+        for name in ("masked_linear", "masked_conv2d"):
+            monkeypatch.setattr(masked, name, lambda *a, **k: entered.append(1))
+        got = run(layer)
+        assert not entered
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        if getattr(layer, "padding_mode", "zeros") == "zeros" and not isinstance(getattr(layer, "padding", 0), str):
+            block = torch.zeros_like(layer.mask)
+            block.view(block.shape[0], -1)[:2, :2] = 1  # one nonzero tile: the kernels' route
+            layer.set_mask(block)
+            layer(x)
+            assert entered
