@@ -176,6 +176,25 @@ def _median_ms(fn, device: str, repeats: int, warmup: int) -> tuple[float, float
     return statistics.median(times), statistics.median(host)
 
 
+def _graph_ms(step, repeats: int) -> float:
+    """Median milliseconds of ``step`` (fwd + bwd) replayed from a CUDA graph: the device's time alone, with no
+    Python or launch overhead (what a training step captured whole, e.g. ``torch.compile(mode="reduce-overhead")``,
+    would see). Warm-up on a side stream first, as ``torch.cuda.graph`` requires."""
+    import statistics
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    times, _ = time_ms(graph.replay, DEVICE, repeats, warmup=2)
+    return statistics.median(times)
+
+
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
@@ -200,7 +219,7 @@ def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, 
                 want = (x64 @ w64.t(), dy64 @ w64, (dy64.t() @ x64) * m64)
                 row = {"layer": name, "M": m, "N": n, "K": k, "dtype": dtype_name, "sparsity": sparsity,
                        "tile_density": masked.build_tile_table(mask, block=TILE).density, "ms": {}, "host_ms": {},
-                       "error": {}}
+                       "graph_ms": {}, "error": {}}
                 for impl in impls:
                     threshold = getattr(masked, "DENSE_FALLBACK_TILE_DENSITY", None)
                     if impl == "triton":
@@ -214,6 +233,12 @@ def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, 
                         if not err < TOLERANCE[dtype] or torch.count_nonzero(_dense(got[2])[mask == 0]):
                             raise AssertionError(f"relative error {err:.2e} (or a pruned weight got a gradient)")
                         row["ms"][impl], row["host_ms"][impl] = _median_ms(step, DEVICE, repeats, warmup=2)
+                        if CUDA:
+                            try:  # a failed capture costs this column only
+                                row["graph_ms"][impl] = _graph_ms(step, repeats)
+                            except Exception as exc:  # noqa: BLE001
+                                row["graph_ms"][impl] = None
+                                row.setdefault("failed", {})[f"{impl} (graph)"] = f"{type(exc).__name__}: {exc}"[:300]
                     except Exception as exc:  # one broken impl must not hide the other rows
                         failures += 1
                         row["ms"][impl] = None
@@ -223,6 +248,9 @@ def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, 
                             masked.DENSE_FALLBACK_TILE_DENSITY = threshold
                 base = row["ms"].get("dense")
                 row["ratio"] = {i: (t / base if t and base else None) for i, t in row["ms"].items() if i != "dense"}
+                gbase = row["graph_ms"].get("dense")
+                row["graph_ratio"] = {i: (t / gbase if t and gbase else None) for i, t in row["graph_ms"].items()
+                                      if i != "dense"}
                 rows.append(row)
                 _quick_result(rows, batch, repeats, out_dir)
                 cells = "  ".join(f"{i} {t:.3f} ms (host {row['host_ms'][i]:.3f})" if t else f"{i} FAILED"
@@ -252,11 +280,12 @@ def _quick_result(rows: list[dict], batch: int, repeats: int, out_dir: str | Non
 def render_quick(res: dict) -> str:
     out = [f"Masked layer fwd+bwd (y, dX, dW), block-32 masks. Device: {res['device']}; torch {res['torch']}; "
            f"date {res['date']}; batch {res['batch']}; median of {res['repeats']}; ratio = time / dense (same run); "
-           "host ms = the Python call alone (enqueue time, no sync): close to the wall time means host-bound.",
+           "host ms = the Python call alone (enqueue time, no sync): close to the wall time means host-bound; "
+           "graph ms = the same fwd+bwd replayed from a CUDA graph (device time alone, no Python; '-' off CUDA).",
            "",
            "| dtype | layer (MxNxK) | sparsity | tile density | dense ms | fastcnc ms (ratio) | triton ms (ratio) "
-           "| host ms dense / fastcnc / triton |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| host ms dense / fastcnc / triton | graph ms dense / fastcnc (ratio) / triton (ratio) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         def cell(impl, r=r):
             t = r["ms"].get(impl)
@@ -269,9 +298,24 @@ def render_quick(res: dict) -> str:
         host = " / ".join(f"{h:.3f}" if h is not None else "-"
                           for h in (r.get("host_ms", {}).get(i) for i in ("dense", "fastcnc", "triton")))
         out.append(f"| {r['dtype']} | {r['layer']} ({r['M']}x{r['N']}x{r['K']}) | {r['sparsity']:.0%} | "
-                   f"{r['tile_density']:.2f} | {dense:.3f} | {cell('fastcnc')} | {cell('triton')} | {host} |"
-                   if dense else f"| {r['dtype']} | {r['layer']} | {r['sparsity']:.0%} | - | FAILED | | | |")
+                   f"{r['tile_density']:.2f} | {dense:.3f} | {cell('fastcnc')} | {cell('triton')} | {host} | "
+                   f"{_graph_cells(r)} |"
+                   if dense else f"| {r['dtype']} | {r['layer']} | {r['sparsity']:.0%} | - | FAILED | | | | |")
     return "\n".join(out) + "\n"
+
+
+def _graph_cells(r: dict) -> str:
+    graph, ratio = r.get("graph_ms", {}), r.get("graph_ratio", {})
+
+    def one(impl):
+        t = graph.get(impl)
+        if impl not in graph:
+            return "-"
+        if t is None:
+            return "FAILED"
+        return f"{t:.3f} ({ratio[impl]:.2f})" if ratio.get(impl) else f"{t:.3f}"
+
+    return " / ".join(one(i) for i in ("dense", "fastcnc", "triton"))
 
 
 def main(argv: list[str] | None = None) -> int:
