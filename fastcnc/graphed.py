@@ -141,10 +141,9 @@ class GraphedEngine:
             st.lower = list(self._lower) if write_back else [v.clone() for v in self._lower]
             est = extreme_singular_values(self._mats, state=st, sync=False, **options)
             if write_back:  # the graph's last kernels: the new state into the buffers the next replay reads
-                for dst, src in zip(self._blocks, st.blocks, strict=True):
-                    dst.copy_(src)
-                for dst, src in zip(self._lower, st.lower, strict=True):
-                    dst.copy_(src)
+                # (multi-tensor copies: two launches, not two per matrix at the end of the graph's critical path)
+                torch._foreach_copy_(self._blocks, st.blocks)
+                torch._foreach_copy_(self._lower, st.lower)
             return est
 
         # a CUDA capture runs no kernel, but a stand-in may: the state buffers are put back as they were

@@ -949,12 +949,16 @@ def _start_blocks(g: _Group, blocks_in, r: int, r_top: int, gen: torch.Generator
     """Unorthogonalised start [B, n, r + r_top]: the state's warm blocks (already validated; ``blocks_in`` is None
     unless every matrix of the group has one), else random ones (drawn per run of one tall shape in input order, so
     merging shapes does not change the draws), zero-padded to the group's n."""
+    if blocks_in is not None:
+        # one multi-tensor copy into the zero-padded batch (a stack, a pad and a cat per shape were launches at the
+        # head of every batch's chain on CUDA)
+        ragged = any(n != g.n for *_, n in g.parts)
+        W = (torch.zeros if ragged else torch.empty)(g.B, g.n, r + r_top, dtype=_F64, device=g.A.device)
+        torch._foreach_copy_([W[j, :g.row_n[j]] for j in range(g.B)], [blocks_in[i] for i in g.index])
+        return W
     out = []
-    for index, _, a, b, _m, n in g.parts:
-        if blocks_in is not None:
-            W = torch.stack([blocks_in[i].to(device=g.A.device, dtype=_F64) for i in index])
-        else:
-            W = torch.randn(b - a, n, r + r_top, generator=gen, dtype=_F64).to(g.A.device)
+    for _, _, a, b, _m, n in g.parts:
+        W = torch.randn(b - a, n, r + r_top, generator=gen, dtype=_F64).to(g.A.device)
         out.append(torch.nn.functional.pad(W, (0, 0, 0, g.n - n)))
     return out[0] if len(out) == 1 else torch.cat(out)
 
