@@ -367,3 +367,29 @@ def test_tscnc_step_host_ops_per_layer(one_intra_op_thread):
     small, large = _tscnc_step_ops(4), _tscnc_step_ops(12)
     per_layer = (sum(large.values()) - sum(small.values())) / 8
     assert per_layer <= 3, f"{per_layer:.2f} host ops per extra layer: {large - small}"
+
+
+_VIEW_OPS = {"select", "slice", "view", "expand", "unsqueeze", "_unsafe_view", "transpose", "permute", "detach",
+             "as_strided", "t", "alias", "squeeze", "unbind", "split", "split_with_sizes", "diagonal", "narrow"}
+
+
+def test_engine_call_kernels_per_matrix(one_intra_op_thread):
+    # inside the captured graph every op that is not a view is a kernel on the device, and a batch is a chain of them:
+    # per extra matrix (each of its own shape) a warm sync-free call may add only its copy into the float64 batch and
+    # its Gram (a product and its copy into the batch's Gram); gathering the warm blocks or writing results per
+    # matrix showed up here before
+    from fastcnc.spectral import SpectralState, extreme_singular_values
+
+    def kernels(count: int) -> int:
+        gen = torch.Generator().manual_seed(0)
+        mats = [torch.randn(40 + 3 * i, 20 + 2 * i, generator=gen).to(DEVICE) for i in range(count)]
+        st = SpectralState()
+        with _backend.cuda_code_path() if SIMULATE else contextlib.nullcontext():
+            extreme_singular_values(mats, state=st, sync=False, refresh=True, floor=1e-6)
+            extreme_singular_values(mats, state=st, sync=False, floor=1e-6, max_rounds=1)
+            with count_host_syncs(simulate=SIMULATE) as counter:
+                extreme_singular_values(mats, state=st, sync=False, floor=1e-6, max_rounds=1)
+        return sum(n for name, n in counter.ops.items() if name not in _VIEW_OPS)
+
+    per_matrix = (kernels(12) - kernels(4)) / 8
+    assert per_matrix <= 3, f"{per_matrix:.2f} kernels per extra matrix"
