@@ -1515,6 +1515,11 @@ class VectorGroup:
         """Elements of U and V together."""
         return math.prod(self.u_shape) + math.prod(self.v_shape)
 
+    def __repr__(self) -> str:
+        packed = "" if self._buffer is None else ", packed"
+        return (f"VectorGroup(index={self.index}, wide={self.wide}, U {list(self.u_shape)}, V {list(self.v_shape)}"
+                f"{packed})")
+
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
