@@ -75,17 +75,18 @@ def fastcnc_step(model, cuda_graph: bool = True):
     return step, reg
 
 
-def count_syncs(step) -> int | None:
+def count_syncs(step) -> tuple[int | None, int | None]:
+    """Host syncs and dispatched torch ops of one step (tests/sync_count.py; the graph's replay is not an op)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     try:
         from sync_count import count_host_syncs
     except ImportError:
-        return None
+        return None, None
     with count_host_syncs(simulate=False) as counter:
         step()
     for s in counter.syncs[:20]:
         print(f"  host sync: {s}")
-    return len(counter.syncs)
+    return len(counter.syncs), sum(counter.ops.values())
 
 
 def profile_table(step, device: str, steps: int) -> str:
@@ -175,7 +176,7 @@ def measure(model, device: str, repeats: int, baseline_repeats: int, warmup: int
     graph_info = {"captures": graphed.captures, "replays": graphed.replays, "disabled": graphed.disabled}
     uncertified_last = int((~(est.certified | est.fallback)).sum())
     structural = int(est.structural.sum())
-    syncs = count_syncs(step) if device == "cuda" else None
+    syncs, host_ops = count_syncs(step) if device == "cuda" else (None, None)
     eager = {}
     if device == "cuda":
         # the same calls without the graph: its time, and how far its last estimate is from the replayed one's
@@ -203,7 +204,8 @@ def measure(model, device: str, repeats: int, baseline_repeats: int, warmup: int
             "cuda_graph": graph_info,
             "speedup_vs_svdvals": med["svdvals"] / med["fastcnc"],
             "speedup_vs_eigvalsh_gram": med["eigvalsh-gram"] / med["fastcnc"],
-            "host_syncs_per_step": syncs, "timed_calls": repeats, "refreshed_in_timed_calls": work["fallbacks"],
+            "host_syncs_per_step": syncs, "host_ops_per_step": host_ops, "timed_calls": repeats,
+            "refreshed_in_timed_calls": work["fallbacks"],
             "uncertified_late_in_timed_calls": work["uncertified_late"], "uncertified_in_last_call": uncertified_last,
             "structural_matrices": structural, "factorizations_per_call": work["factorizations"] / repeats,
             "one_round_calls": work["one_round_calls"],
@@ -247,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['torch']}, commit {res['commit']}, {res['date']}; medians (fastcnc of {repeats}, baselines of "
           f"{baseline_repeats}). Memory floor {floor_ms:.3f} ms ({bandwidth / 1e9:.0f} GB/s copy).\n\n"
           "| sparsity | fastcnc ms | host ms | one stream ms | two rounds ms | eager ms (host) | graph vs eager | "
-          "eigvalsh-gram ms | svdvals ms | x vs svdvals | x vs eigvalsh | fastcnc / floor | host syncs | structural | "
-          "refreshed | uncertified late | one-round calls | factorizations/call |\n" + "|---" * 18 + "|\n")
+          "eigvalsh-gram ms | svdvals ms | x vs svdvals | x vs eigvalsh | fastcnc / floor | host syncs | host ops | "
+          "structural | refreshed | uncertified late | one-round calls | factorizations/call |\n" + "|---" * 19 + "|\n")
     step = None
     for sparsity in a.sparsity:
         if sparsity > 0:
@@ -265,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         md += (f"| {sparsity:.0%} | {med['fastcnc']:.3f} | {row['fastcnc_host_ms_median']:.3f} | {eager} | "
                f"{med['eigvalsh-gram']:.2f} | {med['svdvals']:.2f} | {row['speedup_vs_svdvals']:.1f} | "
                f"{row['speedup_vs_eigvalsh_gram']:.1f} | {row['fastcnc_over_floor']:.0f} | "
-               f"{syncs if syncs is not None else '-'} | {row['structural_matrices']} | "
+               f"{syncs if syncs is not None else '-'} | "
+               f"{row['host_ops_per_step'] if row['host_ops_per_step'] is not None else '-'} | "
+               f"{row['structural_matrices']} | "
                f"{row['refreshed_in_timed_calls']} | {row['uncertified_late_in_timed_calls']} | "
                f"{row['one_round_calls']}/{repeats} | {row['factorizations_per_call']:.0f} |\n")
         print(md.splitlines()[-1], flush=True)
@@ -277,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
            "drops to one while the previous call's first round certified every layer); graph vs eager: largest "
            "relative difference of sigma_max / sigma_min between the two last estimates.\n")
     md += ("\nrefreshed: matrices recomputed by float64 SVD during the timed calls (late refreshes of failed "
-           "sync-free certificates); uncertified late: certificates that failed and were reported one call later.\n")
+           "sync-free certificates); uncertified late: certificates that failed and were reported one call later; "
+           "host ops: torch ops dispatched by one step (the graph's replay is one call, not an op).\n")
     print(md)
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
