@@ -1,5 +1,6 @@
 """Smoke tests of benchmarks/tscnc_step.py (the whole-TSCNC-step benchmark is a CLI, run on a GPU by gpu_session.sh):
-its CPU run end to end on ResNet-18, and the per-stream kernel table it adds to a CUDA profile.
+its CPU run end to end on ResNet-18, and the per-stream kernel table it adds to a CUDA profile; and of
+benchmarks/host_ops.py (the step's host ops on the simulated CUDA path).
 
 Run: pytest benchmarks/bench_tscnc_step.py
 """
@@ -31,3 +32,22 @@ def test_tscnc_step_cli_runs_on_cpu(tmp_path):
     res = json.loads((tmp_path / "tscnc-step-cpu-resnet18.json").read_text())
     assert [row["sparsity"] for row in res["rows"]] == [0.0, 0.9]
     assert all(row["refreshed_in_timed_calls"] == 0 for row in res["rows"])
+
+
+def test_host_ops_cli_counts_the_simulated_cuda_step():
+    # benchmarks/host_ops.py needs TRITON_INTERPRET=1 before triton is imported: its own process
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("host_ops.py")
+    out = subprocess.run([sys.executable, str(script), "--model", "resnet18", "--width", "4", "--top", "3"],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    total, fwd, bwd = map(int, re.search(r"(\d+) host ops \(forward (\d+), backward (\d+)\)", out.stdout).groups())
+    assert total == fwd + bwd and fwd > 21 and bwd > 21  # (ResNet-18: 21 matrices, at least an op each way)
+    without = subprocess.run([sys.executable, str(script)], env={**os.environ, "TRITON_INTERPRET": "0"},
+                             capture_output=True, text=True, timeout=60)
+    assert without.returncode != 0 and "TRITON_INTERPRET=1" in without.stderr
