@@ -100,6 +100,14 @@ def _kernel_inputs(group: list[torch.Tensor], block: int) -> list[torch.Tensor]:
     return views
 
 
+def kernel_inputs(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What the Triton path reads for these same-dtype weights (``_kernel_inputs``): the weights themselves where
+    their pointer table is cached, else their copy in the persistent staging buffer. A caller that keeps the result
+    for a later call on the same values (TSCNC's fused backward) saves that call's staging copy; the staging buffer
+    is shared, so it must check the views' version counter first (any later staging bumps it)."""
+    return _kernel_inputs(weights, _kernel_block())
+
+
 def _dtype_groups(weights: list[torch.Tensor]) -> list[list[int]]:
     groups: dict[torch.dtype, list[int]] = {}
     for i, w in enumerate(weights):

@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from fastcnc import _backend
 from fastcnc.spectral import VectorGroup, flat_vectors
-from fastcnc.tsc import tsc_grads, tsc_values
+from fastcnc.tsc import kernel_inputs, tsc_grads, tsc_values
 
 __all__ = ["TSCNCTermsFunction", "MatrixBlock"]
 
@@ -46,12 +46,18 @@ class TSCNCTermsFunction(torch.autograd.Function):
                 masks: list[torch.Tensor | None], effective: list[torch.Tensor], *weights: torch.Tensor):
         ctx.set_materialize_grads(False)
         ctx.a, ctx.groups, ctx.blocks, ctx.masks, ctx.effective = a, groups, blocks, masks, effective
-        return tsc_values(effective, a), sigmas.detach().clone()
+        # what the TSC kernel reads (W * M at fresh addresses is copied into a shared staging buffer): kept, with its
+        # version, so the backward reads it again instead of staging the same values a second time
+        staged = kernel_inputs(effective)
+        ctx.staged, ctx.staged_versions = staged, [t._version for t in staged]
+        return tsc_values(staged, a), sigmas.detach().clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_tsc: torch.Tensor | None, grad_sigmas: torch.Tensor | None):
         effective = ctx.effective
+        if all(t._version == v for t, v in zip(ctx.staged, ctx.staged_versions, strict=True)):
+            effective = ctx.staged  # (else another call staged over it since: stage this call's values again)
         if grad_tsc is None:
             grad_tsc = torch.zeros(len(effective), dtype=torch.float32, device=effective[0].device)
         grads = tsc_grads(effective, ctx.a, grad_tsc)
