@@ -25,12 +25,13 @@ Quick fixed set for a GPU session (ResNet-18 shapes, block-32 masks at 0% and 90
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from common import device_name, environment, render_ratio_table, time_ms
+from common import device_name, environment, graph_replay_ms, render_ratio_table, time_ms
 
 from fastcnc import MaskedLinear, masked
 
@@ -170,29 +171,8 @@ def render(path: str) -> str:
 
 def _median_ms(fn, device: str, repeats: int, warmup: int) -> tuple[float, float]:
     """Median total and host milliseconds (see ``common.time_ms``)."""
-    import statistics
-
     times, host = time_ms(fn, device, repeats, warmup)
     return statistics.median(times), statistics.median(host)
-
-
-def _graph_ms(step, repeats: int) -> float:
-    """Median milliseconds of ``step`` (fwd + bwd) replayed from a CUDA graph: the device's time alone, with no
-    Python or launch overhead (what a training step captured whole, e.g. ``torch.compile(mode="reduce-overhead")``,
-    would see). Warm-up on a side stream first, as ``torch.cuda.graph`` requires."""
-    import statistics
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    times, _ = time_ms(graph.replay, DEVICE, repeats, warmup=2)
-    return statistics.median(times)
 
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -235,7 +215,8 @@ def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, 
                         row["ms"][impl], row["host_ms"][impl] = _median_ms(step, DEVICE, repeats, warmup=2)
                         if CUDA:
                             try:  # a failed capture costs this column only
-                                row["graph_ms"][impl] = _graph_ms(step, repeats)
+                                row["graph_ms"][impl] = statistics.median(
+                                    graph_replay_ms(step, repeats, warmup_calls=3, timing_warmup=2))
                             except Exception as exc:  # noqa: BLE001
                                 row["graph_ms"][impl] = None
                                 row.setdefault("failed", {})[f"{impl} (graph)"] = f"{type(exc).__name__}: {exc}"[:300]

@@ -34,7 +34,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from common import environment, sync, time_ms
+from common import environment, graph_replay_ms, sync, time_ms
 from tscnc_step import _layers, _run_fastcnc, measure
 
 import fastcnc
@@ -49,16 +49,7 @@ def replay_ms(fn, device: str, repeats: int) -> tuple[list[float], str]:
     if device != "cuda":
         return time_ms(fn, device, repeats)[0], "eager"
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return time_ms(graph.replay, device, repeats)[0], "graph"
+        return graph_replay_ms(fn, repeats), "graph"
     except RuntimeError as err:
         print(f"  (capture failed, timed eagerly: {str(err).splitlines()[0][:120]})")
         torch.cuda.synchronize()

@@ -94,6 +94,22 @@ def time_ms(fn, device: str | torch.device, repeats: int, warmup: int = 1) -> tu
     return times, host
 
 
+def graph_replay_ms(fn, repeats: int, warmup_calls: int = 2, timing_warmup: int = 1) -> list[float]:
+    """Per-call milliseconds of ``fn`` replayed from a CUDA graph (CUDA events): ``warmup_calls`` eager calls on a side
+    stream first, as ``torch.cuda.graph`` requires, then one capture. The device's time alone, without Python or
+    launch overhead. Raises what the capture raises."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, "cuda", repeats, warmup=timing_warmup)[0]
+
+
 def write_result(out_dir: str | Path, stem: str, result: dict, markdown: str) -> tuple[Path, Path]:
     """``<out_dir>/<stem>.json`` and ``.md``."""
     out_dir = Path(out_dir)

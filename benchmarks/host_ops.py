@@ -25,23 +25,10 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     sys.exit("set TRITON_INTERPRET=1 (the CUDA code path runs the Triton kernels under the interpreter on CPU)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from sync_count import count_host_syncs  # noqa: E402
+from sync_count import count_host_syncs, replay_engine_on_cpu  # noqa: E402
 
 import fastcnc  # noqa: E402
 from fastcnc import _backend  # noqa: E402
-from fastcnc.graphed import GraphedEngine  # noqa: E402
-
-
-class ReplayNothing:
-    """Stand-in for torch.cuda.CUDAGraph: capture runs the call once; a replay dispatches no op (the estimate stays
-    the captured one, which is enough to count the host's ops around it)."""
-
-    def capture(self, fn, warmup):
-        warmup()
-        return fn()
-
-    def replay(self):
-        pass
 
 
 def count(model_name: str, sparsity: float, width: int = 0) -> tuple[collections.Counter, collections.Counter]:
@@ -51,10 +38,7 @@ def count(model_name: str, sparsity: float, width: int = 0) -> tuple[collections
     if sparsity > 0:
         fastcnc.prune_magnitude(model, sparsity, scope="layer")
     reg = fastcnc.TSCNC(model, lambda_tsc=1e-4, lambda_cnc=1e-3)
-    o = reg.options
-    reg._graphed = GraphedEngine(dict(rtol=o.rtol, floor=o.floor, block=o.block, iters=o.iters,
-                                      max_rounds=o.max_rounds), graph_factory=ReplayNothing)
-    reg._use_graph = lambda mats: True
+    replay_engine_on_cpu(reg)
     with _backend.cuda_code_path():
         for _ in range(4):  # the exact refresh, the two-round graph, then the one-round graph (steady state)
             model.zero_grad(set_to_none=True)

@@ -349,3 +349,27 @@ def count_host_syncs(simulate: bool = True):
 
 def format_syncs(syncs: list[HostSync]) -> str:
     return "\n".join(f"  {s}" for s in syncs) or "  (none)"
+
+
+class ReplayNothing:
+    """Stand-in for torch.cuda.CUDAGraph: capture runs the call once; a replay dispatches no op (a real replay is one
+    host call whose kernels are device work; the estimate stays the captured one, enough to count the host's ops
+    around it)."""
+
+    def capture(self, fn, warmup):
+        warmup()
+        return fn()
+
+    def replay(self):
+        pass
+
+
+def replay_engine_on_cpu(reg) -> None:
+    """Make ``reg`` (a ``fastcnc.TSCNC`` on CPU tensors, inside ``cuda_code_path()``) replay its engine as a CUDA
+    step does, from a ``ReplayNothing`` graph."""
+    from fastcnc.graphed import GraphedEngine
+
+    o = reg.options
+    reg._graphed = GraphedEngine(dict(rtol=o.rtol, floor=o.floor, block=o.block, iters=o.iters,
+                                      max_rounds=o.max_rounds), graph_factory=ReplayNothing)
+    reg._use_graph = lambda mats: True

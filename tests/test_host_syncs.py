@@ -12,7 +12,7 @@ import contextlib
 
 import pytest
 import torch
-from sync_count import count_host_syncs, format_syncs
+from sync_count import count_host_syncs, format_syncs, replay_engine_on_cpu
 
 from fastcnc import _backend
 from fastcnc.layers import MaskedConv2d, MaskedLinear
@@ -204,11 +204,8 @@ def _tscnc_model(kind: str = "conv"):
     return model
 
 
-def _tscnc_step_syncs(lambda_tsc: float, kind: str = "conv"):
-    from fastcnc.regularizer import TSCNC
-
-    model = _tscnc_model(kind)
-    reg = TSCNC(model, lambda_tsc=lambda_tsc, lambda_cnc=1e-2)
+def _count_steady_step(model, reg, warmup: int):
+    """The counter of one ``reg().backward()`` step after ``warmup`` of them."""
 
     def step():
         for p in model.parameters():
@@ -217,13 +214,21 @@ def _tscnc_step_syncs(lambda_tsc: float, kind: str = "conv"):
 
     def warm_step():
         step()
-        if torch.cuda.is_available() and not SIMULATE:
+        if not SIMULATE:
             # warm-up only: let the flags land, so the switch to one round (and that graph's one-off capture, which
             # synchronises by design) happens here and the counted step is the steady state
             torch.cuda.synchronize()
 
+    return _count(step, warmup=warmup, warm_fn=warm_step)
+
+
+def _tscnc_step_syncs(lambda_tsc: float, kind: str = "conv"):
+    from fastcnc.regularizer import TSCNC
+
+    model = _tscnc_model(kind)
+    reg = TSCNC(model, lambda_tsc=lambda_tsc, lambda_cnc=1e-2)
     # warm-up: the exact refresh (an SVD: first call and mask changes), two rounds, then one round
-    counter = _count(step, warmup=3, warm_fn=warm_step)
+    counter = _count_steady_step(model, reg, warmup=3)
     syncs = counter.syncs
     if SIMULATE:  # on CPU the previous step's flags are not in pinned memory: reading them is the one simulated copy
         syncs = [s for s in syncs if "_read_pending" not in s.where]
@@ -312,22 +317,9 @@ def test_tscnc_runs_one_round_while_the_first_round_certifies_and_two_after_a_fa
 # -- host work of the TSCNC step: what grows with the depth of the model ----------------------------------------------
 
 
-class _ReplayNothing:
-    """Stand-in for torch.cuda.CUDAGraph on CPU: a replay is one host call whose kernels are device work, so it
-    dispatches no op here (the estimate stays the captured one: enough for counting the host's ops around it)."""
-
-    def capture(self, fn, warmup):
-        warmup()
-        return fn()
-
-    def replay(self):
-        pass
-
-
 def _tscnc_step_ops(depth: int) -> collections.Counter:
     from torch import nn
 
-    from fastcnc.graphed import GraphedEngine
     from fastcnc.regularizer import TSCNC
 
     torch.manual_seed(0)
@@ -339,22 +331,8 @@ def _tscnc_step_ops(depth: int) -> collections.Counter:
         layer.set_mask((torch.rand(layer.weight.shape, device=DEVICE) > 0.3).float())
     reg = TSCNC(model, lambda_tsc=1e-3, lambda_cnc=1e-2)
     if SIMULATE:  # the captured engine of a CUDA step, replayed by a stand-in
-        o = reg.options
-        reg._graphed = GraphedEngine(dict(rtol=o.rtol, floor=o.floor, block=o.block, iters=o.iters,
-                                          max_rounds=o.max_rounds), graph_factory=_ReplayNothing)
-        reg._use_graph = lambda mats: True
-
-    def step():
-        for p in model.parameters():
-            p.grad = None
-        reg().backward()
-
-    def warm_step():
-        step()
-        if not SIMULATE:
-            torch.cuda.synchronize()
-
-    counter = _count(step, warmup=4, warm_fn=warm_step)
+        replay_engine_on_cpu(reg)
+    counter = _count_steady_step(model, reg, warmup=4)
     assert reg._graphed.replays >= 1 and reg.last_estimate.work["rounds"] == 1
     return counter.ops
 
