@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call on a lent GPU (Python 3.12, torch + triton preinstalled, no network, repo copied to the cwd):
 #   bash benchmarks/gpu_session.sh
+#   SKIP_STEPS="trajectory penalty" BUDGET_S=300 bash benchmarks/gpu_session.sh   # a shorter lease: leave steps out
 # Steps: env info, install, compiled-kernel tests, masked-layer benchmark, TSCNC-step timing, penalty and trajectory
 # benchmarks. Every step has a timeout and its full log goes to $OUT/session.log; a failing step does not stop the
 # later ones, but the script exits non-zero if any step failed. Files left in $OUT (at most 8 come back): session.log,
@@ -46,7 +47,9 @@ run_step() {
     echo "=================================================================== $name"
     echo "\$ $cmd   (timeout ${limit}s, $(date -u +%H:%M:%S) UTC)"
   } | tee -a "$LOG"
-  if ((limit < 5)); then
+  if [[ " ${SKIP_STEPS:-} " == *" $name "* ]]; then
+    status="skipped: SKIP_STEPS"
+  elif ((limit < 5)); then
     status="skipped: out of time"
   else
     timeout --kill-after=10 "$limit" bash -c "$cmd" >"$WORK/step.log" 2>&1 || rc=$?
