@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import time
 
 import pytest
 import torch
@@ -200,6 +201,7 @@ def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, 
                 row = {"layer": name, "M": m, "N": n, "K": k, "dtype": dtype_name, "sparsity": sparsity,
                        "tile_density": masked.build_tile_table(mask, block=TILE).density, "ms": {}, "host_ms": {},
                        "graph_ms": {}, "error": {}}
+                steps = {}
                 for impl in impls:
                     threshold = getattr(masked, "DENSE_FALLBACK_TILE_DENSITY", None)
                     if impl == "triton":
@@ -213,17 +215,26 @@ def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, 
                         if not err < TOLERANCE[dtype] or torch.count_nonzero(_dense(got[2])[mask == 0]):
                             raise AssertionError(f"relative error {err:.2e} (or a pruned weight got a gradient)")
                         row["ms"][impl], row["host_ms"][impl] = _median_ms(step, DEVICE, repeats, warmup=2)
-                        if CUDA:
-                            try:  # a failed capture costs this column only
-                                row["graph_ms"][impl] = statistics.median(
-                                    graph_replay_ms(step, repeats, warmup_calls=3, timing_warmup=2))
-                            except Exception as exc:  # noqa: BLE001
-                                row["graph_ms"][impl] = None
-                                row.setdefault("failed", {})[f"{impl} (graph)"] = f"{type(exc).__name__}: {exc}"[:300]
+                        steps[impl] = step
                     except Exception as exc:  # one broken impl must not hide the other rows
                         failures += 1
                         row["ms"][impl] = None
                         row.setdefault("failed", {})[impl] = f"{type(exc).__name__}: {exc}"[:300]
+                    finally:
+                        if threshold is not None:
+                            masked.DENSE_FALLBACK_TILE_DENSITY = threshold
+                # captures after every eager timing of the row: a failed capture can leave CUDA state (the RNG's
+                # capture flag) that breaks the next eager call, so it must cost its own column only
+                for impl, step in steps.items() if CUDA else ():
+                    threshold = getattr(masked, "DENSE_FALLBACK_TILE_DENSITY", None)
+                    if impl == "triton":
+                        masked.DENSE_FALLBACK_TILE_DENSITY = 1.01
+                    try:
+                        row["graph_ms"][impl] = statistics.median(
+                            graph_replay_ms(step, repeats, warmup_calls=3, timing_warmup=2))
+                    except Exception as exc:  # noqa: BLE001
+                        row["graph_ms"][impl] = None
+                        row.setdefault("failed", {})[f"{impl} (graph)"] = f"{type(exc).__name__}: {exc}"[:300]
                     finally:
                         if threshold is not None:
                             masked.DENSE_FALLBACK_TILE_DENSITY = threshold
@@ -309,8 +320,103 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.9])
     p.add_argument("--repeats", type=int, default=20 if CUDA else 3)
     p.add_argument("--out", default=None, help="directory for masked-quick-<gpu|cpu>.json/.md")
+    p.add_argument("--host-profile", type=int, default=0, metavar="CALLS",
+                   help="then cProfile CALLS eager fwd+bwd of the fastcnc layer (layer2 shape, 90%% block sparsity, "
+                        "first dtype): where the host time goes (masked-host-profile-<gpu|cpu>.txt)")
     a = p.parse_args(argv)
-    return quick(a.batch, a.dtypes, a.sparsities, a.repeats, a.out)
+    rc = quick(a.batch, a.dtypes, a.sparsities, a.repeats, a.out)
+    if a.host_profile:
+        host_profile(a.batch, a.dtypes[0], a.host_profile, a.out)
+    return rc
+
+
+def _launcher_host_times(x, w, mask, dy, calls: int) -> str:
+    """Host microseconds per call (no sync) of the layer's forward alone, of each kernel launcher alone, and of an
+    empty ``torch.empty`` for scale: which part of the eager fwd+bwd is the launch path."""
+    from fastcnc.kernels._common import INTERPRET
+
+    from fastcnc._backend import kernels
+
+    k = kernels("masked_matmul")
+    tiles = masked.build_tile_table(mask)
+    a, g = x.detach().t().unsqueeze(0), dy.t().unsqueeze(0)
+    y = torch.empty(1, w.shape[0], a.shape[2], device=x.device, dtype=x.dtype)
+    da, dw = torch.empty_like(a), torch.empty_like(w)
+    layer = MaskedLinear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    layer.set_mask(mask)
+    cases = {
+        "torch.empty (scale)": lambda: torch.empty(8, device=x.device),
+        "layer forward (no grad)": lambda: layer(x.detach()),
+        "masked_mm_fwd launcher": lambda: k.masked_mm_fwd(a, w, tiles.keep, tiles.k_idx, tiles.k_cnt, None, y,
+                                                          groups=1, block=tiles.block),
+        "masked_mm_bwd_dx launcher": lambda: k.masked_mm_bwd_dx(g, w, tiles.keep, tiles.n_idx, tiles.n_cnt, da,
+                                                                groups=1, block=tiles.block),
+        "masked_mm_bwd_dw launcher": lambda: k.masked_mm_bwd_dw(g, a, tiles.keep, tiles.nonzero, dw, groups=1,
+                                                                block=tiles.block, busy_tiles=tiles.n_nonzero),
+    }
+    if not CUDA and not INTERPRET:  # no kernel to launch here
+        cases = {c: f for c, f in cases.items() if "launcher" not in c}
+    lines = ["| host us per call (median of 5 x calls) | |", "|---|---|"]
+    for label, fn in cases.items():
+        with torch.no_grad():
+            fn()
+            reps = []
+            for _ in range(5):
+                if CUDA:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                reps.append((time.perf_counter() - t0) / calls * 1e6)
+        lines.append(f"| {label} | {statistics.median(reps):.1f} |")
+    if CUDA:
+        torch.cuda.synchronize()
+    return "\n".join(lines)
+
+
+def host_profile(batch: int, dtype_name: str, calls: int, out_dir: str | None) -> str:
+    """cProfile of ``calls`` eager fwd+bwd of a masked layer that takes the kernels (no device sync inside the
+    profiled loop, so the table is the host's own time), sorted by own time."""
+    import cProfile
+    import io
+    import os
+    import pstats
+
+    name, m, n, k = LAYERS[1]
+    m = batch * (m // BATCH)
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype).requires_grad_(True)
+    w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
+    dy = torch.randn(m, n, generator=gen).to(DEVICE, dtype)
+    mask = make_mask(n, k, "block32", 0.9, gen).to(DEVICE, dtype)
+    step = make_step("fastcnc", x, w, mask, dy)
+    for _ in range(3):
+        step()
+    if CUDA:
+        torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        step()
+    prof.disable()
+    if CUDA:
+        torch.cuda.synchronize()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    buf.write(f"host profile: {calls} eager fwd+bwd, {name} ({m}x{n}x{k}), {dtype_name}, 90% block-32 mask, "
+              f"{device_name(DEVICE)}; {stats.total_tt / calls * 1e3:.3f} ms per call under cProfile (main thread "
+              "only: autograd runs a CUDA backward on its own thread, so the launchers are also timed alone)\n")
+    buf.write(_launcher_host_times(x, w, mask, dy, calls) + "\n")
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(25)
+    text = buf.getvalue()
+    print(text)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"masked-host-profile-{'gpu' if CUDA else 'cpu'}.txt"), "w") as f:
+            f.write(text)
+    return text
 
 
 if __name__ == "__main__":

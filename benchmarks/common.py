@@ -97,16 +97,26 @@ def time_ms(fn, device: str | torch.device, repeats: int, warmup: int = 1) -> tu
 def graph_replay_ms(fn, repeats: int, warmup_calls: int = 2, timing_warmup: int = 1) -> list[float]:
     """Per-call milliseconds of ``fn`` replayed from a CUDA graph (CUDA events): ``warmup_calls`` eager calls on a side
     stream first, as ``torch.cuda.graph`` requires, then one capture. The device's time alone, without Python or
-    launch overhead. Raises what the capture raises."""
+    launch overhead. A capture that fails is tried once more with ``capture_error_mode="thread_local"`` (autograd's
+    backward runs on its own thread, whose first calls on a new stream may be ones a global-mode capture forbids);
+    raises what the second capture raises."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup_calls):
             fn()
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    for mode in ("global", "thread_local"):
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode=mode):
+                fn()
+            break
+        except Exception:
+            del graph
+            torch.cuda.synchronize()
+            if mode == "thread_local":
+                raise
     return time_ms(graph.replay, "cuda", repeats, warmup=timing_warmup)[0]
 
 

@@ -108,19 +108,23 @@ fi
 TRAJ_CHECK="[[ -f benchmarks/run.py ]] && python3 benchmarks/run.py trajectory --help >/dev/null 2>&1 || { echo 'not available'; exit 99; }"
 if ((DRY)); then
   run_step tscnc-step 300 "python3 benchmarks/tscnc_step.py --model resnet18 --sparsity 0 0.95 --repeats 1 --warmup 1 --baseline-repeats 1 --profile 1 --out '$RESULTS'"
+  run_step tscnc-ab 120 "python3 benchmarks/tscnc_step.py --model resnet18 --sparsity 0.95 --repeats 1 --warmup 1 --baseline-repeats 1 --certificate-shares 0.3 0.8 --tag=-shares-0.3-0.8 --out '$RESULTS'"
   run_step trajectory 120 "$TRAJ_CHECK; python3 benchmarks/run.py trajectory --device cpu --preset tiny --out '$RESULTS'"
-  run_step masked-layers 120 "python3 benchmarks/bench_masked_matmul.py --batch 1 --repeats 2 --out '$RESULTS'"
+  run_step masked-layers 120 "python3 benchmarks/bench_masked_matmul.py --batch 1 --repeats 2 --host-profile 5 --out '$RESULTS'"
   run_step penalty 240 "python3 benchmarks/run.py penalty --models resnet18 --repeats 1 --device cpu --out '$RESULTS'"
 else
   # one whole TSCNC step on ResNet-50, dense and every layer pruned to 95%, as a replayed CUDA graph (with TSCNC's choice
   # of one or two rounds, and with two every call) and eagerly, vs svdvals / eigvalsh-of-Gram / memory floor, and a
   # torch.profiler table of the pruned step (what to tune next)
   run_step tscnc-step 130 "python3 benchmarks/tscnc_step.py --model resnet50 --sparsity 0 0.95 --profile 3 --out '$RESULTS'"
+  # A/B of the sync-free call's factorizations on the same machine: the certificate with two (tau, t) pairs (8
+  # factorizations per matrix per one-round call; 6 with the default one pair), and one first shift instead of three (4)
+  run_step tscnc-ab 80 "for v in '--certificate-shares 0.3 0.8 --tag=-shares-0.3-0.8' '--first-shifts 0.99 --tag=-shifts-0.99'; do python3 benchmarks/tscnc_step.py --model resnet50 --sparsity 0 0.95 --baseline-repeats 1 \$v --out '$RESULTS' || exit 1; done"
   # recorded trajectories at full width, 99% sparsity (the hardest layers), recording included (default kernel configs)
   run_step trajectory 150 "$TRAJ_CHECK; export FASTCNC_AUTOTUNE=0; python3 benchmarks/run.py trajectory --device cuda --runs resnet18-w64-s99,resnet50-w64-s99 --out '$RESULTS'"
   # masked layers: ResNet-18 im2col shapes, 0% / 90% block sparsity, fwd+bwd vs dense cuBLAS in one run (bf16 first)
   # (and each fwd+bwd replayed from a CUDA graph: the kernels' time without the host; ~20% more than the 55 s measured)
-  run_step masked-layers 95 "python3 benchmarks/bench_masked_matmul.py --out '$RESULTS'"
+  run_step masked-layers 110 "python3 benchmarks/bench_masked_matmul.py --host-profile 200 --out '$RESULTS'"
   run_step penalty 30 "python3 benchmarks/run.py penalty --models resnet18 --repeats 10 --device cuda --out '$RESULTS'"
 fi
 

@@ -120,6 +120,7 @@ def stream_table(trace: dict, steps: int) -> str:
     durations) and the last kernel's end minus the first's start; and for all streams together the busy time (the
     union of kernel intervals) against the sum: how much the graph's branches overlap."""
     per: dict = {}
+    names: dict = {}
     spans = []
     for ev in trace.get("traceEvents", []):
         if ev.get("cat") != "kernel" or "dur" not in ev:
@@ -128,6 +129,9 @@ def stream_table(trace: dict, steps: int) -> str:
         start, end = float(ev["ts"]), float(ev["ts"]) + float(ev["dur"])
         count, busy, lo, hi = per.get(stream, (0, 0.0, math.inf, -math.inf))
         per[stream] = (count + 1, busy + end - start, min(lo, start), max(hi, end))
+        name = str(ev.get("name", "?"))[:60]
+        n_k, t_k = names.setdefault(stream, {}).get(name, (0, 0.0))
+        names[stream][name] = (n_k + 1, t_k + end - start)
         spans.append((start, end))
     if not spans:
         return "No kernel events in the trace.\n"
@@ -141,6 +145,11 @@ def stream_table(trace: dict, steps: int) -> str:
           "per step | first start to last end, ms (all steps) |\n|---|---|---|---|\n")
     for stream, (count, busy, lo, hi) in sorted(per.items(), key=lambda kv: -kv[1][1]):
         md += f"| {stream} | {count / steps:.0f} | {busy / 1e3 / steps:.2f} | {(hi - lo) / 1e3:.2f} |\n"
+    md += ("\nTop kernels of each stream (ms and launches per step):\n\n| stream | kernel | ms | launches |\n"
+           "|---|---|---|---|\n")
+    for stream, _ in sorted(per.items(), key=lambda kv: -kv[1][1]):
+        for name, (n_k, t_k) in sorted(names[stream].items(), key=lambda kv: -kv[1][1])[:8]:
+            md += f"| {stream} | `{name}` | {t_k / 1e3 / steps:.3f} | {n_k / steps:.0f} |\n"
     return md
 
 
@@ -225,7 +234,22 @@ def main(argv: list[str] | None = None) -> int:
                    "CPU)")
     p.add_argument("--profile", type=int, default=0, help="also profile this many fastcnc steps (last sparsity)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--tag", default="", help="suffix of the result files' names (e.g. an A/B variant)")
+    # A/B knobs of the engine's sync-free choices (CUDA): what a one-round call factors
+    p.add_argument("--first-shifts", type=float, nargs="+", default=None, metavar="F",
+                   help="fractions of the previous lower bound of sigma_min factored as the first round's shifts "
+                        f"(default {spectral._FIRST_SHIFTS}; a safe negative shift is always added)")
+    p.add_argument("--certificate-shares", type=float, nargs="+", default=None, metavar="S",
+                   help="shares of the kappa budget given to sigma_max by the sync-free certificate's (tau, t) pairs, "
+                        f"ascending (default {spectral._SYNC_FREE_SHARES})")
     a = p.parse_args(argv)
+    if a.first_shifts is not None:
+        spectral._FIRST_SHIFTS = tuple(a.first_shifts)
+    if a.certificate_shares is not None:
+        if list(a.certificate_shares) != sorted(a.certificate_shares) or not all(0 < s < 1 for s in
+                                                                                 a.certificate_shares):
+            p.error(f"--certificate-shares must ascend in (0, 1), got {a.certificate_shares}")
+        spectral._SYNC_FREE_SHARES = tuple(a.certificate_shares)
     if any(not 0 <= s < 1 for s in a.sparsity) or a.sparsity != sorted(a.sparsity):
         p.error(f"--sparsity must be increasing values in [0, 1), got {a.sparsity}")
     device = a.device
@@ -244,10 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     res = {"benchmark": "TSCNC step (reg() forward + backward)", "model": a.model, "matrices": n_mats,
            "params": params, "device": dev_name, "torch": torch.__version__, "commit": git_commit(),
            "date": datetime.date.today().isoformat(), "repeats": repeats, "baseline_repeats": baseline_repeats,
-           "copy_bandwidth_GBps": bandwidth / 1e9, "floor_bytes": floor_bytes, "floor_ms": floor_ms, "rows": []}
+           "copy_bandwidth_GBps": bandwidth / 1e9, "floor_bytes": floor_bytes, "floor_ms": floor_ms,
+           "first_shifts": list(spectral._FIRST_SHIFTS), "certificate_shares": list(spectral._SYNC_FREE_SHARES),
+           "rows": []}
     md = (f"TSCNC step on {a.model} ({n_mats} matrices, {params / 1e6:.1f}M weights), {dev_name}, torch "
           f"{res['torch']}, commit {res['commit']}, {res['date']}; medians (fastcnc of {repeats}, baselines of "
-          f"{baseline_repeats}). Memory floor {floor_ms:.3f} ms ({bandwidth / 1e9:.0f} GB/s copy).\n\n"
+          f"{baseline_repeats}). Memory floor {floor_ms:.3f} ms ({bandwidth / 1e9:.0f} GB/s copy). Sync-free "
+          f"choices: first shifts {spectral._FIRST_SHIFTS}, certificate shares {spectral._SYNC_FREE_SHARES}.\n\n"
           "| sparsity | fastcnc ms | host ms | one stream ms | two rounds ms | eager ms (host) | graph vs eager | "
           "eigvalsh-gram ms | svdvals ms | x vs svdvals | x vs eigvalsh | fastcnc / floor | host syncs | host ops | "
           "structural | refreshed | uncertified late | one-round calls | factorizations/call |\n" + "|---" * 19 + "|\n")
@@ -287,13 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
         tag = "gpu" if device == "cuda" else "cpu"
-        (a.out / f"tscnc-step-{tag}-{a.model}.json").write_text(json.dumps(res, indent=2))
-        (a.out / f"tscnc-step-{tag}-{a.model}.md").write_text(md)
+        (a.out / f"tscnc-step-{tag}-{a.model}{a.tag}.json").write_text(json.dumps(res, indent=2))
+        (a.out / f"tscnc-step-{tag}-{a.model}{a.tag}.md").write_text(md)
     if a.profile > 0:
         table = profile_table(step, device, a.profile)
         print(table)
         if a.out is not None:
-            (a.out / f"tscnc-step-{tag}-{a.model}-profile.md").write_text(
+            (a.out / f"tscnc-step-{tag}-{a.model}{a.tag}-profile.md").write_text(
                 f"torch.profiler, fastcnc TSCNC step on {a.model} at sparsity {a.sparsity[-1]:.0%}, {dev_name}, "
                 f"commit {res['commit']}\n\n{table}")
     return 0

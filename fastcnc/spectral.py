@@ -781,6 +781,9 @@ def _shifted(G: torch.Tensor, xi: torch.Tensor, sign: torch.Tensor, pad=None) ->
     return H
 
 
+_SYNC_FREE_SHARES = (0.3,)  # shares of the kappa budget given to the top by the sync-free certificate's pairs
+
+
 def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions, sync: bool, L_it=None,
              top_only: bool = False, last: bool = False):
     """Cholesky certificates: the target lower shift tau and the target upper shift t in one batched call (``top_only``:
@@ -799,23 +802,26 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
                                _rows(g.pad, rows)))
         return torch.zeros_like(t), ok[:, 0], t, None, G.shape[0]
     both = L_it is not None and not sync
-    # pairs (tau, t): the upper shift t gives the top a share of the budget (0.3; sync-free also 0.8: no later round
-    # can fix a sigma_max that the fixed power steps left a little low, a clustered top after a large step, and the
-    # Ritz sigma_min is usually accurate to far better than its share), tau is the lowest sigma_min (squared) that
-    # still keeps kappa_floor within the budget given t and the other two bracket ends. Both pairs are tested in one
-    # batched call (no extra launch), their arithmetic done on [b, pairs] tensors (each op is a launch on CUDA)
-    shares = [0.3, 0.8] if both else [0.3]
+    # pairs (tau, t): the upper shift t gives the top a share of the budget (0.3; sync-free: _SYNC_FREE_SHARES, where
+    # no later round can fix a sigma_max that the fixed power steps left a little low, a clustered top after a large
+    # step, and the Ritz sigma_min is usually accurate to far better than its share), tau is the lowest sigma_min
+    # (squared) that still keeps kappa_floor within the budget given t and the other two bracket ends. All pairs are
+    # tested in one batched call (no extra launch), their arithmetic done on [b, pairs] tensors (each op is a launch
+    # on CUDA)
+    shares = _SYNC_FREE_SHARES if both else (0.3,)
+    pairs = len(shares)
     t_all = torch.stack([smax * budget**share for share in shares], 1) ** 2
     ratio = (smin_hi / smax_lo.clamp_min(1e-300) + opt.floor) / budget**0.95 - opt.floor
     tau_all = (t_all.sqrt() * ratio[:, None]).clamp_min(0) ** 2
     tau_loose = (0.8 * smin) ** 2
-    # columns [tau, t, tau2, t2(, loose)]: the looser lower shift only drives a next round's inverse iteration (and
-    # the sync path factors it for the rows that need it): the sync-free path adds it unless this is the last round
-    cols = [tau_all[:, 0], t_all[:, 0]] + ([tau_all[:, 1], t_all[:, 1]] if both else [])
+    # columns [tau_0, t_0, tau_1, t_1, ...(, loose)]: the looser lower shift only drives a next round's inverse
+    # iteration (and the sync path factors it for the rows that need it): the sync-free path adds it unless this is
+    # the last round
+    cols = [c for i in range(pairs) for c in (tau_all[:, i], t_all[:, i])] if both else [tau_all[:, 0], t_all[:, 0]]
     cols += [] if both and last else [tau_loose]
     raw = torch.stack(cols, 1)
     col = torch.arange(raw.shape[1], device=G.device)  # (built on the device: an upload would be a host sync)
-    sign = 1 - 2 * ((col % 2 == 1) & (col < 4)).to(_F64)  # upper tests at columns 1 and 3: [1, -1, 1, -1(, 1)]
+    sign = 1 - 2 * ((col % 2 == 1) & (col < 2 * pairs)).to(_F64)  # upper tests at the odd columns of the pairs
     # shifted by the rounding margin mu(shift), outwards: lower tests factor G - (tau + mu) I, upper (t - mu) I - G
     xi_all = raw + sign * (g.margin0[rows][:, None] + g.margin1 * raw.abs())
     tau, t = tau_all[:, 0], t_all[:, 0]
@@ -826,17 +832,22 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
     ok_tau, ok_t, L_tau = ok[:, 0], ok[:, 1], L[:, 0]
     next_L = None
     if both:
-        # the best proven end on each side (_meets then judges the bracket they make)
-        tau2, t2 = tau_all[:, 1], t_all[:, 1]
-        ok_tau2, ok_t2 = ok[:, 2], ok[:, 3]
-        tau = torch.where(ok_tau2, tau2, tau)
-        L_tau = torch.where(ok_tau2[:, None, None], L[:, 2], L_tau)
-        ok_tau = ok_tau | ok_tau2
-        t = torch.where(ok_t, t, t2)
-        ok_t = ok_t | ok_t2
-        ok_loose = torch.zeros_like(ok_tau) if last else ok[:, 4]
+        # the best proven end on each side (_meets then judges the bracket they make): shares ascend, so a later
+        # pair's tau is higher (a better lower bound) and an earlier pair's t is lower
+        for i in range(1, pairs):
+            ok_i = ok[:, 2 * i]
+            tau = torch.where(ok_i, tau_all[:, i], tau)
+            L_tau = torch.where(ok_i[:, None, None], L[:, 2 * i], L_tau)
+            ok_tau = ok_tau | ok_i
+        t = t_all[:, pairs - 1]
+        ok_t = ok[:, 2 * pairs - 1]
+        for i in range(pairs - 2, -1, -1):
+            t = torch.where(ok[:, 2 * i + 1], t_all[:, i], t)
+            ok_t = ok_t | ok[:, 2 * i + 1]
+        ok_loose = torch.zeros_like(ok_tau) if last else ok[:, 2 * pairs]
         if not last:
-            next_L = torch.where(ok_tau[:, None, None], L_tau, torch.where(ok_loose[:, None, None], L[:, 4], L_it))
+            next_L = torch.where(ok_tau[:, None, None], L_tau,
+                                 torch.where(ok_loose[:, None, None], L[:, 2 * pairs], L_it))
     elif L_it is not None:  # sync: the host sees which rows failed, so only those pay for the looser factor
         ok_loose = torch.zeros_like(ok_tau)
         next_L = L_tau  # a view of this call's factors: rows are replaced in place below
