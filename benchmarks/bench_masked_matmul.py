@@ -6,7 +6,8 @@ unstructured (random) or block-sparse (whole 32x32 tiles), sparsity 0..99%.
 
 impls (one benchmark group per shape x mask x sparsity, ``dense`` is the baseline of the ratio column):
   dense         ``F.linear(x, W * M)`` + autograd (cuBLAS / MKL-DNN)
-  fastcnc       ``MaskedLinear`` (CPU: the torch path; CUDA: Triton kernels or cuBLAS by the tile-density rule)
+  fastcnc       ``MaskedLinear`` with the library's dispatch rule (CPU: the torch path; CUDA: cuBLAS on W*M unless
+                ``fastcnc.masked.CUDA_KERNELS`` is set, then the kernels where the tile-density rule says)
   triton        the block-sparse Triton kernels, forced (CUDA only: on CPU they only run in the interpreter)
   torch_csr     ``torch.sparse.mm`` on a CSR weight, torch's own backward (dW sampled on the sparsity pattern)
   torch_bsr     ``W_bsr @ x^T`` and ``W^T_bsr @ dy^T`` (BSR 32x32; torch has no BSR backward on CPU) + dense masked
@@ -24,6 +25,7 @@ Quick fixed set for a GPU session (ResNet-18 shapes, block-32 masks at 0% and 90
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -61,6 +63,17 @@ def make_mask(n: int, k: int, kind: str, sparsity: float, gen: torch.Generator) 
     return tiles.repeat_interleave(TILE, 0).repeat_interleave(TILE, 1)
 
 
+@contextlib.contextmanager
+def forced_kernels():
+    """The block-sparse kernels whatever the device's dispatch rule and the mask's tile density."""
+    saved = masked.CUDA_KERNELS, masked.DENSE_FALLBACK_TILE_DENSITY
+    masked.CUDA_KERNELS, masked.DENSE_FALLBACK_TILE_DENSITY = True, 1.01
+    try:
+        yield
+    finally:
+        masked.CUDA_KERNELS, masked.DENSE_FALLBACK_TILE_DENSITY = saved
+
+
 def make_step(impl: str, x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, dy: torch.Tensor):
     """A closure doing forward + backward; returns (y, dx, dw) with dw dense for the agreement check."""
     if impl == "dense":
@@ -75,10 +88,12 @@ def make_step(impl: str, x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, d
             layer.weight.copy_(w)
         layer.set_mask(mask)
         layer.tile_table()  # built once, as set_mask does on CUDA
+        rule = forced_kernels if impl == "triton" else contextlib.nullcontext
 
         def step():
-            y = layer(x)
-            return (y, *torch.autograd.grad(y, (x, layer.weight), dy))
+            with rule():
+                y = layer(x)
+                return (y, *torch.autograd.grad(y, (x, layer.weight), dy))
     elif impl == "torch_csr":
         w_csr = (w * mask).to_sparse_csr().requires_grad_(True)
 
@@ -108,15 +123,13 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("sparsity", SPARSITIES, ids=lambda s: f"s{round(s * 100)}")
 @pytest.mark.parametrize("kind", MASKS)
 @pytest.mark.parametrize("layer", LAYERS, ids=lambda s: s[0])
-def test_masked_matmul_fwd_bwd(benchmark, monkeypatch, layer, kind, sparsity, impl):
+def test_masked_matmul_fwd_bwd(benchmark, layer, kind, sparsity, impl):
     name, m, n, k = layer
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=gen).to(DEVICE).requires_grad_(True)
     w = torch.randn(n, k, generator=gen).to(DEVICE)
     dy = torch.randn(m, n, generator=gen).to(DEVICE)
     mask = make_mask(n, k, kind, sparsity, gen).to(DEVICE)
-    if impl == "triton":
-        monkeypatch.setattr(masked, "DENSE_FALLBACK_TILE_DENSITY", 1.01)  # the kernels whatever the density
 
     step = make_step(impl, x, w, mask, dy)
     # never time a wrong answer: agree with dense W*M in float64 (fp32 sums of K terms; TF32 off by default)
@@ -203,9 +216,6 @@ def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, 
                        "graph_ms": {}, "error": {}}
                 steps = {}
                 for impl in impls:
-                    threshold = getattr(masked, "DENSE_FALLBACK_TILE_DENSITY", None)
-                    if impl == "triton":
-                        masked.DENSE_FALLBACK_TILE_DENSITY = 1.01  # the kernels whatever the density
                     try:
                         step = make_step(impl, x, w, mask, dy)
                         got = step()
@@ -220,24 +230,15 @@ def quick(batch: int, dtypes: list[str], sparsities: list[float], repeats: int, 
                         failures += 1
                         row["ms"][impl] = None
                         row.setdefault("failed", {})[impl] = f"{type(exc).__name__}: {exc}"[:300]
-                    finally:
-                        if threshold is not None:
-                            masked.DENSE_FALLBACK_TILE_DENSITY = threshold
                 # captures after every eager timing of the row: a failed capture can leave CUDA state (the RNG's
                 # capture flag) that breaks the next eager call, so it must cost its own column only
                 for impl, step in steps.items() if CUDA else ():
-                    threshold = getattr(masked, "DENSE_FALLBACK_TILE_DENSITY", None)
-                    if impl == "triton":
-                        masked.DENSE_FALLBACK_TILE_DENSITY = 1.01
                     try:
                         row["graph_ms"][impl] = statistics.median(
                             graph_replay_ms(step, repeats, warmup_calls=3, timing_warmup=2))
                     except Exception as exc:  # noqa: BLE001
                         row["graph_ms"][impl] = None
                         row.setdefault("failed", {})[f"{impl} (graph)"] = f"{type(exc).__name__}: {exc}"[:300]
-                    finally:
-                        if threshold is not None:
-                            masked.DENSE_FALLBACK_TILE_DENSITY = threshold
                 base = row["ms"].get("dense")
                 row["ratio"] = {i: (t / base if t and base else None) for i, t in row["ms"].items() if i != "dense"}
                 gbase = row["graph_ms"].get("dense")
@@ -330,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def _forced(layer, x):
+    with forced_kernels():
+        return layer(x)
+
+
 def _launcher_host_times(x, w, mask, dy, calls: int) -> str:
     """Host microseconds per call (no sync) of the layer's forward alone, of each kernel launcher alone, and of an
     empty ``torch.empty`` for scale: which part of the eager fwd+bwd is the launch path."""
@@ -346,7 +352,7 @@ def _launcher_host_times(x, w, mask, dy, calls: int) -> str:
     layer.set_mask(mask)
     cases = {
         "torch.empty (scale)": lambda: torch.empty(8, device=x.device),
-        "layer forward (no grad)": lambda: layer(x.detach()),
+        "layer forward on the kernels (no grad)": lambda: _forced(layer, x.detach()),
         "masked_mm_fwd launcher": lambda: k.masked_mm_fwd(a, w, tiles.keep, tiles.k_idx, tiles.k_cnt, None, y,
                                                           groups=1, block=tiles.block),
         "masked_mm_bwd_dx launcher": lambda: k.masked_mm_bwd_dx(g, w, tiles.keep, tiles.n_idx, tiles.n_cnt, da,
@@ -375,7 +381,7 @@ def _launcher_host_times(x, w, mask, dy, calls: int) -> str:
 
 
 def host_profile(batch: int, dtype_name: str, calls: int, out_dir: str | None) -> str:
-    """cProfile of ``calls`` eager fwd+bwd of a masked layer that takes the kernels (no device sync inside the
+    """cProfile of ``calls`` eager fwd+bwd of a masked layer on the kernels (no device sync inside the
     profiled loop, so the table is the host's own time), sorted by own time."""
     import cProfile
     import io
@@ -390,7 +396,7 @@ def host_profile(batch: int, dtype_name: str, calls: int, out_dir: str | None) -
     w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
     dy = torch.randn(m, n, generator=gen).to(DEVICE, dtype)
     mask = make_mask(n, k, "block32", 0.9, gen).to(DEVICE, dtype)
-    step = make_step("fastcnc", x, w, mask, dy)
+    step = make_step("triton", x, w, mask, dy)
     for _ in range(3):
         step()
     if CUDA:

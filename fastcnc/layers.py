@@ -47,15 +47,16 @@ class _MaskedMixin:
         return self.weight * self.mask
 
     def _dense_route(self, x: torch.Tensor) -> tuple[bool, _masked.TileTable | None]:
-        """Whether this call computes densely (``fastcnc.masked``'s dispatch rule: CPU tensors, or on CUDA a mask
-        with more than ``DENSE_FALLBACK_TILE_DENSITY`` nonzero tiles), and the tile table where the Triton backend is
-        in use. The dense route is taken here, not through the functional: its checks are for arbitrary arguments,
-        while this weight, mask and bias are the layer's own (x is checked by the torch op), and a few microseconds
-        of Python per layer are the whole cost of a small layer's step on a GPU."""
+        """Whether this call computes densely (``fastcnc.masked``'s dispatch rule: CPU tensors; on CUDA unless
+        ``CUDA_KERNELS`` is set and at most ``DENSE_FALLBACK_TILE_DENSITY`` of the tiles are nonzero), and the tile
+        table where the Triton backend is in use. The dense route is taken here, not through the functional: its
+        checks are for arbitrary arguments, while this weight, mask and bias are the layer's own (x is checked by the
+        torch op), and a few microseconds of Python per layer are the whole cost of a small layer's step on a GPU."""
         if not use_triton(x):
             return True, None
         tiles = self.tile_table()
-        return on_cuda(x) and tiles.density > _masked.DENSE_FALLBACK_TILE_DENSITY, tiles
+        dense = on_cuda(x) and (not _masked.CUDA_KERNELS or tiles.density > _masked.DENSE_FALLBACK_TILE_DENSITY)
+        return dense, tiles
 
     def _dense_weight(self, tiles: _masked.TileTable | None) -> torch.Tensor:
         # a table built from the current mask (its cache key holds the mask's version) that keeps every weight:

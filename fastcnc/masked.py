@@ -5,11 +5,16 @@
 Dispatch rule (on top of ``fastcnc._backend.use_triton``):
 
 * CPU tensors (default backend) and float64: pure torch, ``F.linear`` / ``F.conv2d`` on ``W * M``.
-* CUDA tensors: the block-sparse Triton kernels when at most ``DENSE_FALLBACK_TILE_DENSITY`` (50%) of the mask's
-  ``T x T`` tiles hold a nonzero, else ``W * M`` + cuBLAS. An unstructured mask at 90% sparsity has almost no
-  all-zero 16x16 tile (0.9**256 ~ 2e-12), so it goes to cuBLAS: the kernels can only win by skipping whole tiles,
-  and this rule keeps unstructured masks at dense speed (plus one elementwise ``W * M``).
-  The 50% threshold is an untuned first guess: no GPU measurement backs it yet.
+* CUDA tensors: ``W * M`` + cuBLAS / cuDNN by default. With ``CUDA_KERNELS = True``, the block-sparse Triton kernels
+  when at most ``DENSE_FALLBACK_TILE_DENSITY`` (50%) of the mask's ``T x T`` tiles hold a nonzero. Why off by
+  default (H200, torch 2.11, triton 3.6, ResNet-18 im2col shapes at batch 128, fwd+bwd): called eagerly the kernels
+  took 1.08-1.70x the dense time in fp32 and 1.79-4.03x in bf16 at 90% block sparsity, because the host's launch
+  path (0.7-1.3 ms per fwd+bwd against 0.2-0.6 ms for dense) exceeds the device time they save; replayed from a CUDA
+  graph the same fwd+bwd took 0.27-0.57x the dense time in fp32 and 0.73-1.31x in bf16. So they pay off in a step
+  captured whole (set the flag before the warm-up calls, so that compilation and autotuning happen outside the
+  capture), or where a layer's dense time dwarfs the launch path (not measured). An unstructured mask at 90%
+  sparsity has almost no all-zero 16x16 tile (0.9**256 ~ 2e-12), so it stays on cuBLAS either way: the kernels can
+  only win by skipping whole tiles.
 * A forced ``"triton"`` backend on CPU tensors (the interpreter, tests) always runs the kernels.
 
 Conv2d on the kernel path is im2col: ``F.unfold`` (whose backward is ``F.fold``) + the masked matmul, with the
@@ -27,7 +32,8 @@ import torch.nn.functional as F
 from fastcnc import _backend
 from fastcnc._checks import check_mask, check_tensor
 
-DENSE_FALLBACK_TILE_DENSITY = 0.5  # CUDA only: above this fraction of nonzero tiles, W*M + cuBLAS is used
+CUDA_KERNELS = False  # CUDA: the block-sparse kernels for sparse enough masks (module docstring: where they pay off)
+DENSE_FALLBACK_TILE_DENSITY = 0.5  # CUDA kernels only: above this fraction of nonzero tiles, W*M + cuBLAS is used
 TILE_SIZES = (64, 32, 16)  # candidate square tile sizes of the nonzero table, largest first
 _TILE_WASTE = 1.25  # take the largest tile that covers at most 25% more weights than 16x16 tiles would
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -168,8 +174,13 @@ def _kernel_path(x: torch.Tensor, weight: torch.Tensor, tiles: TileTable | None)
     if not _backend.use_triton(x) or x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype or x.numel() == 0:
         return False
     if _backend.on_cuda(x):  # the CUDA rule (also inside _backend.cuda_code_path(), for the host-sync tests)
-        return tiles is not None and tiles.density <= DENSE_FALLBACK_TILE_DENSITY
+        return CUDA_KERNELS and tiles is not None and tiles.density <= DENSE_FALLBACK_TILE_DENSITY
     return True  # forced "triton" backend on CPU (interpreter): always the kernels, that is what it is for
+
+
+def _kernels_may_run(x: torch.Tensor) -> bool:
+    # whether a tile table is worth resolving (building one reads the mask)
+    return _backend.use_triton(x) and (CUDA_KERNELS or not _backend.on_cuda(x))
 
 
 def _autocast(x, weight, bias):
@@ -192,7 +203,7 @@ def _resolve_tiles(tiles, mask: torch.Tensor, rows: int, cols: int, groups: int)
 
 def _linear(x, weight, mask, bias, tiles, pruned_finite):
     x, weight, bias = _autocast(x, weight, bias)
-    tiles = _resolve_tiles(tiles, mask, *weight.shape, 1) if _backend.use_triton(x) else None
+    tiles = _resolve_tiles(tiles, mask, *weight.shape, 1) if _kernels_may_run(x) else None
     if not _kernel_path(x, weight, tiles):
         return F.linear(x, _masked_weight(weight, mask, pruned_finite), bias)
     n, k = weight.shape
@@ -204,10 +215,7 @@ def _linear(x, weight, mask, bias, tiles, pruned_finite):
 
 def _conv2d(x, weight, mask, bias, stride, padding, dilation, groups, tiles, pruned_finite):
     x, weight, bias = _autocast(x, weight, bias)
-    if _backend.use_triton(x):
-        tiles = _resolve_tiles(tiles, mask, weight.shape[0], weight[0].numel(), groups)
-    else:
-        tiles = None
+    tiles = _resolve_tiles(tiles, mask, weight.shape[0], weight[0].numel(), groups) if _kernels_may_run(x) else None
     if not _kernel_path(x, weight, tiles):
         return F.conv2d(x, _masked_weight(weight, mask, pruned_finite), bias, stride, padding, dilation, groups)
     unbatched = x.dim() == 3

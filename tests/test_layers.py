@@ -263,7 +263,8 @@ def test_full_mask_computes_like_the_dense_layer_without_the_mask_product(make, 
 def test_dense_route_is_the_functional_s_dense_fallback(make, x_shape, autocast, monkeypatch):
     """Under the CUDA dispatch rule a mask with most tiles nonzero computes densely on W * M; the layer takes that
     route itself (no pass through the functional's argument checks): outputs and gradients bit for bit those of the
-    functional's dense fallback, under autocast too. With a block-sparse mask the layer still goes to the kernels."""
+    functional's dense fallback, under autocast too. With a block-sparse mask the layer goes to the kernels only once
+    ``CUDA_KERNELS`` is set."""
     from fastcnc import _backend, masked
 
     torch.manual_seed(0)
@@ -299,7 +300,10 @@ def test_dense_route_is_the_functional_s_dense_fallback(make, x_shape, autocast,
             assert a.dtype == b.dtype and torch.equal(a, b)
         if getattr(layer, "padding_mode", "zeros") == "zeros" and not isinstance(getattr(layer, "padding", 0), str):
             block = torch.zeros_like(layer.mask)
-            block.view(block.shape[0], -1)[:2, :2] = 1  # one nonzero tile: the kernels' route
+            block.view(block.shape[0], -1)[:2, :2] = 1  # one nonzero tile: the kernels' route, once they are on
             layer.set_mask(block)
+            layer(x)
+            assert not entered  # CUDA_KERNELS is off by default: dense whatever the mask
+            monkeypatch.setattr(masked, "CUDA_KERNELS", True)
             layer(x)
             assert entered

@@ -369,6 +369,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["block", "random"])
 def test_cuda_kernels_large(monkeypatch, launches, dtype, kind):
+    monkeypatch.setattr(masked, "CUDA_KERNELS", True)
     monkeypatch.setattr(masked, "DENSE_FALLBACK_TILE_DENSITY", 1.0)  # run the kernels even on dense-ish masks
     x = torch.randn(4, 256, 16, 16, device="cuda", dtype=dtype, requires_grad=True)
     w = torch.randn(128, 256, 3, 3, device="cuda", dtype=dtype, requires_grad=True)
@@ -386,17 +387,21 @@ def test_cuda_kernels_large(monkeypatch, launches, dtype, kind):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_dispatch_rule(launches):
-    """Unstructured masks (no empty tile) go to W*M + cuBLAS, block-sparse masks to the kernels."""
+def test_cuda_dispatch_rule(launches, monkeypatch):
+    """By default every mask goes to W*M + cuBLAS; with CUDA_KERNELS, unstructured masks (no empty tile) still do and
+    block-sparse masks go to the kernels."""
     x = torch.randn(64, 256, device="cuda")
     w = torch.randn(128, 256, device="cuda")
-    unstructured = (torch.rand(128, 256, device="cuda") > 0.9).float()
-    masked_linear(x, w, unstructured)
-    assert not launches
     block = _mask((128, 256), "block", block=32).cuda()
     block[:, 128:] = 0
     tiles = build_tile_table(block)
     assert tiles.density <= masked.DENSE_FALLBACK_TILE_DENSITY
+    masked_linear(x, w, block, tiles=tiles)
+    assert not launches
+    monkeypatch.setattr(masked, "CUDA_KERNELS", True)
+    unstructured = (torch.rand(128, 256, device="cuda") > 0.9).float()
+    masked_linear(x, w, unstructured)
+    assert not launches
     y = masked_linear(x, w, block, tiles=tiles)
     assert launches == ["masked_mm_fwd"]
     torch.testing.assert_close(y, x @ (w * block).T, atol=1e-3, rtol=1e-3)
