@@ -60,3 +60,17 @@ def test_cnc_trajectory_value_and_grad(benchmark, impl, snapshots):
     benchmark.group = "cnc-trajectory-resnet18-w16"
     benchmark.extra_info.update(impl=impl, device=device_name(DEVICE), torch=torch.__version__, matrices=len(mats))
     benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+
+
+def test_sync_free_choices_count_on_the_tiny_run():
+    """benchmarks/sync_free_choices.py on the tiny run: every choice replayed from both warm starts, and the default
+    costs the factorizations it should (a safe shift plus three first shifts, and one (tau, t) pair)."""
+    from sync_free_choices import CHOICES, count
+
+    got = count(record(PRESETS["tiny"][0], torch.device("cpu"), log=lambda *_: None), torch.device("cpu"))
+    for per in got.values():
+        assert set(per) == set(CHOICES)
+        for ok, n, factorizations in per.values():
+            assert n > 0 and 0 <= ok <= n and factorizations > 0
+        ok, n, f = per["3 shifts, 1 pair 0.3 (6; default)"]
+        assert f <= 6 * n and per["3 shifts, 2 pairs (8 per matrix)"][2] > f

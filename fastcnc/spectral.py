@@ -781,7 +781,7 @@ def _shifted(G: torch.Tensor, xi: torch.Tensor, sign: torch.Tensor, pad=None) ->
     return H
 
 
-_SYNC_FREE_SHARES = (0.3,)  # shares of the kappa budget given to the top by the sync-free certificate's pairs
+_SYNC_FREE_SHARES = (0.3,)  # ascending shares of the kappa budget given to the top by the sync-free certificate's pairs
 
 
 def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions, sync: bool, L_it=None,
@@ -802,12 +802,12 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
                                _rows(g.pad, rows)))
         return torch.zeros_like(t), ok[:, 0], t, None, G.shape[0]
     both = L_it is not None and not sync
-    # pairs (tau, t): the upper shift t gives the top a share of the budget (0.3; sync-free: _SYNC_FREE_SHARES, where
-    # no later round can fix a sigma_max that the fixed power steps left a little low, a clustered top after a large
-    # step, and the Ritz sigma_min is usually accurate to far better than its share), tau is the lowest sigma_min
-    # (squared) that still keeps kappa_floor within the budget given t and the other two bracket ends. All pairs are
-    # tested in one batched call (no extra launch), their arithmetic done on [b, pairs] tensors (each op is a launch
-    # on CUDA)
+    # pairs (tau, t): the upper shift t gives the top a share of the budget (0.3), tau is the lowest sigma_min
+    # (squared) that still keeps kappa_floor within the budget given t and the other two bracket ends. The sync-free
+    # path, where no later round can mend a failed pair, may test several shares at once (_SYNC_FREE_SHARES): one
+    # costs a factorization per matrix per end, and a second pair giving the top 0.8 certified no more layers on the
+    # recorded trajectories (benchmarks/sync_free_choices.py). All pairs go into one batched call (no extra launch),
+    # their arithmetic done on [b, pairs] tensors (each op is a launch on CUDA)
     shares = _SYNC_FREE_SHARES if both else (0.3,)
     pairs = len(shares)
     t_all = torch.stack([smax * budget**share for share in shares], 1) ** 2
