@@ -10,19 +10,23 @@ import json
 from tscnc_step import main, stream_table
 
 
-def _kernel(stream, ts, dur):
-    return {"ph": "X", "cat": "kernel", "name": "k", "ts": ts, "dur": dur, "args": {"stream": stream}}
+def _kernel(stream, ts, dur, name="k"):
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
 
 
 def test_stream_table_sums_per_stream_and_measures_the_overlap():
-    # two steps; stream 7 busy 0-10 and 20-30 us, stream 9 busy 5-15 us: the union is 25 us, the sum 30 us
-    trace = {"traceEvents": [_kernel(7, 0, 10), _kernel(9, 5, 10), _kernel(7, 20, 10),
+    # two steps; stream 7 busy 0-10 (kernel a) and 20-30 us (b), stream 9 busy 5-15 us (a): the union is 25 us, the
+    # sum 30 us
+    trace = {"traceEvents": [_kernel(7, 0, 10, "a"), _kernel(9, 5, 10, "a"), _kernel(7, 20, 10, "b"),
                              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 100}]}
     md = stream_table(trace, steps=2)
     assert "sum of kernel time 0.01" in md and "device busy (union over streams) 0.01" in md  # (15 and 12.5 us/step)
-    rows = [line.split(" | ") for line in md.splitlines() if line.startswith("| 7 ") or line.startswith("| 9 ")]
+    streams, kernels = md.split("Top kernels")
+    rows = [line.split(" | ") for line in streams.splitlines() if line.startswith(("| 7 ", "| 9 "))]
     assert [r[0] for r in rows] == ["| 7", "| 9"]  # busiest first
     assert rows[0][1] == "1" and rows[0][2] == "0.01" and rows[0][3] == "0.03 |"
+    tops = [line.split(" | ")[:2] for line in kernels.splitlines() if line.startswith(("| 7 ", "| 9 "))]
+    assert sorted(tops) == [["| 7", "`a`"], ["| 7", "`b`"], ["| 9", "`a`"]]  # each stream's own kernels
     assert stream_table({"traceEvents": []}, steps=1) == "No kernel events in the trace.\n"
 
 
