@@ -103,8 +103,9 @@ fi
 
 # Steps 4-7 run in the order of what the lease must not miss: the whole TSCNC step (issue goals), the trajectory
 # benchmark (engine accuracy on recorded weights), the masked layers, then the synthetic-drift penalty (the easy case).
-# GPU limits add up to the 480 s budget (a 540 s device call; start and copy outside it). Measured on an H200
-# (2026-11-27): kernel tests 51 s, TSCNC step ~80 s, trajectory 83 s, masked layers 55 s.
+# Each step's limit is a cap: a step never runs past what is left of the budget (480 s by default: a 540 s device
+# call; start and copy outside it). Measured on an H200 (2026-11-27, 4365276): kernel tests 59 s, TSCNC step 37 s,
+# trajectory 75 s, masked layers 58 s, penalty 10 s; the A/B step and the host profile are new (~50 s and ~10 s).
 TRAJ_CHECK="[[ -f benchmarks/run.py ]] && python3 benchmarks/run.py trajectory --help >/dev/null 2>&1 || { echo 'not available'; exit 99; }"
 if ((DRY)); then
   run_step tscnc-step 300 "python3 benchmarks/tscnc_step.py --model resnet18 --sparsity 0 0.95 --repeats 1 --warmup 1 --baseline-repeats 1 --profile 1 --out '$RESULTS'"
