@@ -55,8 +55,7 @@ class _MaskedMixin:
         if not use_triton(x):
             return True, None
         tiles = self.tile_table()
-        dense = on_cuda(x) and (not _masked.CUDA_KERNELS or tiles.density > _masked.DENSE_FALLBACK_TILE_DENSITY)
-        return dense, tiles
+        return on_cuda(x) and not _masked.cuda_takes_kernels(tiles), tiles
 
     def _dense_weight(self, tiles: _masked.TileTable | None) -> torch.Tensor:
         # a table built from the current mask (its cache key holds the mask's version) that keeps every weight:

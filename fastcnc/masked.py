@@ -174,8 +174,14 @@ def _kernel_path(x: torch.Tensor, weight: torch.Tensor, tiles: TileTable | None)
     if not _backend.use_triton(x) or x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype or x.numel() == 0:
         return False
     if _backend.on_cuda(x):  # the CUDA rule (also inside _backend.cuda_code_path(), for the host-sync tests)
-        return CUDA_KERNELS and tiles is not None and tiles.density <= DENSE_FALLBACK_TILE_DENSITY
+        return cuda_takes_kernels(tiles)
     return True  # forced "triton" backend on CPU (interpreter): always the kernels, that is what it is for
+
+
+def cuda_takes_kernels(tiles: TileTable | None) -> bool:
+    """The CUDA rule (module docstring), shared with the masked layers' own dense route: the kernels only when
+    ``CUDA_KERNELS`` is set and at most ``DENSE_FALLBACK_TILE_DENSITY`` of the mask's tiles hold a nonzero."""
+    return CUDA_KERNELS and tiles is not None and tiles.density <= DENSE_FALLBACK_TILE_DENSITY
 
 
 def _kernels_may_run(x: torch.Tensor) -> bool:

@@ -1544,7 +1544,7 @@ def pack_vectors(groups: list[VectorGroup], buffer: torch.Tensor | None = None) 
     """The groups with their U and V in one flat float64 buffer (``VectorGroup``): ``buffer`` when given (a copy of
     another packing of the same layout), else a new one filled from the groups' vectors (one ``cat``)."""
     if buffer is None:
-        buffer = torch.cat([t.reshape(-1) for g in groups for t in (g.U, g.V)])
+        buffer = _concat_vectors(groups)
     out, at = [], 0
     for g in groups:
         out.append(VectorGroup(g.index, g.wide, buffer=buffer, at=at, u_shape=g.u_shape, v_shape=g.v_shape))
@@ -1558,9 +1558,12 @@ def flat_vectors(groups: list[VectorGroup]) -> tuple[list[tuple], torch.Tensor]:
     every U and V flattened into one tensor in that order (the packed buffer itself where the groups have one)."""
     layout = [(g.index, g.wide, g.u_shape, g.v_shape) for g in groups]
     vectors = packed_vectors(groups)
-    if vectors is None:
-        vectors = torch.cat([t.reshape(-1) for g in groups for t in (g.U, g.V)])
-    return layout, vectors
+    return layout, _concat_vectors(groups) if vectors is None else vectors
+
+
+def _concat_vectors(groups: list[VectorGroup]) -> torch.Tensor:
+    # every group's U then V, flattened, in order: the packed layout
+    return torch.cat([t.reshape(-1) for g in groups for t in (g.U, g.V)])
 
 
 def packed_vectors(groups: list[VectorGroup]) -> torch.Tensor | None:
