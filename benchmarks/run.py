@@ -3,6 +3,7 @@
   penalty        CNC penalty value+grad over a ResNet layer set on synthetic drift (the easy case)
   trajectory     CNC penalty value+grad on weights recorded along real training runs (dense, pruning, fine-tuning):
                  fastcnc vs eigvalsh of the float64 / float32 Gram vs svdvals, kappa errors, certificates, work
+  blocks         the same on thousands of small same-shape matrices: the per-frequency blocks of trained 3x3 convs
   masked-report  render a ``pytest benchmarks/bench_masked_matmul.py --benchmark-json FILE`` result as markdown
 
 Results carry device, date, commit and versions (``common.environment``); ratios are against baselines timed in the
@@ -40,6 +41,13 @@ def _trajectory(args) -> int:
     return 0
 
 
+def _blocks(args) -> int:
+    from blocks import main as blocks_main
+
+    blocks_main(args.rest)
+    return 0
+
+
 def _masked_report(args) -> int:
     from bench_masked_matmul import render
 
@@ -62,12 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     pen.add_argument("--out", type=Path, default=None, help="directory for penalty-<device>-<date>-....json/.md")
     pen.set_defaults(handler=_penalty)
     sub.add_parser("trajectory", help="recorded training trajectories (options: run.py trajectory --help)")
+    sub.add_parser("blocks", help="per-frequency blocks of recorded convolutions (options: run.py blocks --help)")
     rep = sub.add_parser("masked-report", help="markdown ratio table of a bench_masked_matmul --benchmark-json file")
     rep.add_argument("json", help="the --benchmark-json output")
     rep.set_defaults(handler=_masked_report)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["trajectory"]:  # its own parser (benchmarks/trajectory.py) takes every option after the name
         return _trajectory(argparse.Namespace(rest=argv[1:]))
+    if argv[:1] == ["blocks"]:  # likewise (benchmarks/blocks.py)
+        return _blocks(argparse.Namespace(rest=argv[1:]))
     args = p.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:
         p.error("--repeats must be >= 1")

@@ -215,7 +215,11 @@ class SpectralOptions:
 
 
 def _validate(weights, state) -> list[torch.Tensor]:
-    mats = matrices_list("weights", weights)
+    # a [B, m, n] tensor is B matrices of one shape (views: nothing is copied)
+    batch = isinstance(weights, torch.Tensor) and weights.dim() == 3
+    if batch and weights.shape[0] == 0:
+        raise ValueError(f"weights is a batch of 0 matrices (shape {tuple(weights.shape)}): expected at least one")
+    mats = list(weights.unbind(0)) if batch else matrices_list("weights", weights)
     for i, m in enumerate(mats):
         check_tensor(f"weights[{i}]", m, ndim=2, floating=True, nonempty=True)
         if m.device != mats[0].device:
@@ -277,39 +281,57 @@ def _source_bounds(mats: list[torch.Tensor]) -> _SourceBounds:
         with the all-ones vector); q's products may underflow, by at most the smallest normal number each (flush to
         zero included), hence the m * tiny term;
       - sigma_max(A) <= sqrt(||A||_1 ||A||_inf) = sqrt(max c * max r);
-      - rank(A) < n when a column is empty or fewer than n rows hold a nonzero."""
-    ge, nb, st, fin, rows = [], [], [], [], []  # host floats and bools: this is the CPU path
-    # |W| of every matrix in one float32 scratch: a fresh weight-sized block per matrix is mapped page by page as it
-    # is written (ResNet-50's weights: 35 ms fresh, 10 ms into one scratch, one thread)
-    scratch = torch.empty(max(w.numel() for w in mats), device=mats[0].device)
-    for w in mats:
-        wide = w.shape[0] < w.shape[1]
-        m, n = max(w.shape), min(w.shape)
+      - rank(A) < n when a column is empty or fewer than n rows hold a nonzero.
+
+    Matrices of one shape and dtype are read as one stack (batched mat-vecs, one read-back), so thousands of small
+    blocks cost a few ops, not a few ops each."""
+    L = len(mats)
+    ge, nb, st, fin, rows = [0.0] * L, [0.0] * L, [False] * L, [True] * L, [None] * L  # host: this is the CPU path
+    runs: dict[tuple, list[int]] = {}
+    for i, w in enumerate(mats):
+        runs.setdefault((tuple(w.shape), w.dtype), []).append(i)
+    # |W| in one float32 scratch: a fresh weight-sized block per call is mapped page by page as it is written
+    # (ResNet-50's weights: 35 ms fresh, 10 ms into one scratch, one thread)
+    scratch = torch.empty(max(len(idx) * mats[idx[0]].numel() for idx in runs.values()), device=mats[0].device)
+    for ((R, C), dtype), idx in runs.items():
+        wide, m, n = R < C, max(R, C), min(R, C)
+        todo = idx
         # bfloat16 / float16 widen exactly to float32; a matrix so small (or large) that q would lose itself in
         # float32 underflow (overflow) is redone in float64, where float32 entries' products cannot underflow
-        for wd in ((_F64,) if w.dtype == _F64 else (torch.float32, _F64)):
-            a = (torch.abs(w.detach().to(wd), out=scratch[:w.numel()].view(w.shape)) if wd == torch.float32
-                 else w.detach().to(wd).abs())
-            ones_rows, ones_cols = a.new_ones(a.shape[0]), a.new_ones(a.shape[1])
+        for wd in ((_F64,) if dtype == _F64 else (torch.float32, _F64)):
+            part = [mats[i].detach() for i in todo]
+            if wd == torch.float32:
+                a = torch.stack(part, out=scratch[:len(part) * R * C].view(len(part), R, C)).abs_()
+            else:
+                a = torch.stack(part).to(wd).abs_()
+            ones_rows, ones_cols = a.new_ones(R), a.new_ones(C)
             if wide:  # a = |A|^T
                 r, c = ones_rows @ a, a @ ones_cols
-                q = a @ r
+                q = (a @ r[..., None])[..., 0]
             else:
                 r, c = a @ ones_cols, ones_rows @ a
-                q = r @ a
+                q = (r[:, None, :] @ a)[:, 0]
             u, tiny = torch.finfo(wd).eps / 2, torch.finfo(wd).tiny
-            q_top = float(q.amax())
-            if wd == _F64 or (m * tiny * 2.0**30 < q_top < torch.finfo(wd).max * 2.0**-30) or math.isnan(q_top):
+            q_top, c_top, r_top = (t.amax(-1).tolist() for t in (q, c, r))
+            empty_col = (c == 0).any(-1).tolist()
+            held = r != 0  # (a NaN row is held: the Gram must see it)
+            count = held.sum(-1).tolist()  # (fewer than n: structurally singular, and A keeps at least n rows)
+            finite = (torch.isfinite(q).all(-1) & torch.isfinite(c).all(-1)).tolist()
+            redo = []
+            for j, i in enumerate(todo):
+                if not (wd == _F64 or m * tiny * 2.0**30 < q_top[j] < torch.finfo(wd).max * 2.0**-30
+                        or math.isnan(q_top[j])):
+                    redo.append(i)
+                    continue
+                q_max = (q_top[j] + m * tiny) / ((1 - _gamma(n, u)) * (1 - _gamma(m + 1, u)))
+                ge[i] = q_max * _gamma(m) * (1 + 4 * _U)
+                nb[i] = math.sqrt(c_top[j] * r_top[j] / ((1 - _gamma(m, u)) * (1 - _gamma(n, u)))) * (1 + 4 * _U)
+                st[i] = empty_col[j] or count[j] < n
+                fin[i] = finite[j]
+                rows[i] = held[j].nonzero().flatten() if n <= count[j] <= _COMPACT_ROWS * m else None
+            todo = redo
+            if not todo:
                 break
-        q_max = (q_top + m * tiny) / ((1 - _gamma(n, u)) * (1 - _gamma(m + 1, u)))
-        ge.append(q_max * _gamma(m) * (1 + 4 * _U))
-        nb.append(math.sqrt(float(c.amax()) * float(r.amax()) / ((1 - _gamma(m, u)) * (1 - _gamma(n, u))))
-                  * (1 + 4 * _U))
-        st.append(bool((c == 0).any()) or int((r > 0).sum()) < n)
-        fin.append(bool(torch.isfinite(q).all() & torch.isfinite(c).all()))
-        held = r != 0  # (a NaN row is held: the Gram must see it)
-        count = int(held.sum())  # (fewer than n: structurally singular, and A keeps at least n rows)
-        rows.append(held.nonzero().flatten() if n <= count <= _COMPACT_ROWS * m else None)
     return _SourceBounds(torch.tensor(ge, dtype=_F64), torch.tensor(nb, dtype=_F64), torch.tensor(st),
                          torch.tensor(fin), rows)
 
@@ -411,13 +433,25 @@ class _Group:
             self.exp = torch.zeros(len(mats), dtype=_F64, device=dev)
         self.row_m = [max(w.shape) for w in mats]
         self.row_n = [min(w.shape) for w in mats]
+        m_, n_ = self.row_m, self.row_n
+        # (index, wide, first row, end row, m, n) per run of one tall shape and orientation
+        self.parts, a = [], 0
+        for b in range(1, len(mats) + 1):
+            if b == len(mats) or (m_[b], n_[b], self.wide[b]) != (m_[a], n_[a], self.wide[a]):
+                self.parts.append((index[a:b], self.wide[a:b], a, b, m_[a], n_[a]))
+                a = b
         # only the nonzero rows (CPU groups, from the source bounds): zero rows change neither A^T A nor |A x|, and
         # the rounding coefficients keep the full m (an upper bound); vectors get their m rows back in full_rows
         self.held = held if held is not None and size is None and all(h is not None for h in held) else None
         if size is not None:
             A = torch.zeros(len(mats), *size, dtype=_F64, device=dev)
-            for j, (w, wd) in enumerate(zip(mats, self.wide, strict=True)):
-                A[j, :self.row_m[j], :self.row_n[j]].copy_(w.detach().T if wd else w.detach())
+            if on_device:
+                for j, (w, wd) in enumerate(zip(mats, self.wide, strict=True)):
+                    A[j, :self.row_m[j], :self.row_n[j]].copy_(w.detach().T if wd else w.detach())
+            else:  # CPU: a stack and a copy per run of one shape (thousands of small blocks: ops per shape, not each)
+                for _, wide, a, b, m, n in self.parts:
+                    run = torch.stack([w.detach() for w in mats[a:b]])
+                    A[a:b, :m, :n].copy_(run.mT if wide[0] else run)
         elif self.held is not None:
             m = max(len(h) for h in self.held)
             A = torch.empty((len(mats), self.row_n[0], m) if self.wide[0] else (len(mats), m, self.row_n[0]),
@@ -431,22 +465,17 @@ class _Group:
             # stored as given and used through its transposed view: BLAS takes transposed operands for free, while a
             # transposing copy costs several times a contiguous one
             A = torch.empty(len(mats), self.row_n[0], self.row_m[0], dtype=_F64, device=dev)
-            for j, w in enumerate(mats):
-                A[j].copy_(w.detach())
+            torch.stack([w.detach() for w in mats], out=A)  # (cast in the same pass)
             A = A.mT
+        elif not any(self.wide):
+            A = torch.stack([w.detach() for w in mats], out=torch.empty(len(mats), self.row_m[0], self.row_n[0],
+                                                                        dtype=_F64, device=dev))
         else:
             A = torch.empty(len(mats), self.row_m[0], self.row_n[0], dtype=_F64, device=dev)
             for j, (w, wd) in enumerate(zip(mats, self.wide, strict=True)):
                 A[j].copy_(w.detach().T if wd else w.detach())  # cast and (for wide matrices) transpose in one pass
         self.A = A.mul_(torch.pow(2.0, -self.exp)[:, None, None]) if scaled else A
         self.B, self.m, self.n = A.shape
-        m_, n_ = self.row_m, self.row_n
-        # (index, wide, first row, end row, m, n) per run of one tall shape and orientation
-        self.parts, a = [], 0
-        for b in range(1, self.B + 1):
-            if b == self.B or (m_[b], n_[b], self.wide[b]) != (m_[a], n_[a], self.wide[a]):
-                self.parts.append((index[a:b], self.wide[a:b], a, b, m_[a], n_[a]))
-                a = b
         table = _shape_table(self.parts, self.n, dev) if size is not None else None
         # [B, n] True on the padding coordinates of a batch padded across n
         self.pad = table["pad"] if table is not None and any(n != self.n for n in self.row_n) else None
@@ -963,8 +992,10 @@ def _start_blocks(g: _Group, blocks_in, r: int, r_top: int, gen: torch.Generator
     if blocks_in is not None:
         # one multi-tensor copy into the zero-padded batch (a stack, a pad and a cat per shape were launches at the
         # head of every batch's chain on CUDA)
-        ragged = any(n != g.n for *_, n in g.parts)
-        W = (torch.zeros if ragged else torch.empty)(g.B, g.n, r + r_top, dtype=_F64, device=g.A.device)
+        if all(n == g.n for *_, n in g.parts):  # (one op whatever B: thousands of small blocks)
+            return torch.stack([blocks_in[i] for i in g.index], out=torch.empty(g.B, g.n, r + r_top, dtype=_F64,
+                                                                                 device=g.A.device))
+        W = torch.zeros(g.B, g.n, r + r_top, dtype=_F64, device=g.A.device)
         torch._foreach_copy_([W[j, :g.row_n[j]] for j in range(g.B)], [blocks_in[i] for i in g.index])
         return W
     out = []
@@ -1228,7 +1259,8 @@ def extreme_singular_values(
     certified brackets, batched over same-shape groups and warm-started from ``state``.
 
     Args:
-        weights: a 2-D tensor or a list of 2-D tensors of any float dtype and shapes (``as_matrices`` for convs).
+        weights: a 2-D tensor, a list of 2-D tensors of any float dtype and shapes (``as_matrices`` for convs), or
+            a [B, m, n] tensor: B matrices of one shape (e.g. thousands of small blocks), solved as one batch.
         rtol: accuracy target: the bracket must prove the estimated kappa_floor within ``rtol`` (relative) of the
             true one; more rounds, then an exact float64 SVD, are spent on matrices that do not reach it.
         floor: relative floor of sigma_min in kappa_floor = sigma_max / (sigma_min + floor * sigma_max) (the CNC
@@ -1306,7 +1338,9 @@ def extreme_singular_values(
         _raise_unresolved(est, results, per, mats, opt)
     if state is not None:
         state.shapes = shapes
-        state.blocks = [results[gi][1]["blocks"][j, :results[gi][0].row_n[j]] for gi, j in per]
+        kept = [res["blocks"].unbind(0) if all(n == g.n for n in g.row_n) else  # (one op for a group, not B)
+                [res["blocks"][j, :n] for j, n in enumerate(g.row_n)] for g, res in results]
+        state.blocks = [kept[gi][j] for gi, j in per]
         state.lower = list(est.sigma_min_lo.unbind())  # (already in true units, one op per group)
     return est
 
@@ -1473,14 +1507,19 @@ def _warm_state(state, mats, shapes, opt: SpectralOptions, sync: bool):
         n = min(m.shape)
         want = (n, warm_block_width(n, opt.block))
         blocks.append(b if isinstance(b, torch.Tensor) and tuple(b.shape) == want else None)
-    if sync and any(b is not None and not bool(torch.isfinite(b).all()) for b in blocks):
-        raise ValueError("state holds NaN/Inf warm-start blocks (a corrupt SpectralState); "
-                         "pass a fresh fastcnc.SpectralState()")
+    if sync:  # one check per shape of block, not one per matrix (thousands of small blocks)
+        by_shape: dict = {}
+        for b in blocks:
+            if b is not None:
+                by_shape.setdefault((tuple(b.shape), b.dtype, b.device), []).append(b)
+        if any(not bool(torch.isfinite(torch.stack(bs)).all()) for bs in by_shape.values()):
+            raise ValueError("state holds NaN/Inf warm-start blocks (a corrupt SpectralState); "
+                             "pass a fresh fastcnc.SpectralState()")
     lower = state.lower if isinstance(state.lower, list) and len(state.lower) == len(mats) else None
     if lower is not None and any(not isinstance(v, torch.Tensor) or v.numel() != 1 for v in lower):
         lower = None
-    if lower is not None:
-        lower = [v.reshape(()).to(_F64) for v in lower]
+    if lower is not None:  # (what the engine stored is used as it is)
+        lower = [v if v.dim() == 0 and v.dtype == _F64 else v.reshape(()).to(_F64) for v in lower]
     return blocks, lower
 
 
@@ -1609,15 +1648,18 @@ def group_vectors(groups: list[VectorGroup], n_mats: int) -> tuple[GroupVectors,
 
 def _pack(mats, results, per, opt: SpectralOptions, work: dict, ritz_block: bool) -> SpectralEstimate:
     """Per-matrix values in true units, in the input order; vectors in each matrix's own orientation."""
-    scaled: dict = {}
+    # where the groups hold the matrices in input order (one shape: always), a value is the groups' concatenation, so
+    # thousands of small blocks cost one op per group, not one per matrix
+    in_order = per == [(gi, j) for gi, (g, _) in enumerate(results) for j in range(g.B)]
+
+    def gather(parts):
+        return torch.cat(parts) if in_order else torch.stack([parts[gi][j] for gi, j in per])
 
     def scalar(key):  # to true units once per group (one op per group, not per matrix: launches on CUDA)
-        for gi, (g, res) in enumerate(results):
-            scaled[gi] = torch.ldexp(res[key], g.exp)
-        return torch.stack([scaled[gi][j] for gi, j in per])
+        return gather([torch.ldexp(res[key], g.exp) for g, res in results])
 
     def flag(key):
-        return torch.stack([results[gi][1][key][j] for gi, j in per])
+        return gather([res[key] for _, res in results])
 
     groups = []
     for g, res in results:  # split back into tall shapes (a merged batch holds several m, zero-padded)
@@ -1627,8 +1669,8 @@ def _pack(mats, results, per, opt: SpectralOptions, work: dict, ritz_block: bool
     if _backend.on_cuda(mats[0]):  # one buffer for the graph's copy-out and the backward's kernel (VectorGroup)
         groups = pack_vectors(groups)
     u_max, v_max, u_min, v_min = group_vectors(groups, len(mats))
-    structural = torch.stack([results[gi][0].structural[j] for gi, j in per])
-    finite = torch.stack([results[gi][0].finite[j] for gi, j in per])
+    structural = gather([g.structural for g, _ in results])
+    finite = gather([g.finite for g, _ in results])
     first = None
     if all("first_certified" in res for _, res in results):
         first = flag("first_certified")
@@ -1667,6 +1709,8 @@ def _ritz_blocks(results, per) -> list:
 
 
 def _raise_unresolved(est: SpectralEstimate, results, per, mats, opt: SpectralOptions) -> None:
+    if all(bool(res["resolved"].all()) for _, res in results):
+        return
     for i, (gi, j) in enumerate(per):
         if not bool(results[gi][1]["resolved"][j]):
             smax, smin = float(est.sigma_max[i]), float(est.sigma_min[i])
