@@ -425,6 +425,63 @@ def test_thousands_of_small_same_shape_blocks_are_one_group():
     assert est.work["grams"] == 2000 and bool(est.certified.all())
 
 
+def _hard_batch(B, m, n, seed=0):
+    """[B, m, n] float32 of one shape: graded spectra (kappa 1e1..1e4), clustered bottoms, pruned 95% blocks with an
+    empty column of the tall orientation (structurally singular), a zero block, and plain Gaussian ones."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(B):
+        kind = i % 5
+        if kind == 0:
+            W = _graded(m, n, 10.0 ** (1 + i % 4), seed=seed + i)
+        elif kind == 1:  # four bottom singular values within 1e-3 of each other
+            sv = torch.linspace(1.0, 0.1, min(m, n), dtype=torch.float64)
+            sv[-4:] = 0.01 * (1 + 1e-3 * torch.arange(4, dtype=torch.float64))
+            W = matrix_with_spectrum(m, n, sv, generator=gen)
+        elif kind == 2:
+            W = _pruned(m, n, 0.05, seed=seed + i)
+            if m >= n:  # an empty column of the tall orientation
+                W[:, 0] = 0
+            else:
+                W[0] = 0
+        elif kind == 3:
+            W = torch.zeros(m, n) if i % 25 == 3 else torch.randn(m, n, generator=gen)
+        else:
+            W = torch.randn(m, n, generator=gen, dtype=torch.float64)
+        out.append(W.float())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("shape", [(40, 72, 48), (40, 48, 72), (15, 200, 160)], ids=["tall-eigh", "wide-eigh",
+                                                                                    "tall-iterated"])
+def test_a_batch_tensor_is_its_matrices_cold_and_warm(shape):
+    """A [B, m, n] tensor is B matrices of one shape: the same estimate as the list of them, every bracket holding
+    the float64-SVD truth, cold and warm (after a drift), with default arguments."""
+    W = _hard_batch(*shape)
+    state = SpectralState()
+    est = extreme_singular_values(W, state=state)
+    ref = extreme_singular_values(list(W.unbind(0)))
+    for key in ("sigma_max", "sigma_min", "sigma_min_lo", "sigma_min_hi", "sigma_max_lo", "sigma_max_hi"):
+        assert torch.equal(getattr(est, key), getattr(ref, key)), key
+    assert torch.equal(est.certified, ref.certified) and torch.equal(est.structural, ref.structural)
+    check_estimate(est, list(W.unbind(0)))
+    assert int(est.structural.sum()) >= shape[0] // 5
+    gen = torch.Generator().manual_seed(1)
+    W2 = W + 1e-3 * torch.randn(W.shape, generator=gen) * (W != 0)
+    warm = extreme_singular_values(W2, state=state)
+    check_estimate(warm, list(W2.unbind(0)))
+    assert warm.work["fallbacks"] == 0 and bool(warm.certified.all())
+    for j in range(0, shape[0], 7):  # each matrix's vectors in its own orientation
+        assert warm.u_min[j].shape == (shape[1],) and warm.v_min[j].shape == (shape[2],)
+
+
+def test_a_batch_tensor_names_its_bad_matrix():
+    W = torch.randn(6, 5, 4)
+    W[3, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"weights\[3\]"):
+        extreme_singular_values(W)
+
+
 def test_zero_matrix_is_finite():
     est = extreme_singular_values([torch.zeros(40, 30), torch.zeros(3, 2)])
     assert torch.all(est.sigma_max == 0) and torch.all(est.sigma_min == 0)
