@@ -445,13 +445,9 @@ class _Group:
         self.held = held if held is not None and size is None and all(h is not None for h in held) else None
         if size is not None:
             A = torch.zeros(len(mats), *size, dtype=_F64, device=dev)
-            if on_device:
-                for j, (w, wd) in enumerate(zip(mats, self.wide, strict=True)):
-                    A[j, :self.row_m[j], :self.row_n[j]].copy_(w.detach().T if wd else w.detach())
-            else:  # CPU: a stack and a copy per run of one shape (thousands of small blocks: ops per shape, not each)
-                for _, wide, a, b, m, n in self.parts:
-                    run = torch.stack([w.detach() for w in mats[a:b]])
-                    A[a:b, :m, :n].copy_(run.mT if wide[0] else run)
+            for _, wide, a, b, m, n in self.parts:  # a stack and a copy per run of one shape, not a copy each
+                run = mats[a].detach()[None] if b - a == 1 else torch.stack([w.detach() for w in mats[a:b]])
+                A[a:b, :m, :n].copy_(run.mT if wide[0] else run)
         elif self.held is not None:
             m = max(len(h) for h in self.held)
             A = torch.empty((len(mats), self.row_n[0], m) if self.wide[0] else (len(mats), m, self.row_n[0]),
@@ -1433,7 +1429,9 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
     ragged: dict[tuple[int, ...], list[int]] = {}  # (bucket of n, warm) -> matrices zero-padded into one batch
     for (m, n, wide), idx in by_shape.items():
         warm_ok = blocks_in is not None and all(blocks_in[i] is not None for i in idx)
-        if merge_by_n:  # CUDA: one batch per bucket of n (_batch_n)
+        if merge_by_n and len(idx) * n * n > _OWN_BATCH:  # CUDA, many matrices of one shape: padding costs more
+            ragged.setdefault((("own", m, n), warm_ok), []).extend(idx)  # than the launches it saves
+        elif merge_by_n:  # CUDA: one batch per bucket of n (_batch_n)
             ragged.setdefault((_batch_n(n, opt.block), warm_ok), []).extend(idx)
         elif merge_small and max(opt.block, 2) <= n <= _EIGH_MAX:
             # one eigh batch per power-of-two bucket of n: padding at most doubles n (eigh's n^3 made a single
@@ -1478,6 +1476,13 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
                                  for _ in idx])
         fast_groups.append((g, start, key[-1]))
     return batches, fast_groups
+
+
+# On CUDA a shape group with more than this many Gram entries (B n^2) keeps a batch of its own instead of joining
+# its bucket of n (_batch_n): thousands of 32 x 32 blocks padded to a bucket's 128 x 128 (ResNet-50's n = 128 layers
+# are in it) would cost 16x the memory and 64x the factorization flops, to save the launches of one batch. ResNet-50's
+# largest group of n <= 128 has 3 x 64^2 entries.
+_OWN_BATCH = 1 << 20
 
 
 def _batch_n(n: int, block: int) -> int:

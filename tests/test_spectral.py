@@ -372,6 +372,31 @@ def test_cuda_batches_merged_across_n_compute_each_matrix_like_a_lone_call(sync,
                 W.device) for W in mats]
 
 
+@pytest.mark.parametrize("sync", [True, False])
+def test_cuda_many_small_blocks_keep_a_batch_of_their_own(sync, monkeypatch):
+    """On the CUDA code path a shape group with more than _OWN_BATCH Gram entries is not padded into its bucket of n
+    (thousands of 32 x 32 blocks would be padded with the bucket): its batch holds its own n, the rest still merge."""
+    import fastcnc.spectral as spectral
+
+    monkeypatch.setattr(spectral, "_OWN_BATCH", 1000)  # 8 blocks of n = 12: 1,152 entries
+    blocks = _hard_batch(8, 16, 12)
+    gen = torch.Generator().manual_seed(3)
+    others = [torch.randn(30, 20, generator=gen), torch.randn(64, 27, generator=gen)]
+    seen = []
+    solve = spectral._solve_group
+
+    def recording(g, *args, **kwargs):
+        seen.append((sorted(set(g.row_n)), g.n))
+        return solve(g, *args, **kwargs)
+
+    monkeypatch.setattr(spectral, "_solve_group", recording)
+    mats = list(blocks.unbind(0)) + others
+    with _backend.cuda_code_path():
+        est = extreme_singular_values(mats, sync=sync, floor=1e-6)
+    assert sorted(seen) == [([12], 12), ([20, 27], 27)]
+    check_estimate(est, mats, floor=1e-6)
+
+
 def test_cuda_batch_built_in_one_pass_holds_each_shape_groups_values():
     """The CUDA batch (_Group with on_device=True: several tall shapes zero-padded to one [m, n], A, coefficients and
     bounds once for the batch, the Gram per run of one shape) holds, on each matrix's rows, what a group of that shape
