@@ -1,6 +1,6 @@
 """Thousands of small same-shape matrices: the per-frequency blocks of trained convolutions.
 
-    python benchmarks/run.py blocks [--run resnet18-w16-s95] [--repeats 3] [--out benchmarks/results]
+    python benchmarks/run.py blocks [--run resnet18-w16-s95] [--repeats 3] [--device cuda] [--out benchmarks/results]
 
 A k x k convolution with circular padding on an N x N input is, after a 2-D DFT, block-diagonal: one complex
 [c_out, c_in] block per frequency, whose singular values together are the operator's (Sedghi, Gupta and Long, "The
@@ -13,7 +13,8 @@ snapshot of ResNet-18 at width 16 gives 5,440 blocks in four shapes (4,096 of 32
 Per snapshot, one value+grad of the CNC penalty over all blocks: fastcnc cold, fastcnc warm from the blocks one
 training step earlier (what a step of training would see), eigvalsh of the float64 Gram with autograd (eigh64, the
 strongest exact baseline) and svdvals; kappa_eps errors against float64 SVD of every block; certified counts and
-fallbacks. The blocks of one shape are passed as one [B, m, n] tensor.
+fallbacks. The blocks of one shape are passed as one [B, m, n] tensor. On CUDA the run is recorded on the GPU and
+fastcnc runs as TSCNC's eager call does (two sync-free rounds, flags read after the timed call).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import copy
 import math
 import time
 
+import common
 import torch
 from common import environment, write_result
 from trajectory import EPS, PRESETS, Run, _exact_method, record
@@ -58,21 +60,29 @@ def snapshot_blocks(snap: dict, key: str = "weights") -> list[torch.Tensor]:
 
 
 def _fastcnc(batches, state):
+    """Value+grad as TSCNC computes it: host-steered certificates on CPU, two fixed sync-free rounds on CUDA (the
+    certification flags are read after the timed call)."""
     leaves = [b.detach().clone().requires_grad_() for b in batches]
+    device = batches[0].device
+    common.sync(device)
     t = time.perf_counter()
     with torch.no_grad():
-        ests = [extreme_singular_values(b.detach(), floor=EPS, state=s) for b, s in zip(leaves, state, strict=True)]
+        ests = [extreme_singular_values(b.detach(), floor=EPS, state=s, sync=device.type != "cuda")
+                for b, s in zip(leaves, state, strict=True)]
     total = sum(penalty_from_estimate(list(b.unbind(0)), e, eps=EPS, from_these_weights=True)
                 for b, e in zip(leaves, ests, strict=True))
     total.backward()
+    common.sync(device)
     return time.perf_counter() - t, ests
 
 
 def _exact(batches, kind):
     leaves = [b.detach().clone().requires_grad_() for b in batches]
+    common.sync(batches[0].device)
     t = time.perf_counter()
     total, _ = _exact_method([m for b in leaves for m in b.unbind(0)], kind)
     total.backward()
+    common.sync(batches[0].device)
     return time.perf_counter() - t
 
 
@@ -80,7 +90,7 @@ def _brackets_hold(ests, ref: torch.Tensor) -> int:
     """Blocks whose float64-SVD sigma_min and sigma_max lie in the estimate's brackets, up to the SVD's own error
     (1e-13 sigma_max, as in trajectory.py)."""
     def cat(key):
-        return torch.cat([getattr(e, key) for e in ests]).double()
+        return torch.cat([getattr(e, key) for e in ests]).double().cpu()
 
     slack = 1e-13 * ref[:, 0]
     ok = ((cat("sigma_min_lo") - slack <= ref[:, 1]) & (ref[:, 1] <= cat("sigma_min_hi") + slack)
@@ -88,14 +98,17 @@ def _brackets_hold(ests, ref: torch.Tensor) -> int:
     return int(ok.sum())
 
 
-def evaluate(run: Run, repeats: int, steps: list[int] | None, log=print) -> dict:
-    snaps = record(run, torch.device("cpu"), log=log)
+def evaluate(run: Run, repeats: int, steps: list[int] | None, device: torch.device | None = None,
+             log=print) -> dict:
+    device = device or torch.device("cpu")
+    snaps = record(run, device, log=log)
     rows = []
     for snap in snaps:
         if "prev_weights" not in snap or (steps and snap["step"] not in steps):
             continue
-        batches, before = snapshot_blocks(snap), snapshot_blocks(snap, "prev_weights")
-        ref = torch.cat([torch.linalg.svdvals(b.double())[:, [0, -1]] for b in batches])  # [blocks, (max, min)]
+        batches = [b.to(device) for b in snapshot_blocks(snap)]
+        before = [b.to(device) for b in snapshot_blocks(snap, "prev_weights")]
+        ref = torch.cat([torch.linalg.svdvals(b.double().cpu())[:, [0, -1]] for b in batches])  # [blocks, (max, min)]
         ref_k = ref[:, 0] / (ref[:, 1] + EPS * ref[:, 0])
         times: dict = {}
         times["fastcnc-cold"] = min(_fastcnc(batches, [None] * len(batches))[0] for _ in range(repeats))
@@ -104,14 +117,14 @@ def evaluate(run: Run, repeats: int, steps: list[int] | None, log=print) -> dict
         warm = [SpectralState() for _ in batches]
         with torch.no_grad():
             for b, s in zip(before, warm, strict=True):
-                extreme_singular_values(b, floor=EPS, state=s)
+                extreme_singular_values(b, floor=EPS, state=s, sync=device.type != "cuda")
         best, ests = math.inf, None
         for _ in range(repeats):
             dt, ests = _fastcnc(batches, copy.deepcopy(warm))
             best = min(best, dt)
         times["fastcnc-1step"] = best
-        smax = torch.cat([e.sigma_max for e in ests])
-        smin = torch.cat([e.sigma_min for e in ests])
+        smax = torch.cat([e.sigma_max for e in ests]).cpu()
+        smin = torch.cat([e.sigma_min for e in ests]).cpu()
         k = smax / (smin + EPS * smax)
         row = {"step": snap["step"], "phase": snap["phase"], "sparsity": snap["sparsity"],
                "blocks": int(ref.shape[0]), "shapes": [list(b.shape[1:]) for b in batches],
@@ -124,15 +137,16 @@ def evaluate(run: Run, repeats: int, steps: list[int] | None, log=print) -> dict
         log(f"step {row['step']:3d} {row['phase']:8s} sparsity {row['sparsity']:.2f}: {row['blocks']} blocks, "
             f"kappa err {row['kappa_rel_err_max']:.1e}, certified {row['certified']}, "
             + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items()))
-    return {**environment("cpu"), "run": run.name, "repeats": repeats, "threads": torch.get_num_threads(),
+    return {**environment(device), "run": run.name, "repeats": repeats, "threads": torch.get_num_threads(),
             "rows": rows}
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# Per-frequency blocks of trained convolutions ({res['run']}, CPU)", "",
+    lines = [f"# Per-frequency blocks of trained convolutions ({res['run']})", "",
              f"{res['device']}, {res['threads']} torch thread(s), torch {res['torch']}, {res['date']}, commit "
              f"{res['commit']}; min of {res['repeats']} per method; value+grad of the CNC penalty (eps {EPS:g}) over "
-             "every block. `1-step`: fastcnc warm from the blocks one training step earlier.", "",
+             "every block. `1-step`: fastcnc warm from the blocks one training step earlier (on CUDA: two sync-free "
+             "rounds, as TSCNC's eager call).", "",
              "| step | phase | sparsity | blocks | max kappa | kappa err | certified | brackets hold | fallbacks | "
              "fastcnc cold ms | 1-step ms | eigh64 ms | svdvals ms | 1-step x eigh64 | cold x eigh64 | "
              "1-step x svdvals |", "|" + "---|" * 16]
@@ -151,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="resnet18-w16-s95", choices=[r.name for r in PRESETS["cpu"]],
                    help="recorded run whose 3x3 convolutions give the blocks")
+    p.add_argument("--tiny", action="store_true", help="the tiny preset's run instead (seconds: dry runs)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (the run is recorded on it)")
     p.add_argument("--steps", default="", help="comma-separated recorded steps to keep (default: all but the first)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the figures in docs)")
@@ -160,11 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--repeats must be >= 1")
     torch.set_num_threads(args.threads)
     steps = [int(s) for s in args.steps.split(",") if s] or None
-    res = evaluate(next(r for r in PRESETS["cpu"] if r.name == args.run), args.repeats, steps)
+    run = PRESETS["tiny"][0] if args.tiny else next(r for r in PRESETS["cpu"] if r.name == args.run)
+    device = torch.device(args.device)
+    res = evaluate(run, args.repeats, steps, device)
     md = markdown(res)
     print(md)
     if args.out:
-        paths = write_result(args.out, f"blocks-cpu-{res['date']}-{args.run}", res, md)
+        tag = "tiny-" if args.tiny else ""
+        paths = write_result(args.out, f"blocks-{device.type}-{res['date']}-{tag}{run.name}", res, md)
         print(f"wrote {paths[0]} and {paths[1]}")
     return res
 

@@ -2,9 +2,9 @@
 # One device-tool call on a lent GPU (Python 3.12, torch + triton preinstalled, no network, repo copied to the cwd):
 #   bash benchmarks/gpu_session.sh
 #   SKIP_STEPS="trajectory penalty" BUDGET_S=300 bash benchmarks/gpu_session.sh   # a shorter lease: leave steps out
-# Steps: env info, install, compiled-kernel tests, masked-layer benchmark, TSCNC-step timing, penalty and trajectory
-# benchmarks. Every step has a timeout and its full log goes to $OUT/session.log; a failing step does not stop the
-# later ones, but the script exits non-zero if any step failed. Files left in $OUT (at most 8 come back): session.log,
+# Steps: env info, install, compiled-kernel tests, masked-layer benchmark, TSCNC-step timing, penalty, trajectory and
+# small-blocks benchmarks. Every step has a timeout and its full log goes to $OUT/session.log; a failing step does not
+# stop the later ones, but the script exits non-zero if any step failed. Files left in $OUT (at most 8 come back): session.log,
 # summary.md, results.md (every benchmark's markdown), results.json (every benchmark's JSON, keyed by file name).
 # Without a GPU (or with DRY_RUN=1) every step runs on the CPU with small sizes: the offline dry run of the script.
 set -euo pipefail
@@ -105,7 +105,8 @@ fi
 # benchmark (engine accuracy on recorded weights), the masked layers, then the synthetic-drift penalty (the easy case).
 # Each step's limit is a cap: a step never runs past what is left of the budget (480 s by default: a 540 s device
 # call; start and copy outside it). Measured on an H200 (2026-11-27, 4365276): kernel tests 59 s, TSCNC step 37 s,
-# trajectory 75 s, masked layers 58 s, penalty 10 s; the A/B step and the host profile are new (~50 s and ~10 s).
+# trajectory 75 s, masked layers 58 s, penalty 10 s; the A/B step, the host profile and the blocks are new (~50 s,
+# ~10 s and ~40 s).
 TRAJ_CHECK="[[ -f benchmarks/run.py ]] && python3 benchmarks/run.py trajectory --help >/dev/null 2>&1 || { echo 'not available'; exit 99; }"
 if ((DRY)); then
   run_step tscnc-step 300 "python3 benchmarks/tscnc_step.py --model resnet18 --sparsity 0 0.95 --repeats 1 --warmup 1 --baseline-repeats 1 --profile 1 --out '$RESULTS'"
@@ -113,6 +114,7 @@ if ((DRY)); then
   run_step trajectory 120 "$TRAJ_CHECK; python3 benchmarks/run.py trajectory --device cpu --preset tiny --out '$RESULTS'"
   run_step masked-layers 120 "python3 benchmarks/bench_masked_matmul.py --batch 1 --repeats 2 --host-profile 5 --out '$RESULTS'"
   run_step penalty 240 "python3 benchmarks/run.py penalty --models resnet18 --repeats 1 --device cpu --out '$RESULTS'"
+  run_step blocks 120 "python3 benchmarks/run.py blocks --tiny --repeats 1 --out '$RESULTS'"
 else
   # one whole TSCNC step on ResNet-50, dense and every layer pruned to 95%, as a replayed CUDA graph (with TSCNC's choice
   # of one or two rounds, and with two every call) and eagerly, vs svdvals / eigvalsh-of-Gram / memory floor, and a
@@ -127,6 +129,9 @@ else
   # (and each fwd+bwd replayed from a CUDA graph: the kernels' time without the host; ~20% more than the 55 s measured)
   run_step masked-layers 110 "python3 benchmarks/bench_masked_matmul.py --host-profile 200 --out '$RESULTS'"
   run_step penalty 30 "python3 benchmarks/run.py penalty --models resnet18 --repeats 10 --device cuda --out '$RESULTS'"
+  # thousands of small same-shape matrices (5,440 DFT blocks of a recorded ResNet-18 w16's convolutions): not yet run
+  # on a GPU; recording the run on the GPU included
+  run_step blocks 90 "python3 benchmarks/run.py blocks --device cuda --steps 25,50 --repeats 3 --out '$RESULTS'"
 fi
 
 # -- collect: every benchmark's JSON into one file and its markdown into another (the 8-file limit)

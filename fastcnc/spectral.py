@@ -301,7 +301,12 @@ def _source_bounds(mats: list[torch.Tensor]) -> _SourceBounds:
         for wd in ((_F64,) if dtype == _F64 else (torch.float32, _F64)):
             part = [mats[i].detach() for i in todo]
             if wd == torch.float32:
-                a = torch.stack(part, out=scratch[:len(part) * R * C].view(len(part), R, C)).abs_()
+                a = scratch[:len(part) * R * C].view(len(part), R, C)
+                if R * C >= 4096:  # one pass per matrix (a stack, then abs_, would be two over the scratch)
+                    for j, w in enumerate(part):
+                        torch.abs(w.to(wd), out=a[j])
+                else:  # small blocks: two ops for the run instead of one per matrix
+                    torch.stack(part, out=a).abs_()
             else:
                 a = torch.stack(part).to(wd).abs_()
             ones_rows, ones_cols = a.new_ones(R), a.new_ones(C)
