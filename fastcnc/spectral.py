@@ -1126,20 +1126,22 @@ def _solve_group(g: _Group, opt: SpectralOptions, start: torch.Tensor, lower, re
     res: dict = {}
     fallback = torch.zeros(g.B, dtype=torch.bool, device=g.A.device)
     todo = list(range(g.B)) if refresh is True else [i for i in range(g.B) if refresh is not False and refresh[i]]
-    X, Y = _initial_blocks(start, r, r_top)
-    if len(todo) < g.B:
-        if sync and g.n <= _EIGH_MAX and not _backend.on_cuda(g.A):
-            out = _round_eigh(g, slice(None), r, r_top, opt)
-            work["factorizations"] += out.factorizations
-            work["rounds"] = max(work["rounds"], 1)
-            res = {k: getattr(out, k) for k in _FIELDS}
-            X, Y = out.X, out.Y
-        elif sync:
+    if len(todo) == g.B:  # every row goes to the exact SVD, which replaces these blocks
+        X, Y = start[..., :r], start[..., r:r + r_top]
+    elif sync and g.n <= _EIGH_MAX and not _backend.on_cuda(g.A):  # (the whole space: no start blocks needed)
+        out = _round_eigh(g, slice(None), r, r_top, opt)
+        work["factorizations"] += out.factorizations
+        work["rounds"] = max(work["rounds"], 1)
+        res = {k: getattr(out, k) for k in _FIELDS}
+        X, Y = out.X, out.Y
+    else:
+        X, Y = _initial_blocks(start, r, r_top)
+        if sync:
             res, X, Y = _rounds_sync(g, opt, X, Y, lower, work)
         else:
             res, X, Y = _rounds_sync_free(g, opt, X, Y, lower, work)
-        if sync:  # what the rounds could not certify goes to the exact SVD
-            todo = sorted(set(todo) | set((~res["certified"]).nonzero().flatten().tolist()))
+    if res and sync:  # what the rounds could not certify goes to the exact SVD
+        todo = sorted(set(todo) | set((~res["certified"]).nonzero().flatten().tolist()))
     if res:
         res["resolved"] = res["certified"].clone()
     if todo:
@@ -1633,11 +1635,8 @@ class GroupVectors(Sequence):
     its ``VectorGroup`` made when asked for. (A TSCNC step reads only the groups: four views per matrix every step
     were host time on CUDA.)"""
 
-    def __init__(self, groups: list[VectorGroup], n_mats: int, left: bool, col: int) -> None:
-        self._where: list = [None] * n_mats
-        for g in groups:
-            for j, (i, wide) in enumerate(zip(g.index, g.wide, strict=True)):
-                self._where[i] = (g, j, wide)
+    def __init__(self, where: list, left: bool, col: int) -> None:
+        self._where = where  # matrix i -> (its VectorGroup, its row there, wide), shared by the four sequences
         self._left, self._col = left, col
 
     def __len__(self) -> int:
@@ -1653,7 +1652,11 @@ class GroupVectors(Sequence):
 
 def group_vectors(groups: list[VectorGroup], n_mats: int) -> tuple[GroupVectors, ...]:
     """(u_max, v_max, u_min, v_min) of the groups (column 0 of U / V: the sigma_max pair, column 1: sigma_min)."""
-    return tuple(GroupVectors(groups, n_mats, left, col) for col in (0, 1) for left in (True, False))
+    where: list = [None] * n_mats
+    for g in groups:
+        for j, (i, wide) in enumerate(zip(g.index, g.wide, strict=True)):
+            where[i] = (g, j, wide)
+    return tuple(GroupVectors(where, left, col) for col in (0, 1) for left in (True, False))
 
 
 def _pack(mats, results, per, opt: SpectralOptions, work: dict, ritz_block: bool) -> SpectralEstimate:
