@@ -8,7 +8,7 @@ singular values of convolutional layers", ICLR 2019). The real [[Re, -Im], [Im, 
 same singular values, each twice, so every block's bottom is an exact double: a clustered bottom by construction.
 The weights are the 3x3 convolutions of snapshots recorded along a real training run (``trajectory.py``: dense,
 gradual pruning, fine-tuning), at the spatial sizes of a 32 x 32 input (ResNet-18's stages: 32, 16, 8, 4), so a
-snapshot of ResNet-18 at width 16 gives 5,440 blocks in four shapes (4,096 of 32 x 32).
+snapshot of ResNet-18 at width 16 gives 5,440 blocks in seven shapes (4,096 of 32 x 32).
 
 Per snapshot, one value+grad of the CNC penalty over all blocks: fastcnc cold, fastcnc warm from the blocks one
 training step earlier (what a step of training would see), eigvalsh of the float64 Gram with autograd (eigh64, the
