@@ -462,15 +462,12 @@ class _Group:
                 A[j].narrow(rows_dim, 0, len(h)).copy_(w.detach().index_select(rows_dim, h))
                 A[j].narrow(rows_dim, len(h), m - len(h)).zero_()
             A = A.mT if self.wide[0] else A
-        elif all(self.wide):
-            # stored as given and used through its transposed view: BLAS takes transposed operands for free, while a
-            # transposing copy costs several times a contiguous one
-            A = torch.empty(len(mats), self.row_n[0], self.row_m[0], dtype=_F64, device=dev)
-            torch.stack([w.detach() for w in mats], out=A)  # (cast in the same pass)
-            A = A.mT
-        elif not any(self.wide):
-            A = torch.stack([w.detach() for w in mats], out=torch.empty(len(mats), self.row_m[0], self.row_n[0],
-                                                                        dtype=_F64, device=dev))
+        elif all(self.wide) or not any(self.wide):
+            # one orientation, stacked as stored (cast in the same pass); wide ones used through a transposed view:
+            # BLAS takes transposed operands for free, while a transposing copy costs several times a contiguous one
+            A = torch.stack([w.detach() for w in mats],
+                            out=torch.empty(len(mats), *mats[0].shape, dtype=_F64, device=dev))
+            A = A.mT if self.wide[0] else A
         else:
             A = torch.empty(len(mats), self.row_m[0], self.row_n[0], dtype=_F64, device=dev)
             for j, (w, wd) in enumerate(zip(mats, self.wide, strict=True)):
