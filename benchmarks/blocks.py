@@ -27,7 +27,7 @@ import time
 import common
 import torch
 from common import environment, write_result
-from trajectory import EPS, PRESETS, Run, _exact_method, record
+from trajectory import EPS, PRESETS, Run, _log_kappa, record
 
 from fastcnc.cnc import penalty_from_estimate
 from fastcnc.spectral import SpectralState, extreme_singular_values
@@ -69,18 +69,29 @@ def _fastcnc(batches, state):
     with torch.no_grad():
         ests = [extreme_singular_values(b.detach(), floor=EPS, state=s, sync=device.type != "cuda")
                 for b, s in zip(leaves, state, strict=True)]
-    total = sum(penalty_from_estimate(list(b.unbind(0)), e, eps=EPS, from_these_weights=True)
-                for b, e in zip(leaves, ests, strict=True))
+    total = sum(penalty_from_estimate(b, e, eps=EPS, from_these_weights=True) for b, e in zip(leaves, ests,
+                                                                                               strict=True))
     total.backward()
     common.sync(device)
     return time.perf_counter() - t, ests
 
 
 def _exact(batches, kind):
+    """Value+grad of the exact penalty on each [B, m, n] batch as one tensor: eigvalsh of the smaller float64 Gram
+    (eigh64) or svdvals, with autograd."""
     leaves = [b.detach().clone().requires_grad_() for b in batches]
     common.sync(batches[0].device)
     t = time.perf_counter()
-    total, _ = _exact_method([m for b in leaves for m in b.unbind(0)], kind)
+    total = leaves[0].new_zeros((), dtype=torch.float64)
+    for W in leaves:
+        if kind == "svdvals":
+            s = torch.linalg.svdvals(W)
+            smax, smin = s[:, 0], s[:, -1]
+        else:
+            A = W.to(torch.float64)
+            lam = torch.linalg.eigvalsh(A.mT @ A if A.shape[1] >= A.shape[2] else A @ A.mT)
+            smax, smin = lam[:, -1].clamp_min(0).sqrt(), lam[:, 0].clamp_min(0).sqrt()
+        total = total + _log_kappa(smax, smin).double().sum()
     total.backward()
     common.sync(batches[0].device)
     return time.perf_counter() - t

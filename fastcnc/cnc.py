@@ -45,33 +45,53 @@ def _tall(w: torch.Tensor, wide: bool) -> torch.Tensor:
     return w.T if wide else w
 
 
+def _rows_of(index: list[int]):
+    """A group's rows of a [B, m, n] batch: a slice where they are consecutive (one shape: always), else the list."""
+    return slice(index[0], index[-1] + 1) if index == list(range(index[0], index[0] + len(index))) else index
+
+
+_PER_MATRIX_CPU = 1 << 16  # on CPU, the rank-k gradient of a matrix with more entries than this is its own product
+
+
 class BilinearFormsFunction(torch.autograd.Function):
     """[L, k] tensor of u_{l,j}^T W_l v_{l,j} (vectors frozen, stacked per shape group) with the exact rank-k backward.
 
-    ``values`` ([L, k], optional) skips the forward products when the caller already holds them (the engine's Ritz
-    values are these forms for the very weights it was given); ``None`` computes them from ``mats``.
+    ``mats`` are the L matrices, or one [L, m, n] tensor holding L matrices of one shape (its gradient is one tensor:
+    thousands of small blocks cost a product per group, not ops per matrix). ``values`` ([L, k], optional) skips the
+    forward products when the caller already holds them (the engine's Ritz values are these forms for the very
+    weights it was given); ``None`` computes them from ``mats``.
     """
 
     @staticmethod
     def forward(ctx, values, groups, *mats):
+        batch = mats[0] if len(mats) == 1 and mats[0].dim() == 3 else None
         if values is None:
-            rows: list = [None] * len(mats)
+            parts = []
             for grp in groups:
-                A = torch.stack([_tall(mats[i], w).to(torch.float64) for i, w in zip(grp.index, grp.wide,
-                                                                                      strict=True)])
-                vals = torch.einsum("bmk,bmn,bnk->bk", grp.U, A, grp.V)
-                for j, i in enumerate(grp.index):
-                    rows[i] = vals[j]
-            values = torch.stack(rows)
+                if batch is not None:
+                    A = batch[_rows_of(grp.index)]
+                    A = (A.mT if grp.wide[0] else A).to(torch.float64)
+                else:
+                    A = torch.stack([_tall(mats[i], w).to(torch.float64) for i, w in zip(grp.index, grp.wide,
+                                                                                          strict=True)])
+                parts.append(torch.einsum("bmk,bmn,bnk->bk", grp.U, A, grp.V))
+            order = [(gi, j) for gi, grp in enumerate(groups) for j in range(len(grp.index))]
+            index = [i for grp in groups for i in grp.index]
+            # in input order a concatenation, else one row per matrix (an index upload would be a host sync on CUDA)
+            values = torch.cat(parts) if index == list(range(len(index))) else torch.stack(
+                [parts[gi][j] for gi, j in sorted(order, key=lambda o: groups[o[0]].index[o[1]])])
         ctx.groups = groups
+        ctx.batch = batch is not None
         ctx.meta = [(m.dtype, m.shape) for m in mats]
         return values.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_values):
         grads: list = [None] * len(ctx.meta)
+        if not any(ctx.needs_input_grad[2:]):
+            return (None, None, *grads)
         dtypes = {dtype for dtype, _ in ctx.meta}
-        if (grad_values.shape[1] == 2 and len(dtypes) == 1 and _backend.use_triton(grad_values)
+        if (not ctx.batch and grad_values.shape[1] == 2 and len(dtypes) == 1 and _backend.use_triton(grad_values)
                 and all(ctx.needs_input_grad[2:])):
             # CUDA: every matrix's rank-2 gradient in one launch (the loop below is ~5 ops per group and one per
             # matrix, each a launch and host time: the step outside the engine's graph is bound by them)
@@ -79,23 +99,42 @@ class BilinearFormsFunction(torch.autograd.Function):
             grads = _backend.kernels("bilinear").rank2_grads(*flat_vectors(ctx.groups), grad_values.to(torch.float64),
                                                              shapes, dtypes.pop())
             return (None, None, *grads)
-        coeff = grad_values.to(torch.float64).unbind(0)
+        coeff = grad_values.to(torch.float64)
+        if ctx.batch:
+            dtype, shape = ctx.meta[0]
+            out = None
+            for grp in ctx.groups:
+                rows = _rows_of(grp.index)
+                work = torch.promote_types(torch.float32, dtype)
+                Gt = (grp.U * coeff[rows, None, :]).to(work) @ grp.V.to(work).mT
+                Gt = (Gt.mT if grp.wide[0] else Gt).to(dtype)
+                if rows == slice(0, shape[0]):
+                    out = Gt
+                else:
+                    out = Gt.new_zeros(shape) if out is None else out
+                    out[rows] = Gt
+            return (None, None, out)
+        coeff = coeff.unbind(0)
         for grp in ctx.groups:
             if not any(ctx.needs_input_grad[2 + i] for i in grp.index):
                 continue
             g = torch.stack([coeff[i] for i in grp.index])  # [B, k]
             # sum_j g_j u_j v_j^T in (at least) float32: the rank-k product needs no float64. Each matrix gets it in
-            # its own layout (no transposing pass over a weight-sized tensor): on CPU one product per matrix (a
-            # batched product with k = 2 columns is ~2x slower, ResNet-18's 512 x 4608 layers); on CUDA one per
-            # group, where a group that mixes orientations (one tall shape) gets the tall product, transposed per
-            # wide matrix, rather than an index upload per orientation (a host sync)
+            # its own layout (no transposing pass over a weight-sized tensor). On CPU a large matrix is one product
+            # of its own (a batched product with k = 2 columns is ~2x slower, ResNet-18's 512 x 4608 layers) and
+            # small ones one batched product (a product per 32 x 32 block costs ~5x the batch's: op overhead); on
+            # CUDA one per group, where a group that mixes orientations (one tall shape) gets the tall product,
+            # transposed per wide matrix, rather than an index upload per orientation (a host sync)
             work = torch.float32
             for i in grp.index:
                 work = torch.promote_types(work, ctx.meta[i][0])
             U, V = (grp.U * g[:, None, :]).to(work), grp.V.to(work)
-            per_matrix = not _backend.on_cuda(U)
+            per_matrix = not _backend.on_cuda(U) and U.shape[1] * V.shape[1] > _PER_MATRIX_CPU
             all_wide = all(grp.wide)
             G = None if per_matrix else V @ U.mT if all_wide else U @ V.mT
+            same = G is not None and len({ctx.meta[i][0] for i in grp.index}) == 1
+            if same:  # one cast for the group
+                G = G.to(ctx.meta[grp.index[0]][0])
             for j, (i, wide) in enumerate(zip(grp.index, grp.wide, strict=True)):
                 if ctx.needs_input_grad[2 + i]:
                     dtype, shape = ctx.meta[i]
@@ -103,7 +142,7 @@ class BilinearFormsFunction(torch.autograd.Function):
                         Gj = V[j] @ U[j].mT if wide else U[j] @ V[j].mT
                     else:
                         Gj = G[j].mT if wide and not all_wide else G[j]
-                    grads[i] = Gj.to(dtype).reshape(shape)
+                    grads[i] = (Gj if same else Gj.to(dtype)).reshape(shape)
         return (None, None, *grads)
 
 
@@ -147,15 +186,28 @@ def _softmin_groups(estimate: SpectralEstimate, mats) -> tuple[list[VectorGroup]
     return groups, torch.stack(valid)
 
 
+def _estimate_shapes(estimate: SpectralEstimate) -> list[tuple[int, int]]:
+    """The shape each matrix of the estimate has, read from its groups (no per-matrix views: thousands of blocks)."""
+    shapes: list = [None] * len(estimate.u_max)
+    for g in estimate.groups:
+        m, n = g.u_shape[1], g.v_shape[1]
+        for i, wide in zip(g.index, g.wide, strict=True):
+            shapes[i] = (n, m) if wide else (m, n)
+    return [s if s is not None else (estimate.u_max[i].shape[0], estimate.v_max[i].shape[0])
+            for i, s in enumerate(shapes)]
+
+
 def penalty_from_estimate(mats: list[torch.Tensor], estimate: SpectralEstimate, *, kind: str = "log",
                           kappa_target: float = 10.0, eps: float = 1e-6, reduction: str = "sum",
                           smooth_min: float = 0.0, from_these_weights: bool = False) -> torch.Tensor:
-    """CNC penalty of ``mats`` with the singular vectors of ``estimate`` frozen (the building block of ``cnc_penalty``
-    and ``TSCNC``). ``from_these_weights=True`` reuses the estimate's values instead of recomputing the forms (only
-    valid when the estimate was computed from exactly these weights)."""
+    """CNC penalty of ``mats`` (a list of matrices, or one [B, m, n] tensor of B matrices) with the singular vectors
+    of ``estimate`` frozen (the building block of ``cnc_penalty`` and ``TSCNC``). ``from_these_weights=True`` reuses
+    the estimate's values instead of recomputing the forms (only valid when the estimate was computed from exactly
+    these weights)."""
+    inputs = (mats,) if isinstance(mats, torch.Tensor) else tuple(mats)
     if smooth_min > 0:
         groups, valid = _softmin_groups(estimate, mats)
-        forms = BilinearFormsFunction.apply(None, groups, *mats)  # [L, 1 + r]
+        forms = BilinearFormsFunction.apply(None, groups, *inputs)  # [L, 1 + r]
         smax, bottom = forms[:, 0], forms[:, 1:]
         temp = (smooth_min * estimate.sigma_min.clamp_min(torch.finfo(torch.float64).tiny))[:, None]
         z = torch.where(valid[:, 1:], -bottom / temp, torch.full_like(bottom, -torch.inf))
@@ -163,7 +215,7 @@ def penalty_from_estimate(mats: list[torch.Tensor], estimate: SpectralEstimate, 
         sigmas = torch.stack([smax, smin], 1)
     else:
         values = torch.stack([estimate.sigma_max, estimate.sigma_min], 1) if from_these_weights else None
-        sigmas = BilinearFormsFunction.apply(values, estimate.groups, *mats)
+        sigmas = BilinearFormsFunction.apply(values, estimate.groups, *inputs)
     if not from_these_weights and not sigmas.is_cuda and not bool(torch.isfinite(sigmas).all()):
         bad = int((~torch.isfinite(sigmas)).any(1).nonzero()[0, 0])
         raise ValueError(f"weights[{bad}] contains NaN or Inf; expected finite values")
@@ -189,7 +241,9 @@ def cnc_penalty(
     """Condition-number penalty of one or more weight matrices, with the exact gradient of the certified estimate.
 
     Args:
-        weights: a 2-D tensor or list of 2-D tensors (``fastcnc.spectral.as_matrices`` turns conv weights into them).
+        weights: a 2-D tensor, a list of 2-D tensors (``fastcnc.spectral.as_matrices`` turns conv weights into
+            them), or a [B, m, n] tensor of B matrices of one shape (e.g. a convolution's per-frequency blocks: one
+            input, one gradient tensor).
         kind: ``"log"`` (log kappa), ``"kappa"`` or ``"hinge"`` (max(kappa - kappa_target, 0)^2); see module doc.
         kappa_target: target condition number of the hinge.
         eps: relative floor of sigma_min (kappa <= 1/eps), 0 < eps < 1: rank-deficient layers get a finite penalty.
@@ -207,26 +261,32 @@ def cnc_penalty(
     Returns:
         float64 penalty (0-dim, or [L] with ``reduction="none"``).
     """
-    mats = matrices_list("weights", weights)
-    for i, m in enumerate(mats):
-        check_tensor(f"weights[{i}]", m, ndim=2, floating=True, nonempty=True)
+    if isinstance(weights, torch.Tensor) and weights.dim() == 3:  # B matrices of one shape: one input, one grad
+        mats = check_tensor("weights", weights, floating=True, nonempty=True)
+        shapes = [tuple(weights.shape[1:])] * weights.shape[0]
+    else:
+        mats = matrices_list("weights", weights)
+        for i, m in enumerate(mats):
+            check_tensor(f"weights[{i}]", m, ndim=2, floating=True, nonempty=True)
+        shapes = [tuple(m.shape) for m in mats]
     _check_options(kind, kappa_target, eps, reduction, smooth_min)
     if estimate is None:
         with torch.no_grad():
-            estimate = extreme_singular_values([m.detach() for m in mats], rtol=rtol, floor=eps, state=state,
-                                               refresh=refresh, ritz_block=smooth_min > 0)
+            estimate = extreme_singular_values(
+                mats.detach() if isinstance(mats, torch.Tensor) else [m.detach() for m in mats], rtol=rtol,
+                floor=eps, state=state, refresh=refresh, ritz_block=smooth_min > 0)
         fresh = True
     else:
         if not isinstance(estimate, SpectralEstimate):
             raise TypeError(f"estimate must be None or a fastcnc.SpectralEstimate, got {type(estimate).__name__}")
         if state is not None or refresh:
             raise ValueError("state and refresh configure the engine; they cannot be combined with estimate")
-        if len(estimate.u_max) != len(mats):
-            raise ValueError(f"estimate covers {len(estimate.u_max)} matrices, weights has {len(mats)}")
-        for i, m in enumerate(mats):
-            if (estimate.u_max[i].shape[0], estimate.v_max[i].shape[0]) != tuple(m.shape):
-                raise ValueError(f"estimate's vectors for matrix {i} fit a {estimate.u_max[i].shape[0]}x"
-                                 f"{estimate.v_max[i].shape[0]} matrix, weights[{i}] has shape {tuple(m.shape)}")
+        if len(estimate.u_max) != len(shapes):
+            raise ValueError(f"estimate covers {len(estimate.u_max)} matrices, weights has {len(shapes)}")
+        for i, (fits, shape) in enumerate(zip(_estimate_shapes(estimate), shapes, strict=True)):
+            if fits != shape:
+                raise ValueError(f"estimate's vectors for matrix {i} fit a {fits[0]}x{fits[1]} matrix, weights[{i}] "
+                                 f"has shape {shape}")
         fresh = False
     return penalty_from_estimate(mats, estimate, kind=kind, kappa_target=kappa_target, eps=eps, reduction=reduction,
                                  smooth_min=smooth_min, from_these_weights=fresh)

@@ -27,6 +27,10 @@ def test_bilinear_forms_function_gradcheck_float64():
     mixed = [VectorGroup([0, 1], [False, True], torch.cat([g.U for g in est.groups]),
                          torch.cat([g.V for g in est.groups]))]
     assert torch.autograd.gradcheck(lambda a, b: BilinearFormsFunction.apply(None, mixed, a, b), tuple(mats))
+    # one [B, m, n] input (wide matrices: stored as given, used through a transposed view)
+    batch = torch.randn(3, 6, 9, dtype=torch.float64, requires_grad=True)
+    est = extreme_singular_values(batch.detach())
+    assert torch.autograd.gradcheck(lambda w: BilinearFormsFunction.apply(None, est.groups, w), (batch,))
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.interpret),
@@ -234,6 +238,45 @@ def test_reductions_and_batch():
     ref = torch.stack([_exact_cnc(m) for m in mats])
     torch.testing.assert_close(per, ref)
     torch.testing.assert_close(fastcnc.cnc_penalty(mats, reduction="mean", refresh=True), ref.mean())
+
+
+@pytest.mark.parametrize("shape", [(40, 9, 6), (30, 5, 12), (6, 140, 130)], ids=["tall", "wide", "iterated"])
+@pytest.mark.parametrize("smooth_min", [0.0, 0.05], ids=["ritz", "softmin"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_batch_of_same_shape_matrices_is_the_list_of_them(shape, smooth_min, dtype):
+    # a [B, m, n] tensor is one input with one gradient tensor; value and gradient equal the list's, whether the
+    # estimate is computed here (its values reused) or given (the forms recomputed from the weights)
+    gen = torch.Generator().manual_seed(5)
+    W = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    W[1, :, 0] = 0  # a structurally deficient matrix in the batch
+    W[2] = 0  # an all-zero one
+    W[3] = matrix_with_spectrum(*shape[1:], torch.logspace(0, -3, min(shape[1:]), dtype=torch.float64),
+                                generator=gen).to(dtype)
+    batch = W.clone().requires_grad_()
+    mats = [w.clone().requires_grad_() for w in W]
+    p_batch = fastcnc.cnc_penalty(batch, smooth_min=smooth_min, reduction="none")
+    p_list = fastcnc.cnc_penalty(mats, smooth_min=smooth_min, reduction="none")
+    (g_batch,) = torch.autograd.grad(p_batch.sum(), batch)
+    g_list = torch.stack(torch.autograd.grad(p_list.sum(), mats))
+    assert g_batch.shape == W.shape and g_batch.dtype == dtype
+    torch.testing.assert_close(p_batch, p_list, rtol=0, atol=0)
+    torch.testing.assert_close(g_batch, g_list, rtol=0, atol=0)
+    est = extreme_singular_values(W, ritz_block=smooth_min > 0)
+    p_given = fastcnc.cnc_penalty(batch, estimate=est, smooth_min=smooth_min, reduction="none")
+    (g_given,) = torch.autograd.grad(p_given.sum(), batch)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(p_given, p_batch, rtol=tol, atol=tol)
+    torch.testing.assert_close(g_given, g_batch, rtol=tol, atol=tol)
+
+
+def test_a_batch_rejects_an_estimate_of_other_matrices():
+    W = torch.randn(4, 6, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="covers 3 matrices, weights has 4"):
+        fastcnc.cnc_penalty(W, estimate=extreme_singular_values(W[:3]))
+    with pytest.raises(ValueError, match=r"fit a 5x6 matrix, weights\[0\] has shape \(6, 5\)"):
+        fastcnc.cnc_penalty(W, estimate=extreme_singular_values(W.mT))
+    with pytest.raises(ValueError, match="weights must be non-empty"):
+        fastcnc.cnc_penalty(W[:0])
 
 
 @pytest.mark.parametrize("kwargs, match", [
