@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 
@@ -313,10 +314,21 @@ class TSCNC(nn.Module):
         sigma_max) estimated and exact with ``kappa_rel_err`` between them (the certified quantity), and sparsity (a
         grouped conv as a whole).
 
-        ``exact=True`` (or no estimate yet) recomputes the estimate exactly first.
+        The estimate is of the weights as they are now: a certified call (``sync=True``) warm-started from a copy of
+        the state, so training is not changed by reporting. (``last_estimate``, from the last ``reg()`` call, is of
+        the weights before the optimizer step that followed it.) ``exact=True`` recomputes every layer exactly
+        instead (float64 SVD) and resets the warm state from it, as ``refresh()``.
         """
-        est = self.refresh() if exact or self.last_estimate is None else self.last_estimate
         mats, owner = self._matrices()
+        if exact:
+            est = self.refresh()
+        else:
+            o = self.options
+            shapes = [tuple(m.shape) for m in mats]
+            state = copy.deepcopy(self.state) if self.state.matches(shapes) else None
+            with torch.no_grad():
+                est = extreme_singular_values([m.detach() for m in mats], rtol=o.rtol, floor=o.floor, block=o.block,
+                                              iters=o.iters, max_rounds=o.max_rounds, state=state, sync=True)
         vals = {k: getattr(est, k).tolist() for k in ("sigma_max", "sigma_min", "sigma_max_lo", "sigma_max_hi",
                                                        "sigma_min_lo", "sigma_min_hi", "certified", "fallback")}
         exact_s = [torch.linalg.svdvals(m.detach().double().cpu()) for m in mats]

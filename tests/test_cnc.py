@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -400,3 +401,28 @@ def test_tscnc_report_matches_exact_kappa_along_pruned_training():
     assert max(r["kappa_rel_err"] for r in rows) <= 1e-2
     assert any(r["kappa_exact"] == math.inf for r in rows) or max(r["sparsity"] for r in rows) >= 0.9
     assert reg.work["fallbacks"] >= len(rows)  # the exact refreshes: first call and every mask change
+
+
+def test_tscnc_report_describes_the_weights_after_the_optimizer_step():
+    # report() straight after opt.step() (the README's loop) estimates the current weights, not the last reg() call's
+    # (which came before the step: a 3-step run at lr 0.1 moves kappa_eps by ~5%), and leaves training as it was
+    from fastcnc.models import build_model
+
+    torch.manual_seed(1)
+    model = build_model("resnet18", 10, in_channels=1, width=8)
+    fastcnc.prune_magnitude(model, 0.95)
+    reg = fastcnc.TSCNC(model, lambda_tsc=1e-5, lambda_cnc=1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(x), y) + reg()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    before = copy.deepcopy(reg.state_dict())
+    work = dict(reg.work)
+    rows = reg.report()
+    assert all(r["certified"] for r in rows)
+    assert max(r["kappa_rel_err"] for r in rows) <= reg.options.rtol
+    assert reg.work == work
+    torch.testing.assert_close(reg.state_dict(), before, rtol=0, atol=0)
