@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fastcnc import _backend
 from fastcnc._checks import check_choice, check_eps_floor, check_positive, check_tensor
@@ -86,6 +87,7 @@ class BilinearFormsFunction(torch.autograd.Function):
         return values.detach().clone()
 
     @staticmethod
+    @once_differentiable  # u, v are frozen: a second derivative would miss their rotation (wrong curvature): refuse
     def backward(ctx, grad_values):
         grads: list = [None] * len(ctx.meta)
         if not any(ctx.needs_input_grad[2:]):

@@ -183,6 +183,14 @@ def test_cnc_penalty_gradcheck_with_frozen_vectors(kind, smooth_min):
     assert torch.autograd.gradcheck(f, (W,))
 
 
+def test_second_derivatives_are_refused():
+    # the gradient is exact for the frozen vectors; a Hessian would miss their rotation, so double backward raises
+    W = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(fastcnc.cnc_penalty(W), W, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        torch.autograd.grad(g.sum(), W)
+
+
 def test_softmin_is_smooth_over_a_clustered_bottom_and_close_to_sigma_min():
     gen = torch.Generator().manual_seed(0)
     s = torch.cat([torch.linspace(5, 1, 36, dtype=torch.float64), torch.tensor([0.1, 0.1001, 0.1002, 0.1003])])
