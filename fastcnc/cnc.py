@@ -9,7 +9,9 @@ computed as one batched outer-product sum per shape group (no SVD backward, no h
 ``smooth_min > 0`` replaces sigma_min by a soft-min over the retained bottom Ritz values,
     s_soft = -T log sum_j exp(-s_j / T),   T = smooth_min * sigma_min (frozen),
 whose gradient sum_j softmax(-s/T)_j u_j v_j^T does not jump between near-equal bottom pairs from one step to the
-next. s_soft lies in [sigma_min_hat - T log r, sigma_min_hat]. The default (0) is the Ritz value itself.
+next. s_soft lies in [sigma_min_hat - T log r, sigma_min_hat]; smooth_min log r <= 1/2 is required (above, the
+soft-min could reach 0 and pin the penalty at its log(1/eps) ceiling with no gradient). The default (0) is the Ritz
+value itself.
 
 Penalty per layer, with kappa_eps = sigma_max / (sigma_min + eps * sigma_max) (finite, <= 1/eps, for rank-deficient
 layers, scale-invariant):
@@ -21,6 +23,7 @@ All-zero layers (sigma_max = 0) contribute 0.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -164,12 +167,25 @@ def cnc_from_sigmas(sigmas: torch.Tensor, *, kind: str = "log", kappa_target: fl
     return torch.where(alive, p, torch.zeros_like(p))
 
 
-def _check_options(kind, kappa_target, eps, reduction, smooth_min) -> None:
+def check_smooth_min(smooth_min, block: int) -> float:
+    """smooth_min >= 0, small enough that the soft-min over ``block`` bottom Ritz values stays above sigma_min / 2 (it
+    lies in [sigma_min (1 - smooth_min log r), sigma_min] for r values: a larger temperature can drive it to 0 and the
+    penalty to its log(1/eps) ceiling, where its gradient vanishes)."""
+    smooth_min = check_positive("smooth_min", smooth_min, allow_zero=True)
+    if block > 1 and smooth_min * math.log(block) > 0.5:
+        raise ValueError(f"smooth_min must be <= {0.5 / math.log(block):.3g} with a bottom block of {block} vectors "
+                         f"(the soft-min would fall below sigma_min / 2), got {smooth_min}")
+    return smooth_min
+
+
+def _check_options(kind, kappa_target, eps, reduction, smooth_min, block: int = 4) -> None:
     check_choice("kind", kind, CNC_KINDS)
     check_choice("reduction", reduction, {"sum", "mean", "none"})
     check_positive("kappa_target", kappa_target)
+    if kind == "hinge" and kappa_target < 1:
+        raise ValueError(f"kappa_target must be >= 1 (a condition number is), got {kappa_target}")
     check_eps_floor("eps", eps)
-    check_positive("smooth_min", smooth_min, allow_zero=True)
+    check_smooth_min(smooth_min, block)
 
 
 def _softmin_groups(estimate: SpectralEstimate, mats) -> tuple[list[VectorGroup], torch.Tensor]:
@@ -209,6 +225,7 @@ def penalty_from_estimate(mats: list[torch.Tensor], estimate: SpectralEstimate, 
     inputs = (mats,) if isinstance(mats, torch.Tensor) else tuple(mats)
     if smooth_min > 0:
         groups, valid = _softmin_groups(estimate, mats)
+        check_smooth_min(smooth_min, valid.shape[1] - 1)
         forms = BilinearFormsFunction.apply(None, groups, *inputs)  # [L, 1 + r]
         smax, bottom = forms[:, 0], forms[:, 1:]
         temp = (smooth_min * estimate.sigma_min.clamp_min(torch.finfo(torch.float64).tiny))[:, None]

@@ -12,7 +12,7 @@ from torch import nn
 
 from fastcnc import _backend
 from fastcnc._checks import check_choice, check_eps_floor, check_int, check_positive
-from fastcnc.cnc import CNC_KINDS, cnc_from_sigmas, penalty_from_estimate
+from fastcnc.cnc import CNC_KINDS, check_smooth_min, cnc_from_sigmas, penalty_from_estimate
 from fastcnc.graphed import GraphedEngine
 from fastcnc.layers import _MaskedMixin
 from fastcnc.pruning import tensor_sparsity
@@ -102,11 +102,13 @@ class TSCNC(nn.Module):
         self.lambda_cnc = check_positive("lambda_cnc", lambda_cnc, allow_zero=True)
         self.cnc = check_choice("cnc", cnc, CNC_KINDS)
         self.kappa_target = check_positive("kappa_target", kappa_target)
+        if cnc == "hinge" and kappa_target < 1:
+            raise ValueError(f"kappa_target must be >= 1 (a condition number is), got {kappa_target}")
         self.eps = check_eps_floor("eps", eps)
         self.a = check_positive("a", a)
         check_positive("rtol", rtol)
         self.options = SpectralOptions(rtol=rtol, floor=self.eps, block=block, iters=iters, max_rounds=max_rounds)
-        self.smooth_min = check_positive("smooth_min", smooth_min, allow_zero=True)
+        self.smooth_min = check_smooth_min(smooth_min, block)
         self.refresh_every = check_int("refresh_every", refresh_every, minimum=0)
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")

@@ -290,7 +290,8 @@ def test_a_batch_rejects_an_estimate_of_other_matrices():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"kind": "l2"}, "kind"), ({"eps": 0.0}, "eps"), ({"kappa_target": -1.0}, "kappa_target"),
-    ({"reduction": "max"}, "reduction"),
+    ({"reduction": "max"}, "reduction"), ({"kind": "hinge", "kappa_target": 0.5}, "kappa_target must be >= 1"),
+    ({"smooth_min": 5.0}, "smooth_min must be <= 0.361"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -368,6 +369,10 @@ def test_tscnc_rejects_bad_arguments():
         fastcnc.TSCNC(nn.Linear(3, 3), lambda_cnc=-1.0)
     with pytest.raises(ValueError, match="layers"):
         fastcnc.TSCNC(nn.Linear(3, 3), layers=["nope"])
+    with pytest.raises(ValueError, match="smooth_min must be <= 0.24"):  # (a bottom block of 8: 0.5 / log 8)
+        fastcnc.TSCNC(nn.Linear(3, 3), smooth_min=0.3, block=8)
+    with pytest.raises(ValueError, match="kappa_target must be >= 1"):
+        fastcnc.TSCNC(nn.Linear(3, 3), cnc="hinge", kappa_target=0.9)
 
 
 def test_tscnc_refreshes_exactly_after_a_mask_change():
