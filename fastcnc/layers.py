@@ -195,13 +195,31 @@ def _take_over_torch_prune(module: nn.Module) -> torch.Tensor | None:
     return mask
 
 
+def _replaced(old: nn.Module, new: nn.Module) -> nn.Module:
+    # the old module remembers its replacement, so that a TSCNC built before sparsify/densify follows the model
+    # instead of regularising a module the model no longer computes with (a plain attribute: not a submodule)
+    object.__setattr__(old, REPLACED_BY, new)
+    return new
+
+
+REPLACED_BY = "_fastcnc_replaced_by"
+
+
+def replacement(module: nn.Module) -> nn.Module:
+    """The module that ``sparsify`` / ``densify`` put in ``module``'s place (following repeated replacements), or
+    ``module`` itself."""
+    while REPLACED_BY in module.__dict__:
+        module = module.__dict__[REPLACED_BY]
+    return module
+
+
 def _convert(module: nn.Module) -> nn.Module | None:
     # exact types only: subclasses such as MultiheadAttention's out_proj are used through their raw weight by their
     # parent, so a mask there would be silently ignored
     if type(module) is nn.Linear:
-        return MaskedLinear.from_dense(module, _take_over_torch_prune(module))
+        return _replaced(module, MaskedLinear.from_dense(module, _take_over_torch_prune(module)))
     if type(module) is nn.Conv2d:
-        return MaskedConv2d.from_dense(module, _take_over_torch_prune(module))
+        return _replaced(module, MaskedConv2d.from_dense(module, _take_over_torch_prune(module)))
     return None
 
 
@@ -233,9 +251,9 @@ def densify(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, MASKED_LAYERS):
-        return model.to_dense()
+        return _replaced(model, model.to_dense())
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, MASKED_LAYERS):
-                setattr(parent, name, child.to_dense())
+                setattr(parent, name, _replaced(child, child.to_dense()))
     return model

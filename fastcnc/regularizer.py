@@ -14,7 +14,7 @@ from fastcnc import _backend
 from fastcnc._checks import check_choice, check_eps_floor, check_int, check_positive
 from fastcnc.cnc import CNC_KINDS, check_smooth_min, cnc_from_sigmas, penalty_from_estimate
 from fastcnc.graphed import GraphedEngine
-from fastcnc.layers import _MaskedMixin
+from fastcnc.layers import REPLACED_BY, _MaskedMixin, replacement
 from fastcnc.pruning import tensor_sparsity
 from fastcnc.spectral import SpectralEstimate, SpectralOptions, SpectralState, as_matrices, extreme_singular_values
 from fastcnc.spectral_math import kappa
@@ -157,6 +157,13 @@ class TSCNC(nn.Module):
         return tuple((id(m.mask), m.mask._version) for _, m in self._layers if isinstance(
             getattr(m, "mask", None), torch.Tensor))
 
+    def _follow_replacements(self) -> None:
+        """Layers that ``sparsify`` / ``densify`` replaced after this TSCNC was built: regularise their replacements,
+        the modules the model computes with (a dict lookup per layer and call; the new masks force an exact refresh
+        through the mask signature)."""
+        if any(REPLACED_BY in layer.__dict__ for _, layer in self._layers):
+            object.__setattr__(self, "_layers", [(name, replacement(layer)) for name, layer in self._layers])
+
     def _matrices(self, weights: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[int]]:
         """The CNC matrices of every layer (one per conv group) and the layer index each belongs to.
 
@@ -252,6 +259,7 @@ class TSCNC(nn.Module):
         return True
 
     def forward(self) -> torch.Tensor:
+        self._follow_replacements()
         layers = [layer for _, layer in self._layers]
         fused = self._fused_terms(layers)
         with torch.no_grad() if fused else contextlib.nullcontext():
@@ -305,6 +313,7 @@ class TSCNC(nn.Module):
     @torch.no_grad()
     def refresh(self) -> SpectralEstimate:
         """Recompute every layer exactly (float64 SVD) and reset the warm state from it."""
+        self._follow_replacements()
         mats, _ = self._matrices()
         self.last_estimate = self._engine(mats, True)
         return self.last_estimate
@@ -321,6 +330,7 @@ class TSCNC(nn.Module):
         the weights before the optimizer step that followed it.) ``exact=True`` recomputes every layer exactly
         instead (float64 SVD) and resets the warm state from it, as ``refresh()``.
         """
+        self._follow_replacements()
         mats, owner = self._matrices()
         if exact:
             est = self.refresh()

@@ -375,6 +375,33 @@ def test_tscnc_rejects_bad_arguments():
         fastcnc.TSCNC(nn.Linear(3, 3), cnc="hinge", kappa_target=0.9)
 
 
+def test_tscnc_built_before_sparsify_follows_the_masked_layers():
+    # TSCNC made on the dense model, then sparsify + pruning (sparsify keeps the Parameters, so the optimizer stays
+    # valid): the penalty is the masked model's, and its gradient does not revive pruned weights
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    reg = fastcnc.TSCNC(model, lambda_tsc=1e-3, lambda_cnc=1.0)
+    fastcnc.sparsify(model)
+    fastcnc.prune_magnitude(model, 0.7)
+    fresh = fastcnc.TSCNC(model, lambda_tsc=1e-3, lambda_cnc=1.0)
+    torch.testing.assert_close(reg(), fresh(), rtol=1e-12, atol=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruned = [(m.mask == 0) for m in (model[0], model[2])]
+    for _ in range(3):
+        loss = model(torch.randn(8, 16)).square().mean() + reg()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for m, p in zip((model[0], model[2]), pruned, strict=True):
+        assert not m.weight[p].any()
+    rows = reg.report()
+    assert [r["sparsity"] for r in rows] == [r["sparsity"] for r in fresh.report()]
+    assert rows[0]["sparsity"] >= 0.6
+    fastcnc.densify(model)  # (and back: the plain layers densify puts in)
+    reg()
+    assert [layer for _, layer in reg._layers] == [model[0], model[2]]
+
+
 def test_tscnc_refreshes_exactly_after_a_mask_change():
     torch.manual_seed(3)
     model = nn.Sequential(fastcnc.MaskedLinear(40, 30), nn.ReLU(), fastcnc.MaskedLinear(30, 10)).double()
