@@ -42,6 +42,21 @@ class _MaskedMixin:
         if use_triton(self.weight):
             self.tile_table()
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # a loaded mask gets set_mask's checks (binary) and effect (pruned weights zeroed): a state dict is input
+        # like any other, and a mask of 0.5 would silently scale the layer
+        mask = state_dict.get(prefix + "mask")
+        if isinstance(mask, torch.Tensor) and not mask.is_complex() and mask.dtype != torch.bool and mask.numel() \
+                and not bool(((mask == 0) | (mask == 1)).all()):
+            error_msgs.append(f"{prefix}mask: a pruning mask must be binary (only 0 and 1 entries)")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if isinstance(mask, torch.Tensor) and not error_msgs:
+            with torch.no_grad():
+                self.weight.mul_(self.mask)
+
     def effective_weight(self) -> torch.Tensor:
         """The weight the layer computes with, ``weight * mask`` (differentiable in ``weight``)."""
         return self.weight * self.mask

@@ -108,6 +108,17 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(b(x), a(x))
 
 
+def test_load_state_dict_checks_the_mask_and_zeroes_pruned_weights():
+    a = MaskedLinear(6, 4)
+    sd = {k: v.clone() for k, v in a.state_dict().items()}
+    sd["mask"] = torch.full_like(sd["mask"], 0.5)
+    with pytest.raises(RuntimeError, match="mask must be binary"):
+        a.load_state_dict(sd)
+    sd["mask"] = (torch.arange(24).reshape(4, 6) % 3 != 0).float()  # weights saved without the mask applied
+    a.load_state_dict(sd)
+    assert not a.weight[sd["mask"] == 0].any() and torch.equal(a.weight[sd["mask"] == 1], sd["weight"][sd["mask"] == 1])
+
+
 def test_tile_table_cache_follows_mask():
     layer = MaskedLinear(64, 64)
     t1 = layer.tile_table()
