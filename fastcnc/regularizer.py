@@ -59,7 +59,7 @@ class TSCNC(nn.Module):
     Each call estimates sigma_max / sigma_min of every layer with the certified spectral engine (all layers batched
     per shape, warm-started from the previous call: the state is kept in this module and saved in its
     ``state_dict``), then returns ``lambda_tsc * sum_l TSC(W_l) + lambda_cnc * sum_l CNC(W_l)`` as a differentiable
-    0-dim tensor (float32).
+    0-dim tensor (float32, or float64 for a float64 model).
 
     What is guaranteed where: on CPU every call checks the certificates synchronously, so each layer's kappa_eps
     (kappa with sigma_min floored at ``eps * sigma_max``) is proven within ``rtol`` of the truth, or the layer is
@@ -264,7 +264,9 @@ class TSCNC(nn.Module):
         fused = self._fused_terms(layers)
         with torch.no_grad() if fused else contextlib.nullcontext():
             weights = _effective_weights(layers)
-        total = weights[0].new_zeros((), dtype=torch.float32)
+        # the loss's precision: float32, or the weights' own where they are wider (a float64 model)
+        dt = torch.promote_types(torch.float32, weights[0].dtype)
+        total = weights[0].new_zeros((), dtype=dt)
         # the engine first: on CUDA its graph runs on the device while the host goes on with the TSC term
         if self.lambda_cnc > 0 or self.last_estimate is None:
             mats, owner = self._matrices(weights)
@@ -278,18 +280,18 @@ class TSCNC(nn.Module):
             est = self._engine(mats, refresh)
             self.last_estimate = est
             if fused:
-                return self._count(total + self._fused_total(layers, weights, mats, owner, est))
+                return self._count(total + self._fused_total(layers, weights, mats, owner, est, dt))
             if self.lambda_cnc > 0:
                 cnc = penalty_from_estimate(mats, est, kind=self.cnc, kappa_target=self.kappa_target, eps=self.eps,
                                             smooth_min=self.smooth_min, from_these_weights=True)
-                total = total + self.lambda_cnc * cnc.float()
+                total = total + self.lambda_cnc * cnc.to(dt)
         if self.lambda_tsc > 0:
             # with CNC on, the spectral engine rejects NaN/Inf weights anyway: check here only without it
-            total = total + self.lambda_tsc * tsc_penalty(weights, a=self.a, check_finite=self.lambda_cnc == 0).float()
+            total = total + self.lambda_tsc * tsc_penalty(weights, a=self.a, check_finite=self.lambda_cnc == 0).to(dt)
         return self._count(total)
 
     def _fused_total(self, layers: list[nn.Module], weights: list[torch.Tensor], mats: list[torch.Tensor],
-                     owner: list[int], est: SpectralEstimate) -> torch.Tensor:
+                     owner: list[int], est: SpectralEstimate, dt: torch.dtype) -> torch.Tensor:
         """lambda_cnc * CNC + lambda_tsc * TSC through ``TSCNCTermsFunction`` (``weights``: W * M formed without
         autograd; ``mats``: their matrices, ``owner`` the layer of each)."""
         blocks, next_row = [], {}
@@ -303,7 +305,7 @@ class TSCNC(nn.Module):
                                                blocks, layer_masks, [w.contiguous() for w in weights],
                                                *[layer.weight for layer in layers])
         cnc = cnc_from_sigmas(sigmas, kind=self.cnc, kappa_target=self.kappa_target, eps=self.eps).sum()
-        return self.lambda_cnc * cnc.float() + self.lambda_tsc * tsc.sum().float()
+        return self.lambda_cnc * cnc.to(dt) + self.lambda_tsc * tsc.sum().to(dt)
 
     def _count(self, total: torch.Tensor) -> torch.Tensor:
         self.calls += 1

@@ -360,6 +360,13 @@ def test_tscnc_warm_calls_track_kappa_during_training():
         assert abs(r["kappa"] / (smax / smin) - 1) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_tscnc_penalty_has_the_loss_precision(dtype):
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).to(dtype)
+    p = fastcnc.TSCNC(model, lambda_tsc=1e-3, lambda_cnc=1e-2)()
+    assert p.dtype == torch.promote_types(torch.float32, dtype)
+
+
 def test_tscnc_rejects_bad_arguments():
     with pytest.raises(TypeError, match="model"):
         fastcnc.TSCNC("resnet")
