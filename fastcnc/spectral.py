@@ -1173,7 +1173,8 @@ def _solve_group(g: _Group, opt: SpectralOptions, start: torch.Tensor, lower, re
         # the eigenvalues place the certificates, whose factors give the vectors; rows that do not certify (and
         # the bottom Ritz block) take the eigenvectors
         # (warm from the previous step the start vectors are nearly the eigenvectors: two steps of inverse iteration
-        # left 0-2 of 5,440 blocks per snapshot to the eigenvector route on the recorded trajectories, one step up to 86)
+        # left 0-2 of 5,440 blocks per snapshot to the eigenvector route on the recorded trajectories, one step up
+        # to 86)
         steps = 2 if lower is not None else opt.iters
         out = _round_eigh(g, slice(None), r, r_top, opt) if ritz_block else _round_eigvalsh(g, slice(None), start,
                                                                                            r, steps, opt)
