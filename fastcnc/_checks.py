@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fastcnc import _backend
+
 
 def check_tensor(name: str, t, *, ndim: int | tuple[int, ...] | None = None, floating: bool = False,
                  finite: bool = False, nonempty: bool = False) -> torch.Tensor:
@@ -69,3 +71,32 @@ def check_eps_floor(name: str, value) -> float:
         raise ValueError(f"{name} must be < 1 (kappa is capped at 1/{name}), got {value}")
     return value
 
+
+def check_images(name: str, x, *, nonempty: bool = False) -> torch.Tensor:
+    """A batch of images in [0, 1]: a floating-point tensor ``[N, ...]`` (at least 2 dimensions).
+
+    The value range is checked on CPU tensors only. Reading a CUDA tensor's values on the host stalls the stream, and
+    adversarial training calls the attacks every step, so on CUDA (and inside ``_backend.cuda_code_path()``) an input
+    outside [0, 1] is not detected: the attacks' projection onto the box then moves it into [0, 1].
+    """
+    check_tensor(name, x, floating=True, nonempty=nonempty)
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be a batch [N, ...] with at least 2 dimensions, got shape {tuple(x.shape)}")
+    if x.numel() and x.device.type == "cpu" and not _backend.on_cuda(x):
+        lo, hi = (float(v) for v in torch.aminmax(x.detach()))  # NaN anywhere makes both NaN
+        if lo != lo:
+            raise ValueError(f"{name} contains NaN; expected images with values in [0, 1]")
+        if not (lo >= 0 and hi <= 1):
+            raise ValueError(f"{name} must hold images with values in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    return x
+
+
+def check_labels(name: str, y, n: int, *, images: str = "x", dtype: torch.dtype | None = torch.int64) -> torch.Tensor:
+    """Class labels ``[n]``, one per image of the batch ``images``; int64 unless ``dtype`` is None (the attacks need
+    int64: cross-entropy and ``gather`` take nothing else)."""
+    check_tensor(name, y, ndim=1)
+    if dtype is not None and y.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype} class labels, got dtype {y.dtype}")
+    if len(y) != n:
+        raise ValueError(f"{name} must have the same length as {images} ({n}), got {len(y)}")
+    return y

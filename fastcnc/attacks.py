@@ -8,6 +8,9 @@ Step sizes follow the radius: ``default_step_size(eps, steps) = 2.5 * eps / step
 steps, so that ``steps`` signed steps can cross the ball even from a random start). A step that cannot reach the
 radius (``steps * step_size < eps``) makes the attack weaker than its name says; ``pgd`` and ``trades_adversary`` warn
 with ``StepSizeWarning`` then.
+
+Every attack takes a floating-point ``x`` (any other dtype is an error) and checks that its values lie in [0, 1] on
+CPU tensors. On CUDA the range is not checked: that would read the tensor on the host, a stall in every training step.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcnc._checks import check_choice, check_int, check_positive
+from fastcnc._checks import check_choice, check_images, check_int, check_labels, check_positive
 
 ATTACK_LOSSES = ("ce", "cw")
 STEP_FACTOR = 2.5  # default step = STEP_FACTOR * eps / steps
@@ -60,8 +63,19 @@ def _attack_loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return cw_margin_loss(logits.float(), y)
 
 
+def _check_attack(eps, step_size, steps) -> None:
+    """The radius, step and step count that ``pgd`` and ``trades_adversary`` share."""
+    check_positive("eps", eps, allow_zero=True)
+    check_positive("step_size", step_size, allow_zero=True)
+    check_int("steps", steps, minimum=0)
+
+
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-    """Fast gradient sign method: one step of size ``eps`` up the cross-entropy gradient, clipped to [0, 1]."""
+    """Fast gradient sign method: one step of size ``eps`` up the cross-entropy gradient, clipped to [0, 1].
+
+    ``x``: images ``[N, ...]`` in [0, 1] (the range is checked on CPU tensors only, see the module docstring);
+    ``y``: int64 labels ``[N]``.
+    """
     return pgd(model, x, y, eps=eps, step_size=eps, steps=1, random_start=False)
 
 
@@ -70,16 +84,17 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
     """Projected gradient ascent in the L-infinity ball of radius ``eps`` around ``x`` (Madry et al. 2018).
 
     Args:
-        x: clean images ``[N, C, H, W]`` in [0, 1]. y: labels ``[N]``.
+        x: clean images ``[N, C, H, W]`` in [0, 1] (floating point; the range is checked on CPU tensors only, see the
+            module docstring). y: int64 labels ``[N]``.
         eps, step_size, steps: radius, signed-gradient step and number of steps.
         random_start: start from a uniform point in the ball (drawn from ``generator`` or the global RNG).
         loss: ``"ce"`` (cross-entropy) or ``"cw"`` (Carlini-Wagner margin; PGD on it is the "CW-Linf" attack).
     Returns:
         adversarial images, detached, same shape as ``x``.
     """
-    check_positive("eps", eps, allow_zero=True)
-    check_positive("step_size", step_size, allow_zero=True)
-    check_int("steps", steps, minimum=0)
+    _check_attack(eps, step_size, steps)
+    check_images("x", x)
+    check_labels("y", y, len(x))
     check_choice("loss", loss, ATTACK_LOSSES)
     check_step_size(eps, step_size, steps, what=f"PGD-{steps}")
     x = x.detach()
@@ -100,7 +115,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
 
 
 def trades_adversary(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: float, steps: int) -> torch.Tensor:
-    """TRADES inner maximisation: PGD on ``KL(p(x) || p(x'))`` from a small Gaussian start (Zhang et al. 2019)."""
+    """TRADES inner maximisation: PGD on ``KL(p(x) || p(x'))`` from a small Gaussian start (Zhang et al. 2019).
+
+    ``x``: clean images ``[N, ...]`` in [0, 1] (floating point; the range is checked on CPU tensors only, see the
+    module docstring). ``eps``, ``step_size``, ``steps``: as in ``pgd``.
+    """
+    _check_attack(eps, step_size, steps)
+    check_images("x", x)
     check_step_size(eps, step_size, steps, what=f"TRADES-{steps}")
     x = x.detach()
     with torch.no_grad():
@@ -134,7 +155,12 @@ def minimal_linf_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, m
     midpoint and keeps the half that contains the boundary. Returns ``hi`` ``[N]`` (float64): an upper bound of
     the true minimal radius (an attack only ever shows that a radius suffices), ``0`` for images that are
     misclassified clean and ``inf`` for images no attack fooled at ``max_eps``.
+
+    ``x``: images ``[N, ...]`` in [0, 1] (the range is checked on CPU tensors only, see the module docstring);
+    ``y``: int64 labels ``[N]``.
     """
+    check_images("x", x)
+    check_labels("y", y, len(x))
     check_positive("max_eps", max_eps)
     check_int("bisections", bisections, minimum=1)
     check_int("steps", steps, minimum=1)

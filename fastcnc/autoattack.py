@@ -23,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-from fastcnc._checks import check_choice, check_int, check_positive
+from fastcnc._checks import check_choice, check_images, check_int, check_labels, check_positive
 
 AUTOATTACK_VERSIONS = ("standard", "apgd")
 APGD_ATTACKS = ["apgd-ce", "apgd-t"]
@@ -92,15 +92,16 @@ def autoattack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     """Run ``pyautoattack`` on ``(x, y)`` with the model in eval mode and return its robust accuracy.
 
     Args:
-        x: images ``[N, C, H, W]`` in [0, 1]; y: labels ``[N]`` (on the model's device).
+        x: images ``[N, C, H, W]`` in [0, 1], N >= 1 (floating point; the range is checked on CPU tensors only, as in
+            ``fastcnc.attacks``); y: int64 labels ``[N]`` (on the model's device).
         eps: L-inf radius. version: ``standard`` | ``apgd`` (see the module docstring). seed: the library's seed.
     Returns:
         ``{"version", "attacks", "eps", "n", "robust_acc", "after_attack": {attack: accuracy}, "time_s",
         "robust": BoolTensor [N]}``; ``robust`` is per image (correct after every attack), for worst-case rows.
     """
+    check_images("x", x, nonempty=True)
+    check_labels("y", y, len(x))
     check_int("batch_size", batch_size, minimum=1)
-    if len(x) != len(y):
-        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -112,5 +113,5 @@ def autoattack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
         model.train(was_training)
     robust = (y_adv.to(y.device) == y).cpu()
     return {"version": version, "attacks": list(adversary.attacks_to_run), "eps": float(eps), "n": len(y),
-            "robust_acc": float(robust.double().mean()) if len(y) else 0.0, "after_attack": log.after,
+            "robust_acc": float(robust.double().mean()), "after_attack": log.after,
             "time_s": time.perf_counter() - t0, "robust": robust}

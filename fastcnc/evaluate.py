@@ -22,6 +22,7 @@ import sys
 import torch
 from torch import nn
 
+from fastcnc._checks import check_images, check_int, check_labels, check_positive, check_tensor
 from fastcnc.attacks import default_step_size, fgsm, pgd
 from fastcnc.config import Config, config_to_dict, eval_radius, train_step_size
 from fastcnc.pruning import masked_layers, sparsity_report, tensor_sparsity
@@ -41,13 +42,19 @@ def eval_mode(model: nn.Module):
 @torch.no_grad()
 def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
                    amp_ctx=contextlib.nullcontext, memory_format=torch.contiguous_format) -> float:
+    """Fraction of the (non-empty) batch ``x`` ``[N, ...]`` the model classifies as ``y`` ``[N]``, in eval mode."""
+    check_tensor("x", x, nonempty=True)
+    if x.dim() == 0:
+        raise ValueError("x must be a batch [N, ...], got a 0-dim tensor")
+    check_labels("y", y, len(x), dtype=None)
+    check_int("batch_size", batch_size, minimum=1)
     correct = 0
     with eval_mode(model):
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size].contiguous(memory_format=memory_format)
             with amp_ctx():
                 correct += int((model(xb).argmax(1) == y[i:i + batch_size]).sum())
-    return correct / max(len(x), 1)
+    return correct / len(x)
 
 
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, pgd_steps: int,
@@ -61,7 +68,18 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
     ``step_size``: None (default) gives each attack the step ``2.5 * eps / steps``; a number is used by both (a
     ``StepSizeWarning`` says when it cannot reach ``eps``). ``return_correct``: add ``"correct"``, the per-image
     bool tensors ``[N]`` of each attack (on the CPU), for worst-case rows over further attacks.
+
+    ``x``: a non-empty batch of images ``[N, ...]`` in [0, 1] (the range is checked on CPU tensors only, as in
+    ``fastcnc.attacks``); ``y``: int64 labels ``[N]``; ``batch_size`` >= 1.
     """
+    check_images("x", x, nonempty=True)
+    check_labels("y", y, len(x))
+    check_int("batch_size", batch_size, minimum=1)
+    check_positive("eps", eps, allow_zero=True)
+    check_int("pgd_steps", pgd_steps, minimum=0)
+    check_int("cw_steps", cw_steps, minimum=0)
+    if step_size is not None:
+        check_positive("step_size", step_size, allow_zero=True)
     generator = torch.Generator().manual_seed(seed)
 
     def step_for(steps: int) -> float:
@@ -89,10 +107,9 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
                 with torch.no_grad():
                     for key, xa in adversarial.items():
                         correct[key].append((model(xa).argmax(1) == yb).cpu())
-    flags = {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for k, v in correct.items()}
+    flags = {k: torch.cat(v) for k, v in correct.items()}
     flags["worst"] = flags["clean"] & flags["fgsm"] & flags["pgd"] & flags["cw"]
-    n = max(len(x), 1)
-    out = {f"{k}_acc": int(v.sum()) / n for k, v in flags.items()}
+    out = {f"{k}_acc": int(v.sum()) / len(x) for k, v in flags.items()}
     out["pgd_step_size"], out["cw_step_size"] = step_for(pgd_steps), step_for(cw_steps)
     if return_correct:
         out["correct"] = flags
@@ -132,7 +149,10 @@ def _json_safe(value):
 def evaluate_run(cfg: Config, model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, *, reg=None,
                  amp_ctx=contextlib.nullcontext, memory_format=torch.contiguous_format) -> dict:
     """Everything ``report.json`` holds: config, accuracies, sparsity, per-layer spectra (exact and, with TSCNC,
-    the regulariser's estimates)."""
+    the regulariser's estimates). ``x_test``: non-empty images ``[N, ...]`` in [0, 1]; ``y_test``: int64 labels
+    ``[N]``."""
+    check_images("x_test", x_test, nonempty=True)
+    check_labels("y_test", y_test, len(x_test), images="x_test")
     if cfg.eval_max_examples:
         x_test, y_test = x_test[:cfg.eval_max_examples], y_test[:cfg.eval_max_examples]
     eps = eval_radius(cfg)
@@ -151,8 +171,8 @@ def evaluate_run(cfg: Config, model: nn.Module, x_test: torch.Tensor, y_test: to
         aa = autoattack_accuracy(model, x_test[:n_aa], y_test[:n_aa], eps=eps, version=cfg.autoattack,
                                  seed=cfg.seed, batch_size=cfg.eval_batch_size)
         worst = correct["worst"][:n_aa] & aa.pop("robust")
-        result["autoattack"] = {**aa, "worst_acc": float(worst.double().mean()) if n_aa else 0.0,
-                                "worst_builtin_acc": float(correct["worst"][:n_aa].double().mean()) if n_aa else 0.0}
+        result["autoattack"] = {**aa, "worst_acc": float(worst.double().mean()),
+                                "worst_builtin_acc": float(correct["worst"][:n_aa].double().mean())}
         result["autoattack_acc"] = aa["robust_acc"]
         # the worst case over every attack run, on the images every attack saw
         result["worst_acc"], result["n_worst"] = result["autoattack"]["worst_acc"], n_aa

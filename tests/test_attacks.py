@@ -191,3 +191,129 @@ def test_minimal_linf_radius_of_a_linear_model_matches_the_closed_form():
     radii = minimal_linf_radius(model, x[keep], y[keep], max_eps=0.5, bisections=12, steps=30, restarts=1)
     assert torch.all(radii >= exact[keep] - 1e-9)  # an attack cannot beat the true minimum
     assert torch.allclose(radii, exact[keep], atol=0.5 / 2**12 + 1e-6)
+
+
+# ---------------------------------------------------------------- bad input: images, labels, attack settings
+
+
+def _attack_calls():
+    """Every public attack entry point, as ``call(model, x, y)``."""
+    from fastcnc.attacks import minimal_linf_radius
+
+    return {
+        "fgsm": lambda m, x, y: fgsm(m, x, y, 0.1),
+        "pgd": lambda m, x, y: pgd(m, x, y, eps=0.1, step_size=0.05, steps=2),
+        "trades_adversary": lambda m, x, y: trades_adversary(m, x, eps=0.1, step_size=0.05, steps=2),
+        "minimal_linf_radius": lambda m, x, y: minimal_linf_radius(m, x, y, bisections=1, steps=1, restarts=1),
+        "robust_accuracy": lambda m, x, y: robust_accuracy(m, x, y, eps=0.1, pgd_steps=1, cw_steps=1),
+    }
+
+
+_IMAGES = torch.rand(3, 1, 5, 5, dtype=torch.float64)
+BAD_IMAGES = [
+    ("scaled-to-minus-one-one", lambda x: x * 2 - 1, ValueError, r"x must hold images with values in \[0, 1\]"),
+    ("above-one", lambda x: x + 1, ValueError, r"x must hold images with values in \[0, 1\], got values in"),
+    ("one-nan", lambda x: x.index_put((torch.tensor([1]),), torch.tensor(float("nan"), dtype=x.dtype)), ValueError,
+     r"x contains NaN"),
+    ("inf", lambda x: x.index_put((torch.tensor([0]),), torch.tensor(float("inf"), dtype=x.dtype)), ValueError,
+     r"x must hold images with values in \[0, 1\]"),
+    ("uint8", lambda x: (x * 255).to(torch.uint8), TypeError, r"x must be a floating-point tensor, got dtype"),
+    ("int64-in-range", lambda x: x.round().long(), TypeError, r"x must be a floating-point tensor"),
+    ("list", lambda x: x.tolist(), TypeError, r"x must be a torch.Tensor"),
+    ("1-d", lambda x: x.flatten(), ValueError, r"x must be a batch \[N, ...\] with at least 2 dimensions"),
+]
+
+
+@pytest.mark.parametrize("entry", ["fgsm", "pgd", "trades_adversary", "minimal_linf_radius", "robust_accuracy"])
+@pytest.mark.parametrize(("make", "error", "match"), [c[1:] for c in BAD_IMAGES], ids=[c[0] for c in BAD_IMAGES])
+def test_attacks_reject_images_outside_the_unit_box_or_of_a_wrong_dtype(entry, make, error, match):
+    # without the check, fgsm at eps=0 returned images up to ~1 away from x, and pgd turned uint8 pixels into floats
+    model, y = small_net(), torch.tensor([0, 1, 2])
+    with pytest.raises(error, match=match):
+        _attack_calls()[entry](model, make(_IMAGES.clone()), y)
+
+
+def test_fgsm_at_eps_zero_on_valid_images_returns_them():
+    model, y = small_net(), torch.tensor([0, 1, 2])
+    x = _IMAGES.clone()
+    x[0], x[1] = 0.0, 1.0  # the box's edges are inside the domain
+    torch.testing.assert_close(fgsm(model, x, y, 0.0), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("entry", ["fgsm", "pgd", "minimal_linf_radius", "robust_accuracy"])
+@pytest.mark.parametrize(("y", "error", "match"), [
+    (torch.tensor([0, 1]), ValueError, r"y must have the same length as x \(3\), got 2"),
+    (torch.tensor([0, 1, 2], dtype=torch.int32), TypeError, r"y must be torch.int64 class labels"),
+    (torch.tensor([[0, 1, 2]]), ValueError, r"y must have 1 dimensions"),
+], ids=["short", "int32", "2-d"])
+def test_attacks_reject_bad_labels(entry, y, error, match):
+    with pytest.raises(error, match=match):
+        _attack_calls()[entry](small_net(), _IMAGES.clone(), y)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"eps": float("nan")}, ValueError, r"eps must be >= 0 and finite, got nan"),
+    ({"eps": float("inf")}, ValueError, r"eps must be >= 0 and finite"),
+    ({"eps": -0.1}, ValueError, r"eps must be >= 0"),
+    ({"eps": "0.1"}, TypeError, r"eps must be a number"),
+    ({"step_size": -0.01}, ValueError, r"step_size must be >= 0"),
+    ({"step_size": float("nan")}, ValueError, r"step_size must be >= 0 and finite"),
+    ({"steps": "3"}, TypeError, r"steps must be an int, got str"),
+    ({"steps": -1}, ValueError, r"steps must be >= 0"),
+    ({"steps": True}, TypeError, r"steps must be an int"),
+])
+@pytest.mark.parametrize("attack", ["pgd", "trades_adversary"])
+def test_pgd_and_trades_adversary_validate_their_settings_alike(attack, kwargs, error, match):
+    # trades_adversary used to accept all of these: eps=nan gave all-NaN images, a negative eps was used as given
+    args = {"eps": 0.1, "step_size": 0.05, "steps": 2, **kwargs}
+    x, y = _IMAGES.clone(), torch.tensor([0, 1, 2])
+    with pytest.raises(error, match=match):
+        if attack == "pgd":
+            pgd(small_net(), x, y, **args)
+        else:
+            trades_adversary(small_net(), x, **args)
+
+
+def test_range_check_is_skipped_on_the_cuda_code_path(monkeypatch):
+    # on CUDA reading x's values would stall every training step: there the attack only projects onto the box
+    from fastcnc import _backend
+
+    monkeypatch.setattr(_backend, "on_cuda", lambda t: True)
+    x_adv = pgd(small_net(), _IMAGES * 2 - 1, torch.tensor([0, 1, 2]), eps=0.1, step_size=0.1, steps=1)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):  # dtype checks cost nothing: still on
+        pgd(small_net(), (_IMAGES * 255).to(torch.uint8), torch.tensor([0, 1, 2]), eps=0.1, step_size=0.1, steps=1)
+
+
+# ---------------------------------------------------------------- bad input: evaluation
+
+
+@pytest.mark.parametrize("fn", ["robust_accuracy", "clean_accuracy"])
+@pytest.mark.parametrize(("x", "y", "kwargs", "error", "match"), [
+    (_IMAGES[:0], torch.zeros(0, dtype=torch.int64), {}, ValueError, r"x must be non-empty, got shape \(0, 1, 5, 5\)"),
+    (_IMAGES, torch.tensor([0, 1, 2]), {"batch_size": 0}, ValueError, r"batch_size must be >= 1, got 0"),
+    (_IMAGES, torch.tensor([0, 1, 2]), {"batch_size": -4}, ValueError, r"batch_size must be >= 1, got -4"),
+    (_IMAGES, torch.tensor([0, 1, 2]), {"batch_size": 2.0}, TypeError, r"batch_size must be an int"),
+    (_IMAGES, torch.tensor([0, 1]), {}, ValueError, r"y must have the same length as x \(3\), got 2"),
+    (_IMAGES, torch.tensor([0, 1, 2, 0, 1]), {"batch_size": 2}, ValueError, r"y must have the same length as x"),
+], ids=["empty", "batch-0", "batch-negative", "batch-float", "y-short", "y-long"])
+def test_evaluation_rejects_empty_data_bad_batch_sizes_and_mismatched_labels(fn, x, y, kwargs, error, match):
+    # empty data used to score 0.0 on every accuracy, and batch_size=0 failed inside range()
+    model = small_net()
+    with pytest.raises(error, match=match):
+        if fn == "robust_accuracy":
+            robust_accuracy(model, x, y, eps=0.1, pgd_steps=1, cw_steps=1, **kwargs)
+        else:
+            clean_accuracy(model, x, y, **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"pgd_steps": "2"}, TypeError, r"pgd_steps must be an int, got str"),
+    ({"cw_steps": -1}, ValueError, r"cw_steps must be >= 0"),
+    ({"eps": float("nan")}, ValueError, r"eps must be >= 0 and finite"),
+    ({"step_size": -0.1}, ValueError, r"step_size must be >= 0"),
+])
+def test_robust_accuracy_validates_its_attack_settings(kwargs, error, match):
+    args = {"eps": 0.1, "pgd_steps": 1, "cw_steps": 1, **kwargs}
+    with pytest.raises(error, match=match):
+        robust_accuracy(small_net(), _IMAGES, torch.tensor([0, 1, 2]), **args)

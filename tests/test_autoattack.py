@@ -63,6 +63,17 @@ def test_autoattack_restores_training_mode_and_checks_arguments():
         autoattack_accuracy(model, x, y[:3], eps=0.1)
     with pytest.raises(ValueError, match="eps"):
         build_autoattack(model, eps=-0.1)
+    # the same input checks as fastcnc.attacks; empty data used to report robust_acc 0.0
+    with pytest.raises(ValueError, match=r"x must be non-empty"):
+        autoattack_accuracy(model, x[:0], y[:0], eps=0.1)
+    with pytest.raises(ValueError, match=r"x must hold images with values in \[0, 1\]"):
+        autoattack_accuracy(model, x * 2 - 1, y, eps=0.1)
+    with pytest.raises(TypeError, match=r"x must be a floating-point tensor"):
+        autoattack_accuracy(model, (x * 255).to(torch.uint8), y, eps=0.1)
+    with pytest.raises(TypeError, match=r"y must be torch.int64 class labels"):
+        autoattack_accuracy(model, x, y.int(), eps=0.1)
+    with pytest.raises(ValueError, match=r"batch_size must be >= 1"):
+        autoattack_accuracy(model, x, y, eps=0.1, batch_size=0)
     autoattack_accuracy(model, x[:4], y[:4], eps=0.01, version="apgd")
     assert model.training
 

@@ -73,6 +73,16 @@ def test_eval_with_worst_case_over_a_subset_without_autoattack_is_over_all_image
     assert result["n_worst"] == 20 and "autoattack" not in result
 
 
+@pytest.mark.parametrize(("x", "y", "error", "match"), [
+    (torch.rand(0, 1, 8, 8), torch.zeros(0, dtype=torch.int64), ValueError, r"x_test must be non-empty"),
+    (torch.rand(20, 1, 8, 8), torch.randint(0, 10, (19,)), ValueError, r"y_test must have the same length as x_test"),
+    (torch.rand(20, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (20,)), ValueError, r"x_test must hold images .* \[0, 1\]"),
+], ids=["empty", "mismatched", "out-of-range"])
+def test_eval_rejects_bad_test_data_naming_it(tmp_path, x, y, error, match):
+    with pytest.raises(error, match=match):
+        evaluate_run(small(tmp_path), _tiny_model(), x, y)
+
+
 def _tiny_model():
     torch.manual_seed(0)
     return torch.nn.Sequential(MaskedConv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),

@@ -188,6 +188,23 @@ def test_tsc_penalty_finite_check_is_counted(one_intra_op_thread):
     assert syncs and all("tsc.py" in s.where for s in syncs), format_syncs(syncs)
 
 
+@pytest.mark.parametrize("attack", ["pgd", "trades"])
+def test_training_attacks_have_no_host_syncs(attack, one_intra_op_thread):
+    # the training step calls the attack every step: its input checks must not read x's values on the CUDA path
+    from torch import nn
+
+    from fastcnc.attacks import pgd, trades_adversary
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).to(DEVICE)
+    x = torch.rand(3, 1, 6, 6, device=DEVICE)
+    y = torch.randint(0, 5, (3,), device=DEVICE)
+    if attack == "pgd":
+        syncs = _syncs(lambda: pgd(model, x, y, eps=0.1, step_size=0.05, steps=2))
+    else:
+        syncs = _syncs(lambda: trades_adversary(model, x, eps=0.1, step_size=0.05, steps=2))
+    assert not syncs, f"{attack} on the CUDA path syncs:\n{format_syncs(syncs)}"
+
+
 # -- the TSCNC step (owned by the spectral engine; see docs/spectral.md) -----------------------------------------------
 
 
