@@ -25,7 +25,8 @@ from torch import nn
 from fastcnc._checks import check_images, check_int, check_labels, check_positive, check_tensor
 from fastcnc.attacks import default_step_size, fgsm, pgd
 from fastcnc.config import Config, config_to_dict, eval_radius, train_step_size
-from fastcnc.pruning import masked_layers, sparsity_report, tensor_sparsity
+from fastcnc.layers import MASKED_LAYERS
+from fastcnc.pruning import sparsity_report, tensor_sparsity
 from fastcnc.spectral_math import kappa
 
 
@@ -118,17 +119,21 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
 
 @torch.no_grad()
 def layer_spectra(model: nn.Module) -> list[dict]:
-    """Exact ``sigma_max``, ``sigma_min``, ``kappa`` and sparsity of every masked layer (float64 SVD on CPU)."""
+    """Exact ``sigma_max``, ``sigma_min``, ``kappa`` and sparsity of every Conv2d / Linear layer, masked ones through
+    ``weight * mask`` (float64 SVD on CPU)."""
     rows = []
-    for name, m in masked_layers(model):
-        w = (m.weight.detach() * m.mask).double().cpu().reshape(m.weight.shape[0], -1)
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        mask = m.mask if isinstance(m, MASKED_LAYERS) else (m.weight.detach() != 0).to(m.weight.dtype)
+        w = (m.weight.detach() * mask).double().cpu().reshape(m.weight.shape[0], -1)
         s = torch.linalg.svdvals(w)
         s_max, s_min = float(s[0]), float(s[-1])
         # numerically singular (numpy.linalg.matrix_rank's tolerance): report kappa = inf, not 1e16
         singular = s_min <= s_max * max(w.shape) * torch.finfo(torch.float64).eps
         rows.append({"name": name, "shape": list(m.weight.shape), "sigma_max": s_max, "sigma_min": s_min,
                      "kappa": math.inf if singular else kappa(s_max, s_min),
-                     "sparsity": tensor_sparsity(m.mask),
+                     "sparsity": tensor_sparsity(mask),
                      "dead_rows": int((w.abs().sum(1) == 0).sum()), "dead_cols": int((w.abs().sum(0) == 0).sum())})
     return rows
 
@@ -182,7 +187,7 @@ def evaluate_run(cfg: Config, model: nn.Module, x_test: torch.Tensor, y_test: to
     result["sparsity"] = sparsity[-1]["sparsity"]
     result["layers"] = layer_spectra(model)
     finite = [r["kappa"] for r in result["layers"] if math.isfinite(r["kappa"])]
-    result["kappa_max"] = max(r["kappa"] for r in result["layers"])
+    result["kappa_max"] = max((r["kappa"] for r in result["layers"]), default=math.nan)
     result["kappa_median"] = float(torch.tensor(finite).median()) if finite else math.inf
     result["n_layers_kappa_inf"] = len(result["layers"]) - len(finite)
     if reg is not None:

@@ -83,6 +83,19 @@ def test_eval_rejects_bad_test_data_naming_it(tmp_path, x, y, error, match):
         evaluate_run(small(tmp_path), _tiny_model(), x, y)
 
 
+def test_eval_of_a_model_without_masked_layers_reports_its_plain_layers(tmp_path):
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 64, 10))
+    with torch.no_grad():
+        plain[3].weight[:5] = 0  # rank 5 of 10: singular
+    result = evaluate_run(small(tmp_path), plain, torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,)))
+    assert [r["name"] for r in result["layers"]] == ["0", "3"]
+    assert result["layers"][1]["sparsity"] == 0.5 and result["layers"][1]["kappa"] == "inf"
+    masked = evaluate_run(small(tmp_path), _tiny_model(), torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,)))
+    assert [r["name"] for r in masked["layers"]] == ["0", "3"]
+
+
 def _tiny_model():
     torch.manual_seed(0)
     return torch.nn.Sequential(MaskedConv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
