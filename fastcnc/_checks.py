@@ -11,6 +11,8 @@ def check_tensor(name: str, t, *, ndim: int | tuple[int, ...] | None = None, flo
                  finite: bool = False, nonempty: bool = False) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout} (use .to_dense())")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else ndim
         if t.dim() not in allowed:

@@ -262,7 +262,7 @@ def cnc_penalty(
     Args:
         weights: a 2-D tensor, a list of 2-D tensors (``fastcnc.spectral.as_matrices`` turns conv weights into
             them), or a [B, m, n] tensor of B matrices of one shape (e.g. a convolution's per-frequency blocks: one
-            input, one gradient tensor).
+            input, one gradient tensor; a Conv1d weight goes through ``as_matrices``, not as a batch).
         kind: ``"log"`` (log kappa), ``"kappa"`` or ``"hinge"`` (max(kappa - kappa_target, 0)^2); see module doc.
         kappa_target: target condition number of the hinge.
         eps: relative floor of sigma_min (kappa <= 1/eps), 0 < eps < 1: rank-deficient layers get a finite penalty.

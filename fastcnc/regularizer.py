@@ -119,6 +119,8 @@ class TSCNC(nn.Module):
         if layers is not None:
             if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
                 raise TypeError(f"layers must be a list of module names (str), got {layers!r}")
+            if not layers:
+                raise ValueError("layers must name at least one Conv2d/Linear module (None: all of them), got []")
             known = {n for n, _ in found}
             missing = [n for n in layers if n not in known]
             if missing:
@@ -126,6 +128,11 @@ class TSCNC(nn.Module):
             found = [(n, m) for n, m in found if n in set(layers)]
         if not found:
             raise ValueError("model has no nn.Conv2d or nn.Linear layers to regularise")
+        other = [n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Bilinear))
+                 and not isinstance(m, nn.Conv2d)]
+        if other and layers is None:
+            warnings.warn(f"TSCNC regularises nn.Conv2d / nn.Linear layers only; not: {other}", UserWarning,
+                          stacklevel=2)
         object.__setattr__(self, "_layers", found)  # not submodules: the model owns (and saves) them
         self.state = SpectralState()
         self._mask_signature = None

@@ -1318,7 +1318,8 @@ def extreme_singular_values(
 
     Args:
         weights: a 2-D tensor, a list of 2-D tensors of any float dtype and shapes (``as_matrices`` for convs), or
-            a [B, m, n] tensor: B matrices of one shape (e.g. thousands of small blocks), solved as one batch.
+            a [B, m, n] tensor: B matrices of one shape (e.g. thousands of small blocks), solved as one batch (a
+            3-D tensor is always read as such a batch: pass a Conv1d weight through ``as_matrices``).
         rtol: accuracy target: the bracket must prove the estimated kappa_floor within ``rtol`` (relative) of the
             true one; more rounds, then an exact float64 SVD, are spent on matrices that do not reach it.
         floor: relative floor of sigma_min in kappa_floor = sigma_max / (sigma_min + floor * sigma_max) (the CNC

@@ -380,6 +380,12 @@ def test_tscnc_rejects_bad_arguments():
         fastcnc.TSCNC(nn.Linear(3, 3), smooth_min=0.3, block=8)
     with pytest.raises(ValueError, match="kappa_target must be >= 1"):
         fastcnc.TSCNC(nn.Linear(3, 3), cnc="hinge", kappa_target=0.9)
+    with pytest.raises(ValueError, match="layers must name at least one"):
+        fastcnc.TSCNC(nn.Linear(3, 3), layers=[])
+    with pytest.warns(UserWarning, match=r"not: \['0'\]"):
+        fastcnc.TSCNC(nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3, 2)))
+    with pytest.raises(TypeError, match="weights\\[0\\] must be a dense"):
+        fastcnc.cnc_penalty(torch.randn(4, 3).to_sparse())
 
 
 def test_tscnc_built_before_sparsify_follows_the_masked_layers():
