@@ -1,8 +1,9 @@
 """Magnitude pruning to 95% + PGD adversarial training, with and without TSCNC, on the embedded digits data.
 
-Each arm is the ``quick`` preset (ResNet-18 at width 16, PGD-5 training at eps 8/255, gradual magnitude pruning to
-95% global sparsity, fine-tuning) with a different regulariser setting, run for several seeds. The results table
-(markdown + JSON) goes to ``experiments/results/``; the run folders (checkpoints, per-run reports) to ``runs/``.
+Each arm is the old ``quick`` preset, pinned below as ``DIGITS_QUICK`` (ResNet-18 at width 16, PGD-5 training at
+eps 8/255, gradual magnitude pruning to 95% global sparsity, fine-tuning) with a different regulariser setting, run
+for several seeds. The results table (markdown + JSON) goes to ``experiments/results/``; the run folders
+(checkpoints, per-run reports) to ``runs/``.
 
     python experiments/tscnc_digits.py --seeds 0 1 2
 

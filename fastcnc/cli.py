@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from fastcnc.config import (
@@ -27,7 +29,9 @@ EVAL_FIELDS = ("eval_eps", "eval_pgd_steps", "eval_cw_steps", "eval_batch_size",
 EVAL_EPS_NAMES = ("eps", "attack_eps")
 
 
-def _add_field_options(parser: argparse.ArgumentParser, names=None) -> None:
+def _add_field_options(parser: argparse.ArgumentParser, names=None, default_text: str | None = None) -> None:
+    """One ``--field V`` option per config field (``names``: only these); ``default_text`` replaces the dataclass
+    default in the help where the value comes from elsewhere (``fastcnc eval``: the evaluated run's config)."""
     group = parser.add_argument_group("config fields (each also settable as --set field=value)")
     docs = field_help()
     for f in dataclasses.fields(Config):
@@ -36,8 +40,9 @@ def _add_field_options(parser: argparse.ArgumentParser, names=None) -> None:
         flags = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
         # bools may be given bare (--tscnc) or with a value (--tscnc false)
         extra = {"nargs": "?", "const": "true"} if f.type == "bool" else {}
+        default = default_text or f"default {f.default!r}"
         group.add_argument(*flags, dest=f"field_{f.name}", default=None, metavar="V",
-                           help=f"{docs.get(f.name, '')} ({f.type}, default {f.default!r})", **extra)
+                           help=f"{docs.get(f.name, '')} ({f.type}, {default})", **extra)
     for old, new in DEPRECATED_FIELDS.items():
         if names is None or new in names:
             group.add_argument(*sorted({f"--{old}", f"--{old.replace('_', '-')}"}), dest=f"field_{old}", default=None,
@@ -71,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help=f"override one of {', '.join(EVAL_FIELDS)}")
     p.add_argument("--eps", dest="field_eval_eps", default=None, metavar="V",
                    help="evaluation L-inf radius (same as --eval_eps; the PGD/CW steps scale with it)")
-    _add_field_options(p, EVAL_FIELDS)
+    # an evaluation starts from the config stored in the run, not from the dataclass defaults
+    _add_field_options(p, EVAL_FIELDS, default_text="default: the run's value")
 
     p = sub.add_parser("report", help="re-render one run's report, or compare several runs")
     p.add_argument("runs", nargs="+", help="run folders (or report.json files)")
@@ -109,7 +115,14 @@ def _cmd_eval(args) -> int:
     from fastcnc.evaluate import evaluate_run
     from fastcnc.models import build_model
     from fastcnc.report import write_report
-    from fastcnc.train import CHECKPOINT_NAME, autocast_context, build_regularizer, memory_format_for, resolve_device
+    from fastcnc.train import (
+        CHECKPOINT_NAME,
+        autocast_context,
+        build_regularizer,
+        check_output_dir,
+        memory_format_for,
+        resolve_device,
+    )
 
     path = Path(args.run)
     ckpt = path / CHECKPOINT_NAME if path.is_dir() else path
@@ -122,9 +135,11 @@ def _cmd_eval(args) -> int:
         raise ValueError(f"fastcnc eval can only change {', '.join(EVAL_FIELDS)}; got {', '.join(bad)}")
     cfg = apply_overrides(cfg, overrides, "command line")
     validate(cfg)
+    device = resolve_device(cfg.device)
+    out = Path(args.eval_out) if args.eval_out else ckpt.parent
+    check_output_dir(out)  # before the evaluation, which can take long
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, cfg.data_dir)
     model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.stem, cfg.width)
     model.load_state_dict(state["model"])
@@ -137,8 +152,6 @@ def _cmd_eval(args) -> int:
     model.to(memory_format=memory_format)
     result = evaluate_run(cfg, model, data.x_test.to(device), data.y_test.to(device), reg=reg,
                           amp_ctx=autocast_context(device, cfg.amp), memory_format=memory_format)
-    out = Path(args.eval_out) if args.eval_out else ckpt.parent
-    out.mkdir(parents=True, exist_ok=True)
     paths = write_report(out, result, stem="eval")
     print(paths[1].read_text())
     return 0
@@ -146,15 +159,15 @@ def _cmd_eval(args) -> int:
 
 def _cmd_report(args) -> int:
     from fastcnc.report import compare_runs, load_result, write_report
+    from fastcnc.train import check_output_dir
 
     if len(args.runs) == 1:
         result = load_result(args.runs[0])
         run = Path(args.runs[0])
-        out = Path(args.out) if args.out else (run if run.is_dir() else run.parent)
-        out.mkdir(parents=True, exist_ok=True)
+        out = check_output_dir(Path(args.out) if args.out else (run if run.is_dir() else run.parent))
         paths = write_report(out, result)
     else:
-        paths = compare_runs(args.runs, args.out or "report")
+        paths = compare_runs(args.runs, check_output_dir(args.out or "report"))
     print(paths[1].read_text() if len(args.runs) == 1 else paths[0].read_text())
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
@@ -182,10 +195,35 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     handler = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report}[args.command]
     try:
-        return handler(args)
+        with _deprecations_shown(args.command):
+            return handler(args)
     except (CheckpointError, NonFiniteLossError, OutputDirError, ValueError, FileNotFoundError, ImportError) as exc:
         print(f"fastcnc {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _deprecations_shown(command: str):
+    """Print fastcnc's DeprecationWarnings (deprecated config names) as one ``fastcnc CMD: warning:`` line each.
+
+    Python's default filters hide DeprecationWarning outside ``__main__``, so a CLI user would never learn that a
+    name is going away; the library keeps raising plain warnings for its callers to filter as they like."""
+    show_others = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DeprecationWarning) and _from_fastcnc(filename):
+            print(f"fastcnc {command}: warning: {message}", file=sys.stderr)
+        else:
+            show_others(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", category=DeprecationWarning, module=r"fastcnc(\.|$)")
+        warnings.showwarning = show
+        yield
+
+
+def _from_fastcnc(filename: str) -> bool:
+    return Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Precedence (later wins): dataclass defaults < ``--preset NAME`` < ``--config FIL
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,9 @@ def _coerce(field: dataclasses.Field, value, source: str):
                 return _parse_float(value)
             except ValueError:
                 pass
+            except ZeroDivisionError:
+                raise ValueError(f"{source}: field {field.name!r} expects float, got {value!r} "
+                                 "(a division by zero)") from None
     elif kind == "str":
         if isinstance(value, str):
             return value
@@ -224,9 +228,91 @@ def load_config(preset: str | None = None, toml_path: str | Path | None = None,
     return cfg
 
 
+# Allowed range of every int and float field, as an interval: "[" / "]" include the bound, "(" / ")" exclude it.
+# Every numeric field is listed (a test checks this), so a new one needs a decision here; non-finite values (nan,
+# inf) are always refused. Bounds that involve other fields (prune epochs, warm-up) are checked in validate().
+NUMERIC_RANGES = {
+    # data and model
+    "width": "[0, inf)",
+    # optimisation
+    "epochs": "[1, inf)",
+    "batch_size": "[1, inf)",
+    "lr": "(0, inf)",
+    "momentum": "[0, 1)",  # SGD diverges at momentum >= 1
+    "weight_decay": "[0, inf)",
+    "gamma": "(0, 1]",  # the step schedule decays the lr
+    "warmup_epochs": "[0, inf)",
+    # adversarial training: pixels lie in [0, 1], so a radius or step above 1 is a mistake (8 meant for 8/255)
+    "attack_eps": "[0, 1]",
+    "step_size": "[0, 1]",
+    "attack_steps": "[1, inf)",
+    "trades_beta": "[0, inf)",
+    # pruning
+    "sparsity": "[0, 1)",
+    "prune_start_epoch": "[0, inf)",
+    "prune_end_epoch": "[0, inf)",
+    "prune_frequency": "[1, inf)",
+    "hydra_score_lr": "(0, inf)",
+    "hydra_score_weight_decay": "[0, inf)",
+    # TSCNC
+    "lambda_tsc": "[0, inf)",
+    "lambda_cnc": "[0, inf)",
+    "kappa_target": "(0, inf)",
+    "cnc_eps": "(0, 1)",
+    "tsc_a": "(0, inf)",
+    "cnc_rtol": "(0, 1)",
+    "cnc_iters": "[1, inf)",
+    "cnc_block": "[1, inf)",
+    "cnc_max_rounds": "[1, inf)",
+    "cnc_smooth_min": "[0, inf)",
+    "cnc_refresh_every": "[0, inf)",
+    "lambda_paper_cnc": "[0, inf)",
+    "paper_cnc_ridge": "[0, inf)",
+    # evaluation
+    "eval_eps": "[0, 1]",
+    "eval_pgd_steps": "[0, inf)",
+    "eval_cw_steps": "[0, inf)",
+    "eval_batch_size": "[1, inf)",
+    "eval_max_examples": "[0, inf)",
+    "autoattack_max_examples": "[0, inf)",
+    # run control
+    "seed": "[0, 4294967296)",  # numpy takes the seed modulo 2**32: larger seeds would repeat its streams
+    "threads": "[0, inf)",
+    "checkpoint_every": "[0, inf)",
+    "log_every": "[1, inf)",
+}
+
+
+def _check_range(name: str, value, interval: str) -> None:
+    low_text, high_text = (v.strip() for v in interval[1:-1].split(","))
+    low, high = float(low_text), float(high_text)
+    inside = ((low <= value if interval[0] == "[" else low < value)
+              and (value <= high if interval[-1] == "]" else value < high))
+    if not inside:
+        if high == math.inf:
+            expected = f"{'>=' if interval[0] == '[' else '>'} {low_text}"
+        else:
+            expected = f"in {interval}"
+        raise ValueError(f"config field {name!r} must be {expected}, got {value}")
+
+
+def _check_device(name: str) -> None:
+    """The device's spelling; whether this machine has it is checked when the run starts (``train.resolve_device``), so
+    that a config meant for a GPU machine can still be printed and checked elsewhere."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"config field 'device' must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
 def validate(cfg: Config) -> None:
     """Reject inconsistent settings before any work starts."""
-    from fastcnc._checks import check_eps_floor
     from fastcnc.cnc import CNC_KINDS
     from fastcnc.data import DATASETS
     from fastcnc.models import MODELS, STEMS
@@ -234,6 +320,17 @@ def validate(cfg: Config) -> None:
     def choice(name, allowed):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"config field {name!r} must be one of {sorted(allowed)}, got {getattr(cfg, name)!r}")
+
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        # a Config built in Python skips _coerce; an int is a fine float (TOML and JSON write 1.0 as 1)
+        kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}[f.type]
+        if not isinstance(value, kinds) or (f.type != "bool" and isinstance(value, bool)):
+            raise ValueError(f"config field {f.name!r} expects {f.type}, got {value!r}")
+        if f.type == "float" and not math.isfinite(value):
+            raise ValueError(f"config field {f.name!r} must be a finite number, got {value}")
+        if f.name in NUMERIC_RANGES:
+            _check_range(f.name, value, NUMERIC_RANGES[f.name])
 
     choice("dataset", DATASETS)
     choice("model", MODELS)
@@ -244,35 +341,18 @@ def validate(cfg: Config) -> None:
     choice("autoattack", ("", "standard", "apgd"))
     choice("prune_scope", ("global", "layer"))
     choice("cnc", CNC_KINDS)
-    for name in ("epochs", "batch_size", "attack_steps", "eval_batch_size", "log_every", "prune_frequency",
-                 "cnc_iters", "cnc_block", "cnc_max_rounds"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"config field {name!r} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("eval_pgd_steps", "eval_cw_steps", "eval_max_examples", "checkpoint_every", "width", "threads",
-                 "cnc_refresh_every", "step_size", "eval_eps", "autoattack_max_examples", "lambda_paper_cnc",
-                 "paper_cnc_ridge", "hydra_score_weight_decay"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"config field {name!r} must be >= 0, got {getattr(cfg, name)}")
-    if not 0 < cfg.cnc_rtol < 1:
-        raise ValueError(f"config field 'cnc_rtol' must be in (0, 1), got {cfg.cnc_rtol}")
-    if cfg.cnc_smooth_min < 0:
-        raise ValueError(f"config field 'cnc_smooth_min' must be >= 0, got {cfg.cnc_smooth_min}")
-    check_eps_floor("config field 'cnc_eps'", cfg.cnc_eps)
-    if not 0.0 <= cfg.sparsity < 1.0:
-        raise ValueError(f"config field 'sparsity' must be in [0, 1), got {cfg.sparsity}")
+    _check_device(cfg.device)
+    if cfg.warmup_epochs > cfg.epochs:
+        raise ValueError(f"config field 'warmup_epochs' must be <= epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
     if cfg.prune != "none" and not 0 <= cfg.prune_start_epoch <= cfg.prune_end_epoch <= cfg.epochs:
         raise ValueError("pruning needs 0 <= prune_start_epoch <= prune_end_epoch <= epochs, got "
                          f"{cfg.prune_start_epoch}, {cfg.prune_end_epoch}, {cfg.epochs}")
-    if cfg.attack_eps < 0:
-        raise ValueError(f"config field 'attack_eps' must be >= 0, got {cfg.attack_eps}")
     if cfg.prune == "hydra":
         if not cfg.prune_start_epoch < cfg.prune_end_epoch:
             raise ValueError("prune='hydra' needs prune_start_epoch < prune_end_epoch (the score-optimisation stage), "
                              f"got {cfg.prune_start_epoch}, {cfg.prune_end_epoch}")
         if cfg.prune_block:
             raise ValueError("prune='hydra' scores single weights: prune_block must be ''")
-        if cfg.hydra_score_lr <= 0:
-            raise ValueError(f"config field 'hydra_score_lr' must be > 0, got {cfg.hydra_score_lr}")
     parse_block(cfg.prune_block)
     parse_milestones(cfg.milestones)
 

@@ -146,12 +146,22 @@ def _is_number(v) -> bool:
         return False
 
 
+# the stems of the reports written into a run folder: `fastcnc train`'s and `fastcnc eval`'s
+REPORT_STEMS = ("report", "eval")
+
+
+def report_paths(out: str | Path, stem: str = "report") -> list[Path]:
+    """The files ``write_report(out, result, stem)`` writes: ``{stem}.json``, ``{stem}.md``, ``kappa.png`` and
+    ``accuracy.png`` (``{stem}_kappa.png``, ``{stem}_accuracy.png`` for other stems)."""
+    out = Path(out)
+    prefix = "" if stem == "report" else f"{stem}_"
+    return [out / f"{stem}.json", out / f"{stem}.md", out / f"{prefix}kappa.png", out / f"{prefix}accuracy.png"]
+
+
 def write_report(out: str | Path, result: dict, stem: str = "report") -> list[Path]:
     """Write ``{stem}.json``, ``{stem}.md``, ``kappa.png`` and ``accuracy.png`` (``{stem}_kappa.png``,
     ``{stem}_accuracy.png`` for other stems) into ``out``."""
-    out = Path(out)
-    prefix = "" if stem == "report" else f"{stem}_"
-    paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{prefix}kappa.png", out / f"{prefix}accuracy.png"]
+    paths = report_paths(out, stem)
     paths[0].write_text(json.dumps(result, indent=1) + "\n")
     paths[1].write_text(render_markdown(result))
     _plot_kappa([(result["config"]["out"], result)], paths[2])

@@ -60,19 +60,27 @@ class OutputDirError(RuntimeError):
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device named by the config field ``device``; ValueError (a configuration mistake, reported by the CLI like
+    any other) when it names a GPU this machine does not have."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        raise ValueError(f"config field 'device' is {name!r} but CUDA is not available on this machine; "
+                         "use 'cpu' or 'auto'")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(f"config field 'device' is {name!r} but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
 def check_output_dir(out: str | Path) -> Path:
     """Create ``out`` and prove it is writable before any training starts."""
     path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"output folder {str(path)!r} is not writable: it exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -223,7 +231,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
 
     Args:
         resume: continue from ``cfg.out/checkpoint.pt`` when it exists (start fresh when it does not).
-        overwrite: start fresh even if ``cfg.out`` already holds a checkpoint.
+        overwrite: start fresh even if ``cfg.out`` already holds a checkpoint (a fresh start deletes the reports left
+            there by an earlier run).
     """
     return fit(cfg, resume=resume, overwrite=overwrite)[0]
 
@@ -360,6 +369,16 @@ def _resume_state(cfg: Config, out: Path, resume: bool, overwrite: bool, world_s
     return None
 
 
+def _remove_reports(out: Path) -> None:
+    """Delete the reports of an earlier run in ``out`` before a fresh run starts there: a run that then crashes must
+    not leave them beside its own checkpoint, describing weights they were not computed from."""
+    from fastcnc.report import REPORT_STEMS, report_paths
+
+    for stem in REPORT_STEMS:
+        for path in report_paths(out, stem):
+            path.unlink(missing_ok=True)
+
+
 def _check_disk_space(out: Path, model: nn.Module) -> None:
     """A checkpoint (weights, masks, optimizer state) must fit next to the previous one: checked before training, on
     every rank (like check_output_dir) so that all fail together."""
@@ -376,6 +395,8 @@ def _setup(cfg: Config, resume: bool, overwrite: bool, device: torch.device, ran
     random draws here is part of the bit-exact resume contract: do not reorder."""
     out = check_output_dir(cfg.out)  # every rank checks, so a bad path fails everywhere before any work
     state = _resume_state(cfg, out, resume, overwrite, world_size)
+    if state is None and is_main:
+        _remove_reports(out)
     memory_format = memory_format_for(device, cfg.channels_last)
 
     # the model is initialised identically on every rank; DDP also broadcasts rank 0's

@@ -99,8 +99,7 @@ def test_config_names_follow_the_library_and_old_names_still_work(capsys):
     with pytest.warns(DeprecationWarning, match="'eps' is deprecated; use 'attack_eps'"):
         cfg = load_config("quick", overrides={"eps": "0.1", "power_iters": "2"})
     assert cfg.attack_eps == pytest.approx(0.1) and cfg.cnc_iters == 2
-    with pytest.warns(DeprecationWarning):
-        assert cli_main(["train", "--preset", "quick", "--eps", "1/255", "--print-config"]) == 0
+    assert cli_main(["train", "--preset", "quick", "--eps", "1/255", "--print-config"]) == 0
     assert "attack_eps = 0.00392" in capsys.readouterr().out
     for kind in CNC_KINDS:
         assert load_config(overrides={"cnc": kind}).cnc == kind
@@ -112,7 +111,7 @@ def test_config_names_follow_the_library_and_old_names_still_work(capsys):
     assert (reg.eps, reg.cnc, reg.refresh_every, reg.smooth_min) == (1e-3, "kappa", 5, 0.1)
     o = reg.options
     assert (o.rtol, o.floor, o.iters, o.block, o.max_rounds) == (0.05, 1e-3, 2, 3, 2)
-    with pytest.raises(ValueError, match="cnc_eps' must be < 1"):
+    with pytest.raises(ValueError, match=r"cnc_eps' must be in \(0, 1\)"):
         load_config(overrides={"cnc_eps": "1.5"})
     with pytest.raises(ValueError, match="cnc_rtol' must be in"):
         load_config(overrides={"cnc_rtol": "0"})
@@ -121,6 +120,88 @@ def test_config_names_follow_the_library_and_old_names_still_work(capsys):
     old.update(eps=0.05, power_iters=3)
     restored = config_from_dict(old)
     assert restored.attack_eps == 0.05 and restored.cnc_iters == 3 and restored.cnc_eps == Config().cnc_eps
+
+
+def test_cli_shows_deprecated_names_as_one_warning_line(tmp_path, capsys):
+    """Python's default filters hide DeprecationWarning outside __main__: the CLI prints its own line instead."""
+    toml = tmp_path / "old.toml"
+    toml.write_text("eps = 0.05\n")
+    for extra in (["--eps", "0.05"], ["--set", "eps=0.05"], ["--config", str(toml)]):
+        assert cli_main(["train", "--preset", "quick", *extra, "--print-config"]) == 0
+        captured = capsys.readouterr()
+        assert "attack_eps = 0.05" in captured.out
+        assert "fastcnc train: warning: " in captured.err and "'eps' is deprecated; use 'attack_eps'" in captured.err
+        assert len(captured.err.strip().splitlines()) == 1
+    assert cli_main(["train", "--preset", "quick", "--power_iters", "2", "--print-config"]) == 0
+    assert "fastcnc train: warning: command line: config field 'power_iters' is deprecated; use 'cnc_iters'" in (
+        capsys.readouterr().err)
+    # the library still raises an ordinary DeprecationWarning, for its callers' own filters
+    with pytest.warns(DeprecationWarning, match="'power_iters' is deprecated"):
+        load_config("quick", overrides={"power_iters": "2"})
+
+
+NUMERIC_FIELDS = [f for f in dataclasses.fields(Config) if f.type in ("int", "float")]
+
+
+def test_every_numeric_config_field_has_a_range_and_refuses_nan_and_inf():
+    from fastcnc.config import NUMERIC_RANGES
+
+    assert sorted(NUMERIC_RANGES) == sorted(f.name for f in NUMERIC_FIELDS)
+    load_config()  # the defaults lie inside every range
+    for f in NUMERIC_FIELDS:
+        if f.type == "float":
+            for bad in ("nan", "inf", "-inf"):
+                with pytest.raises(ValueError, match=f"config field '{f.name}' must be a finite number"):
+                    load_config(overrides={f.name: bad})
+        with pytest.raises(ValueError, match=f"config field '{f.name}' must be"):
+            load_config(overrides={f.name: "-1"})
+
+
+BAD_VALUES = [
+    (["--attack_eps", "1/0"], r"field 'attack_eps' expects float, got '1/0' \(a division by zero\)"),
+    (["--set", "attack_eps=1/0"], r"field 'attack_eps' expects float, got '1/0'"),
+    (["--eval_eps", "nan"], r"config field 'eval_eps' must be a finite number, got nan"),
+    (["--attack_eps", "nan"], r"config field 'attack_eps' must be a finite number, got nan"),
+    (["--attack_eps", "inf"], r"config field 'attack_eps' must be a finite number, got inf"),
+    (["--attack_eps", "8"], r"config field 'attack_eps' must be in \[0, 1\], got 8.0"),
+    (["--step_size", "nan"], r"config field 'step_size' must be a finite number, got nan"),
+    (["--lr", "nan"], r"config field 'lr' must be a finite number, got nan"),
+    (["--lr", "-0.1"], r"config field 'lr' must be > 0, got -0.1"),
+    (["--momentum", "5"], r"config field 'momentum' must be in \[0, 1\), got 5.0"),
+    (["--warmup_epochs", "-3"], r"config field 'warmup_epochs' must be >= 0, got -3.0"),
+    (["--warmup_epochs", "6"], r"config field 'warmup_epochs' must be <= epochs \(5\), got 6.0"),
+    (["--gamma", "0"], r"config field 'gamma' must be in \(0, 1\], got 0.0"),
+    (["--device", "gpu"], r"config field 'device' must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_VALUES, ids=[" ".join(args) for args, _ in BAD_VALUES])
+def test_bad_config_values_are_cli_errors_naming_the_field(args, message, capsys):
+    import re
+
+    assert cli_main(["train", "--preset", "quick", *args, "--print-config"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("fastcnc train: error: ") and re.search(message, captured.err), captured.err
+
+
+def test_config_built_in_python_is_type_checked():
+    from fastcnc.config import validate
+
+    with pytest.raises(ValueError, match="config field 'lr' expects float, got '0.1'"):
+        validate(Config(lr="0.1"))
+    with pytest.raises(ValueError, match="config field 'epochs' expects int, got True"):
+        validate(Config(epochs=True))
+    validate(Config(lr=1))  # an int is a float (TOML and JSON write 1.0 as 1)
+
+
+def test_eval_help_says_the_defaults_are_the_runs_values():
+    from fastcnc.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    text = " ".join(sub.choices["eval"].format_help().split())
+    assert "default: the run's value" in text
+    assert "default 30" not in text and "default ''" not in text
 
 
 def test_training_cli_without_the_train_extra_names_it(monkeypatch, capsys):
@@ -359,6 +440,50 @@ def test_unwritable_output_dir_is_reported_before_training(tmp_path, capsys):
         train(tiny(blocker / "run"))
     assert cli_main(["train", "--preset", "quick", "--out", str(blocker / "run")]) == 1
     assert "is not writable" in capsys.readouterr().err
+
+
+def test_missing_cuda_is_a_cli_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    assert cli_main(["train", "--preset", "quick", "--prune", "none", "--out", str(out), "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastcnc train: error: config field 'device' is 'cuda' but CUDA is not available"), err
+    assert not out.exists()  # refused before anything is written
+
+
+def test_overwritten_run_drops_the_old_reports_and_eval_checks_its_out(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train(tiny(out, epochs=2, eval_pgd_steps=1, eval_cw_steps=1))
+    (out / "eval.json").write_text("{}")  # as `fastcnc eval` would leave it
+    (out / "eval.md").write_text("")
+    assert (out / "report.json").is_file() and (out / "report.md").is_file() and (out / "kappa.png").is_file()
+    capsys.readouterr()
+
+    # `fastcnc eval` refuses an --out that is a file, and a missing GPU, as CLI errors
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli_main(["eval", str(out), "--out", str(blocker)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastcnc eval: error: output folder {str(blocker)!r} is not writable: it exists and is not")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_main(["eval", str(out), "--device", "cuda"]) == 1
+    assert "fastcnc eval: error: config field 'device' is 'cuda' but CUDA" in capsys.readouterr().err
+
+    # an overwriting run that crashes must not leave the first run's reports beside its own checkpoint
+    real_step, calls = train_module._train_step, []
+
+    def crashing(*args):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("simulated crash")
+        return real_step(*args)
+
+    monkeypatch.setattr(train_module, "_train_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny(out, epochs=2, lr=0.01, checkpoint_every=2), overwrite=True)
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["lr"] == 0.01
+    for name in ("report.json", "report.md", "kappa.png", "accuracy.png", "eval.json", "eval.md"):
+        assert not (out / name).exists(), name
 
 
 def test_existing_run_foreign_checkpoint_and_changed_config_are_refused(tmp_path, capsys):
