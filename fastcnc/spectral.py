@@ -812,15 +812,14 @@ _SYNC_FREE_SHARES = (0.3,)  # ascending shares of the kappa budget given to the 
 
 
 def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions, sync: bool, L_it=None,
-             top_only: bool = False, last: bool = False, factors: bool = False):
+             top_only: bool = False, last: bool = False):
     """Cholesky certificates: the target lower shift tau and the target upper shift t in one batched call (``top_only``:
     t alone, for rows whose sigma_min is known to be 0). With ``L_it`` (the round's iteration factor) also the factor
     for the next round's inverse iteration: tau's where it factored, else that of a looser shift (0.8 sigma_min; sync:
     factored only for the rows that need it; sync-free: for every row, in the same call, unless ``last``: no round
     follows), else ``L_it``. Returns the certified lower bound of lambda_min (squared, scaled units; 0 if none),
     whether t is proven, t, the next factor (None without ``L_it`` or when ``last``) and the count of
-    factorizations; with ``factors`` (sync, no ``L_it``) also the [b, 2, n, n] factors of G - tau I and t I - G and
-    whether each exists."""
+    factorizations."""
     G = g.G[rows]
     budget = 1 + opt.rtol
 
@@ -888,8 +887,6 @@ def _certify(g: _Group, rows, smin, smax, smin_hi, smax_lo, opt: SpectralOptions
     else:
         ok_loose = torch.zeros_like(ok_tau)
     lower_sq = torch.where(ok_tau, tau, torch.where(ok_loose, tau_loose, torch.zeros_like(tau)))
-    if factors:
-        return lower_sq, ok_t, t, next_L, count, L, ok
     return lower_sq, ok_t, t, next_L, count
 
 
@@ -930,75 +927,35 @@ def _round(g: _Group, rows, X, Y, L_it, iters: int, opt: SpectralOptions, sync: 
     return _finish(g, rows, X, Y, x, _top_ritz(G, Y), L_it, opt, sync, top_only, last)
 
 
-def _padded_extremes(G: torch.Tensor, pad, lam_max_bound: torch.Tensor):
-    """G with a diagonal above every eigenvalue on the padding coordinates (all-zero matrices iterate on I), so that
-    each matrix's own eigenvalues come first, its largest at index n_i - 1; and those indices [b]."""
-    if pad is None:
-        return G, None
-    G = G.clone()
-    G.diagonal(dim1=-2, dim2=-1).masked_scatter_(pad, (2 * lam_max_bound + 2)[:, None].expand_as(pad)[pad])
-    return G, (~pad).sum(1) - 1
-
-
-def _round_eigvalsh(g: _Group, rows, start: torch.Tensor, r: int, steps: int, opt: SpectralOptions) -> _Round:
-    """Small matrices on CPU: the eigenvalues of the float64 Gram (``eigvalsh``: half the time of ``eigh``, which
-    also forms every eigenvector) place the two certificate shifts, tau a little below lambda_min and t a little above
-    lambda_max, before any vector exists; the certificates' own factors of G - tau I and t I - G then drive ``steps``
-    of inverse iteration from the start blocks' first columns to the two extreme eigenvectors. tau sits within
-    the kappa budget (~2%) of lambda_min, so each step shrinks every other component by (lambda_min - tau) / (lambda_i
-    - tau): ~0.04 at lambda_i = 1.5 lambda_min, and a cluster is converged to as a whole (any vector in it has a
-    Rayleigh quotient inside it). The eigenvalues only choose the shifts: the values are |A x| and |A y| and the
-    bracket is proven by the factorizations, as in a round; a row it does not certify is left to ``_round_eigh``."""
-    G = g.G[rows]
-    pad = _rows(g.pad, rows)
-    Gp, top = _padded_extremes(G, pad, g.lam_max_bound[rows])
-    lam = torch.linalg.eigvalsh(Gp)
-    lam_min = lam[:, 0].clamp_min(0)
-    lam_max = (lam[:, -1] if top is None else lam.gather(1, top[:, None])[:, 0]).clamp_min(0)
-    smin, smax = lam_min.sqrt(), lam_max.sqrt()
-    # (the estimated values stand for the bracket's inner ends: the budget's 5% slack covers what the vectors' values
-    # differ by; where they differ more, the row is not certified and goes on to the eigenvector route)
-    *cert, L, ok = _certify(g, rows, smin, smax, smin, smax, opt, True, factors=True)
-    Z0 = torch.stack([start[..., 0], start[..., r]], 1)[..., None]  # [b, 2, n, 1]: bottom and top starts
-    if not bool(ok.all()):  # a failed factor holds garbage: I leaves the start as it is (CPU: the host may look)
-        L = torch.where(ok[:, :, None, None], L, g.eye)
-    Z = Z0
-    for _ in range(steps):
-        Z = torch.linalg.solve_triangular(L, Z, upper=False)
-        Z = torch.linalg.solve_triangular(L.mT, Z, upper=True)
-        Z = Z / Z.norm(dim=2, keepdim=True).clamp_min(torch.finfo(_F64).tiny)
-    Z = _keep_finite(Z[..., 0], Z0[..., 0])
-    x, y = Z[:, 0], Z[:, 1]
-    X = torch.cat([x[..., None], start[..., 1:r]], 2)
-    Y = torch.cat([y[..., None], start[..., r + 1:]], 2)
-    return _finish(g, rows, X, Y, x, y, None, opt, sync=True, cert=tuple(cert))
-
-
 def _round_eigh(g: _Group, rows, r: int, r_top: int, opt: SpectralOptions) -> _Round:
-    """Small matrices on CPU: Rayleigh-Ritz on the whole space (eigh of the float64 Gram): the bottom r and top r_top
-    eigenvectors, with the values and the certificate of a round (the route for the bottom Ritz block, and for rows
-    ``_round_eigvalsh`` did not certify)."""
-    pad = _rows(g.pad, rows)
-    Gp, top = _padded_extremes(g.G[rows], pad, g.lam_max_bound[rows])
-    _, V = torch.linalg.eigh(Gp)
-    if top is None:
+    """Small matrices on CPU: Rayleigh-Ritz on the whole space (eigh of the float64 Gram) is cheaper than the
+    iteration's many small ops; the values and the certificate are the same as a round's."""
+    G = g.G[rows]
+    if g.pad is None:
+        _, V = torch.linalg.eigh(G)
         X, Y = V[..., :r], V[..., V.shape[-1] - r_top:].flip(-1)
         return _finish(g, rows, X, Y, V[..., 0], V[..., -1], None, opt, sync=True)
-    V = V.masked_fill(pad[:, :, None], 0.0)  # (the padding coordinates of the matrices' own eigenvectors)
-    idx = top[:, None] - torch.arange(r_top, device=V.device)[None, :]  # [b, r_top], descending
-    Y = V.gather(2, idx[:, None, :].expand(-1, V.shape[1], -1))
+    # padding: a diagonal above every eigenvalue of the block (all-zero matrices iterate on I), so each matrix's own
+    # eigenpairs come first, its top one at index n_i - 1; the padding coordinates of those vectors are zeroed
+    pad = g.pad[rows]
+    G = G.clone()
+    G.diagonal(dim1=-2, dim2=-1).masked_scatter_(pad, (2 * g.lam_max_bound[rows] + 2)[:, None].expand_as(pad)[pad])
+    _, V = torch.linalg.eigh(G)
+    V = V.masked_fill(pad[:, :, None], 0.0)
+    n_i = (~pad).sum(1)
+    top = (n_i[:, None] - 1 - torch.arange(r_top, device=G.device)[None, :])  # [b, r_top], descending
+    Y = V.gather(2, top[:, None, :].expand(-1, V.shape[1], -1))
     return _finish(g, rows, V[..., :r], Y, V[..., 0], Y[..., 0], None, opt, sync=True)
 
 
 def _finish(g: _Group, rows, X, Y, x, y, L_it, opt: SpectralOptions, sync: bool, top_only: bool = False,
-            last: bool = False, cert=None) -> _Round:
-    """Values |A x|, |A y| of the Ritz vectors, their certificates (``cert``: already made, as ``_certify`` returns
-    them), and the structural / all-zero overrides."""
+            last: bool = False) -> _Round:
+    """Values |A x|, |A y| of the Ritz vectors, their certificates, and the structural / all-zero overrides."""
     x, y = _unit_or(x, X[..., 0]), _unit_or(y, Y[..., 0])
     smin, smax, u_min, u_max, e_min, e_max = _values(g, rows, x, y)
     smin_hi, smax_lo = smin + e_min, (smax - e_max).clamp_min(0)
-    lower_sq, upper_ok, t, next_L, nf = cert if cert is not None else _certify(
-        g, rows, smin, smax, smin_hi, smax_lo, opt, sync, L_it, top_only, last)
+    lower_sq, upper_ok, t, next_L, nf = _certify(g, rows, smin, smax, smin_hi, smax_lo, opt, sync, L_it, top_only,
+                                                 last)
     structural, zero = g.structural[rows], g.zero[rows]
     # sigma_min = 0 exactly where structural (one masked fill for the three values: each op is a launch on CUDA)
     smin_lo, smin, smin_hi = torch.stack([lower_sq.sqrt(), smin, smin_hi], 1).masked_fill(
@@ -1160,8 +1117,7 @@ def _svd_rows(g: _Group, rows: torch.Tensor, r: int, r_top: int):
 _FIELDS = ("x", "y", "smin", "smax", "u_min", "u_max", "smin_lo", "smin_hi", "smax_lo", "smax_hi", "certified")
 
 
-def _solve_group(g: _Group, opt: SpectralOptions, start: torch.Tensor, lower, refresh, sync: bool, work: dict,
-                 ritz_block: bool = False) -> dict:
+def _solve_group(g: _Group, opt: SpectralOptions, start: torch.Tensor, lower, refresh, sync: bool, work: dict) -> dict:
     """All rounds for one group; returns per-row tensors (scaled units) plus the new warm blocks."""
     r, r_top = min(opt.block, g.n), min(2, g.n)
     res: dict = {}
@@ -1169,26 +1125,12 @@ def _solve_group(g: _Group, opt: SpectralOptions, start: torch.Tensor, lower, re
     todo = list(range(g.B)) if refresh is True else [i for i in range(g.B) if refresh is not False and refresh[i]]
     if len(todo) == g.B:  # every row goes to the exact SVD, which replaces these blocks
         X, Y = start[..., :r], start[..., r:r + r_top]
-    elif sync and g.n <= _EIGH_MAX and not _backend.on_cuda(g.A):
-        # the eigenvalues place the certificates, whose factors give the vectors; rows that do not certify (and
-        # the bottom Ritz block) take the eigenvectors
-        # (warm from the previous step the start vectors are nearly the eigenvectors: two steps of inverse iteration
-        # left 0-2 of 5,440 blocks per snapshot to the eigenvector route on the recorded trajectories, one up to 86)
-        steps = 2 if lower is not None else opt.iters
-        out = _round_eigh(g, slice(None), r, r_top, opt) if ritz_block else _round_eigvalsh(g, slice(None), start,
-                                                                                           r, steps, opt)
+    elif sync and g.n <= _EIGH_MAX and not _backend.on_cuda(g.A):  # (the whole space: no start blocks needed)
+        out = _round_eigh(g, slice(None), r, r_top, opt)
         work["factorizations"] += out.factorizations
         work["rounds"] = max(work["rounds"], 1)
         res = {k: getattr(out, k) for k in _FIELDS}
         X, Y = out.X, out.Y
-        again = (~res["certified"]).nonzero().flatten()
-        if not ritz_block and again.numel():
-            sub = _round_eigh(g, again, r, r_top, opt)
-            work["factorizations"] += sub.factorizations
-            work["rounds"] = max(work["rounds"], 2)
-            for k in _FIELDS:
-                res[k] = _put(res[k], again, getattr(sub, k))
-            X, Y = _put(X, again, sub.X), _put(Y, again, sub.Y)
     else:
         X, Y = _initial_blocks(start, r, r_top)
         if sync:
@@ -1386,7 +1328,7 @@ def extreme_singular_values(
             grp_flags = flags if isinstance(flags, bool) else [flags[i] for i in idx]
             lower = torch.stack([lower_in[i] for i in idx]).to(g.A.device) if warm_ok and lower_in is not None \
                 else None
-            res = _solve_group(g, opt, start, lower, grp_flags, sync, work, ritz_block)
+            res = _solve_group(g, opt, start, lower, grp_flags, sync, work)
         results.append((g, res))
         for j, i in enumerate(idx):
             per[i] = (len(results) - 1, j)
