@@ -172,6 +172,7 @@ BAD_VALUES = [
     (["--warmup_epochs", "6"], r"config field 'warmup_epochs' must be <= epochs \(5\), got 6.0"),
     (["--gamma", "0"], r"config field 'gamma' must be in \(0, 1\], got 0.0"),
     (["--device", "gpu"], r"config field 'device' must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--cnc_smooth_min", "5"], r"config field 'cnc_smooth_min' must be <= 0.361 with cnc_block = 4"),
 ]
 
 
