@@ -174,15 +174,18 @@ def render_ratio_table(path: str | Path, *, title: str, notes: list[str], impls:
 
 
 def exact_extreme_sigmas(mats: list[torch.Tensor], how: str) -> torch.Tensor:
-    """[L, 2] (sigma_max, sigma_min) of each matrix by an exact routine a user could pick, differentiable through
-    autograd: ``"svdvals"`` of the matrix, or ``"eigvalsh-gram"``, eigvalsh of its smaller Gram (the strongest exact
-    baseline), in the matrices' own dtype."""
+    """[L, 2] (sigma_max, sigma_min) of each matrix by a routine a user could pick, differentiable through autograd:
+    ``"svdvals"`` of the matrix; ``"eigvalsh-gram"``, eigvalsh of its smaller Gram in the matrices' own dtype (float32
+    for a float32 model: the fastest, but its sigma_min is wrong on ill-conditioned layers, see the trajectory
+    benchmark's eigh32 column); ``"eigvalsh-gram64"``, the same with the Gram in float64 (the exact one)."""
     sig = []
     for m in mats:
         if how == "svdvals":
             s = torch.linalg.svdvals(m)
             sig.append(torch.stack([s[0], s[-1]]))
         else:
+            if how == "eigvalsh-gram64":
+                m = m.to(torch.float64)
             gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
             ev = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
             sig.append(torch.stack([ev[-1], ev[0]]))

@@ -23,6 +23,9 @@ from common import write_result
 def _penalty(args) -> int:
     from penalty import bench_penalty, to_markdown
 
+    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
     res = bench_penalty(args.models, args.device, args.repeats, args.rtol, args.iters, args.block, args.drift)
     md = to_markdown(res)
     print(md)
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     pen.add_argument("--iters", type=int, default=3)
     pen.add_argument("--block", type=int, default=4)
     pen.add_argument("--drift", type=float, default=1e-3, help="weight change since the warm state, x mean|w|")
+    pen.add_argument("--threads", type=int, default=None,
+                     help="CPU intra-op threads (default: 1 on CPU, as the trajectory benchmark; untouched on CUDA)")
     pen.add_argument("--out", type=Path, default=None, help="directory for penalty-<device>-<date>-....json/.md")
     pen.set_defaults(handler=_penalty)
     sub.add_parser("trajectory", help="recorded training trajectories (options: run.py trajectory --help)")
