@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+
+import numpy
 import torch
 
 from fastcnc import _backend
@@ -28,7 +31,8 @@ def check_tensor(name: str, t, *, ndim: int | tuple[int, ...] | None = None, flo
 
 
 def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: numpy's scalars too (np.float32 is no float subclass)
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
@@ -36,11 +40,11 @@ def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
 
 
 def check_int(name: str, value, *, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Integral):  # (numpy ints too)
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def check_choice(name: str, value, choices) -> str:

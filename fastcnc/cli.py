@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help=f"named preset: {', '.join(list_presets())}")
     p.add_argument("--config", help="TOML file with config fields (applied after the preset)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
-    p.add_argument("--overwrite", action="store_true", help="start again even if OUT already holds a run")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    start.add_argument("--overwrite", action="store_true", help="start again even if OUT already holds a run")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     _add_field_options(p)
 

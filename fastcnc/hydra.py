@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcnc._checks import check_choice
+from fastcnc._checks import check_choice, check_int, check_positive
 from fastcnc.layers import MaskedConv2d, MaskedLinear
 from fastcnc.pruning import masked_layers
 
@@ -181,10 +181,15 @@ class HydraSchedule:
 
     def __init__(self, pruner: HydraPruner, score_start: int, score_end: int, *, lr: float = 0.1,
                  momentum: float = 0.9, weight_decay: float = 1e-4):
-        if not 0 <= score_start < score_end:
+        if not isinstance(pruner, HydraPruner):
+            raise TypeError(f"pruner must be a fastcnc.hydra.HydraPruner, got {type(pruner).__name__}")
+        check_int("score_start", score_start)
+        check_int("score_end", score_end)
+        if not score_start < score_end:
             raise ValueError(f"HYDRA needs 0 <= score_start < score_end, got {score_start}, {score_end}")
-        if lr <= 0:
-            raise ValueError(f"score lr must be > 0, got {lr}")
+        lr = check_positive("lr", lr)
+        momentum = check_positive("momentum", momentum, allow_zero=True)
+        weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
         self.pruner, self.start, self.end = pruner, int(score_start), int(score_end)
         self.optimizer = torch.optim.SGD(pruner.scores.parameters(), lr=lr, momentum=momentum,
                                          weight_decay=weight_decay)

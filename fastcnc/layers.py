@@ -228,6 +228,21 @@ def replacement(module: nn.Module) -> nn.Module:
     return module
 
 
+def _check_convertible(module: nn.Module, name: str) -> None:
+    # a replacement would silently drop what hangs on the old module: hooks (torch.nn.utils.prune's own pre-hook is
+    # taken over as the mask), parametrizations (weight_norm, spectral_norm: computed weights the mask cannot follow)
+    from torch.nn.utils import parametrize, prune
+
+    pre = [h for h in module._forward_pre_hooks.values() if not isinstance(h, prune.BasePruningMethod)]
+    hooks = pre + list(module._forward_hooks.values()) + list(module._backward_hooks.values()) + list(
+        getattr(module, "_backward_pre_hooks", {}).values())
+    if parametrize.is_parametrized(module) or hooks:
+        what = "parametrizations (e.g. weight_norm)" if parametrize.is_parametrized(module) else \
+            "hooks (e.g. the old torch.nn.utils.weight_norm / spectral_norm, or forward hooks)"
+        raise ValueError(f"sparsify: module {name or type(module).__name__!r} has {what} that a masked layer would "
+                         "drop; remove them first")
+
+
 def _convert(module: nn.Module) -> nn.Module | None:
     # exact types only: subclasses such as MultiheadAttention's out_proj are used through their raw weight by their
     # parent, so a mask there would be silently ignored
@@ -242,20 +257,39 @@ def sparsify(model: nn.Module) -> nn.Module:
     """Replace every ``nn.Linear`` / ``nn.Conv2d`` (exact types) in ``model`` by MaskedLinear / MaskedConv2d, in place.
 
     Weights and biases are the same Parameter objects. Modules pruned with ``torch.nn.utils.prune`` (``weight_orig``
-    + ``weight_mask``) keep their mask as the layer's ``mask``. Returns ``model`` (or the new layer when ``model``
-    itself is a Linear/Conv2d).
+    + ``weight_mask``) keep their mask as the layer's ``mask``. A module used in several places becomes one masked
+    layer in all of them. A module with hooks or parametrizations (``weight_norm``, ``spectral_norm``) raises
+    ValueError: its replacement would drop them. Returns ``model`` (or the new layer when ``model`` itself is a
+    Linear/Conv2d).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from torch.nn.utils import parametrize
+
+    for name, m in model.named_modules():  # every module checked before any is changed
+        # (a parametrized Linear is a subclass, so the exact-type rule would skip it silently: refused instead)
+        if type(m) in (nn.Linear, nn.Conv2d) or (isinstance(m, (nn.Linear, nn.Conv2d))
+                                                 and parametrize.is_parametrized(m)):
+            _check_convertible(m, name)
     root = _convert(model)
     if root is not None:
         return root
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            new = _convert(child)
-            if new is not None:
-                setattr(parent, name, new)
+    _replace_children(model, _convert)
     return model
+
+
+def _replace_children(model: nn.Module, convert) -> None:
+    """Every slot holding a module that ``convert`` replaces, including each slot of a module used more than once
+    (``modules()`` and ``named_children()`` skip repeats): one replacement per module, put in all of its slots."""
+    slots = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
+             if child is not None]
+    new: dict = {}
+    for _, _, child in slots:
+        if id(child) not in new:
+            new[id(child)] = convert(child)
+    for parent, name, child in slots:
+        if new[id(child)] is not None:
+            setattr(parent, name, new[id(child)])
 
 
 def densify(model: nn.Module) -> nn.Module:
@@ -267,8 +301,6 @@ def densify(model: nn.Module) -> nn.Module:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, MASKED_LAYERS):
         return _replaced(model, model.to_dense())
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, MASKED_LAYERS):
-                setattr(parent, name, _replaced(child, child.to_dense()))
+    _replace_children(model, lambda child: _replaced(child, child.to_dense()) if isinstance(child, MASKED_LAYERS)
+                      else None)
     return model

@@ -237,10 +237,12 @@ def _conv2d(x, weight, mask, bias, stride, padding, dilation, groups, tiles, pru
     return out.squeeze(0) if unbatched else out
 
 
-def _pair(v, name: str) -> tuple[int, int]:
+def _pair(v, name: str, minimum: int) -> tuple[int, int]:
     t = (v, v) if isinstance(v, int) else tuple(v)
     if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in t):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(t) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
     return t
 
 
@@ -306,7 +308,7 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
     _check_dtypes(x, weight, bias)
     if isinstance(padding, str):  # "same" / "valid": F.conv2d computes the (possibly asymmetric) padding
         return F.conv2d(x, _masked_weight(weight, mask, trusted_mask), bias, stride, padding, dilation, groups)
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    stride, padding, dilation = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
         raise ValueError(f"groups must be a positive int dividing C_out={weight.shape[0]}, got {groups!r}")
     if x.shape[-3] != weight.shape[1] * groups:

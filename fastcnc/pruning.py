@@ -62,7 +62,7 @@ def _matrix(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _block_scores(layer: nn.Module, block: tuple[int, int], block_score: str):
-    """Per-tile (score, live-entry count, tile count) of ``layer``; pruned tiles score -1."""
+    """Per-tile (score, entry count, live-entry count, tile grid) of ``layer``; pruned tiles score -1."""
     w = _matrix(layer.weight.detach() * layer.mask).float()
     live = _matrix(layer.mask != 0).float()
     bh, bw = block
@@ -80,7 +80,7 @@ def _block_scores(layer: nn.Module, block: tuple[int, int], block_score: str):
         score = tile_sum(w.abs()) / entries
     n_live = tile_sum(live)
     score = torch.where(n_live > 0, score, torch.full_like(score, -1.0))
-    return score.flatten(), entries.flatten(), (rt, ct)
+    return score.flatten(), entries.flatten(), n_live.flatten(), (rt, ct)
 
 
 @torch.no_grad()
@@ -104,19 +104,22 @@ def _apply_unstructured(layers: list[nn.Module], sparsity: float) -> None:
 def _apply_block(layers: list[nn.Module], sparsity: float, block: tuple[int, int], block_score: str) -> None:
     per_layer = [_block_scores(m, block, block_score) for m in layers]
     dev = per_layer[0][0].device
-    scores = torch.cat([s.to(dev) for s, _, _ in per_layer])
-    entries = torch.cat([e.to(dev) for _, e, _ in per_layer])
+    scores = torch.cat([s.to(dev) for s, _, _, _ in per_layer])
+    entries = torch.cat([e.to(dev) for _, e, _, _ in per_layer])
+    live = torch.cat([n.to(dev) for _, _, n, _ in per_layer])
     n_prune = int(round(sparsity * float(entries.sum())))
+    zeros = float(entries.sum() - live.sum())  # already pruned, inside kept tiles too (a model pruned before)
     order = torch.argsort(scores, stable=True)
-    # prune the lowest-scoring tiles until they cover n_prune weights (tile granularity: may overshoot by < 1 tile)
-    covered = torch.cumsum(entries[order], 0)
+    # prune the lowest-scoring tiles until the zeros reach n_prune: each adds its live entries (tile granularity:
+    # may overshoot by < 1 tile)
+    covered = zeros + torch.cumsum(live[order], 0)
     n_tiles = int(torch.searchsorted(covered, torch.tensor(float(n_prune), device=dev), right=False)) + 1
-    n_tiles = 0 if n_prune == 0 else min(n_tiles, order.numel())
+    n_tiles = 0 if n_prune <= zeros else min(n_tiles, order.numel())
     keep = torch.ones_like(scores, dtype=torch.bool)
     keep[order[:n_tiles]] = False
     offset = 0
     bh, bw = block
-    for m, (s, _, (rt, ct)) in zip(layers, per_layer, strict=True):
+    for m, (s, _, _, (rt, ct)) in zip(layers, per_layer, strict=True):
         k = keep[offset:offset + s.numel()].view(rt, ct)
         offset += s.numel()
         r, c = _matrix(m.mask).shape

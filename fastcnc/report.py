@@ -175,7 +175,13 @@ def load_result(run: str | Path) -> dict:
         path = path / "report.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: give run folders (or their report.json) written by fastcnc train")
-    return json.loads(path.read_text())
+    try:
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a report.json written by fastcnc train (give the run folder): {e}") from None
+    if not isinstance(result, dict) or "config" not in result:
+        raise ValueError(f"{path} is not a report.json written by fastcnc train (give the run folder)")
+    return result
 
 
 def compare_runs(runs: list[str | Path], out: str | Path) -> list[Path]:

@@ -150,6 +150,10 @@ class SpectralState:
 
     @classmethod
     def from_dict(cls, d: dict) -> SpectralState:
+        if not isinstance(d, dict) or not {"shapes", "blocks"} <= set(d):
+            raise ValueError("d must be a dict with 'shapes' and 'blocks' (and 'lower') as written by "
+                             f"SpectralState.to_dict(), got {type(d).__name__}"
+                             + (f" with keys {sorted(d)}" if isinstance(d, dict) else ""))
         s = cls()
         s.shapes = None if d["shapes"] is None else [tuple(x) for x in d["shapes"]]
         s.blocks = d["blocks"]
@@ -1384,9 +1388,11 @@ def _capture_branches(device: torch.device) -> list | None:
 def _refresh_flags(refresh, n_mats: int) -> bool | list[bool]:
     if isinstance(refresh, bool):
         return refresh
+    if isinstance(refresh, torch.Tensor) and refresh.dtype == torch.bool and refresh.dim() == 1:
+        refresh = refresh.tolist()  # (a host read: a bool tensor on CUDA costs a sync, as the list it becomes)
     if isinstance(refresh, (list, tuple)) and len(refresh) == n_mats and all(isinstance(f, bool) for f in refresh):
         return list(refresh)
-    raise TypeError(f"refresh must be a bool or a list of {n_mats} bools, got {refresh!r}")
+    raise TypeError(f"refresh must be a bool, or a list or 1-D bool tensor of {n_mats} bools, got {refresh!r}")
 
 
 def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tight_max: bool, ritz_block: bool):

@@ -239,6 +239,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict
 
 def fit(cfg: Config, *, resume: bool = False, overwrite: bool = False):
     """``train`` that also returns the trained (unwrapped) model and the regulariser: ``(result, model, reg)``."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run in cfg.out, or start it again")
     validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -302,6 +304,11 @@ class _Run:
     start_batch: int = 0
     metrics: IO[str] | None = None
     t_start: float = 0.0
+    elapsed_before: float = 0.0  # seconds of training in earlier segments of a resumed run (from the checkpoint)
+
+    def elapsed(self) -> float:
+        """Seconds of this run's training (and evaluation), summed over every segment of a resumed run."""
+        return self.elapsed_before + time.perf_counter() - self.t_start
 
     @property
     def distributed(self) -> bool:
@@ -340,7 +347,7 @@ class _Run:
             "batch": batch, "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "pruner": self.pruning.state_dict(),
             "regularizer": self.reg.state_dict() if self.reg is not None else None, "loader": loader_state,
-            "rng": rngs,
+            "rng": rngs, "elapsed_s": self.elapsed(),
         })
 
 
@@ -455,6 +462,7 @@ def _restore(run: _Run, state: dict) -> None:
     run.loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"][run.rank])
     run.step, run.start_epoch, run.start_batch = state["step"], state["epoch"], state["batch"]
+    run.elapsed_before = float(state.get("elapsed_s", 0.0))  # (absent from checkpoints before it existed)
 
 
 def _run_epochs(run: _Run) -> None:
@@ -485,7 +493,7 @@ def _run_epochs(run: _Run) -> None:
                     run.log({"event": "step", "step": run.step, "epoch": epoch, "loss": float(loss.detach()),
                              "penalty": None if penalty is None else float(penalty.detach()),
                              "train_adv_acc": correct / len(yb), "lr": run.scheduler.get_last_lr()[0],
-                             "sparsity": model_sparsity(run.raw_model), "time_s": time.perf_counter() - run.t_start})
+                             "sparsity": model_sparsity(run.raw_model), "time_s": run.elapsed()})
                 if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and batch + 1 < steps_per_epoch:
                     run.checkpoint(epoch, batch + 1, loader.state_dict())
             # epoch end: the next epoch draws its permutation from the generator's current state
@@ -493,7 +501,7 @@ def _run_epochs(run: _Run) -> None:
                 acc = clean_accuracy(run.raw_model, run.x_test, run.y_test, cfg.eval_batch_size, run.amp_ctx,
                                      run.memory_format)
                 run.log({"event": "epoch", "step": run.step, "epoch": epoch, "test_clean_acc": acc,
-                         "sparsity": model_sparsity(run.raw_model), "time_s": time.perf_counter() - run.t_start})
+                         "sparsity": model_sparsity(run.raw_model), "time_s": run.elapsed()})
             run.checkpoint(epoch + 1, 0, {"generator": loader.generator.get_state()})
             if run.distributed:
                 dist.barrier()
@@ -563,7 +571,7 @@ def _finish(run: _Run) -> dict:
     if run.is_main:
         result = evaluate_run(cfg, run.raw_model, run.x_test, run.y_test, reg=run.reg, amp_ctx=run.amp_ctx,
                               memory_format=run.memory_format)
-        result["train_time_s"] = time.perf_counter() - run.t_start
+        result["train_time_s"] = run.elapsed()
         result["steps"] = run.step
         run.log({"event": "final", "step": run.step,
                  **{k: v for k, v in result.items() if not isinstance(v, (list, dict))}})

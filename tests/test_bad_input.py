@@ -68,6 +68,9 @@ BAD_ARGS = [
     ("esv-state-dict", lambda: esv(_W, state={}), TypeError, r"state must be None or a fastcnc.SpectralState"),
     ("esv-refresh-str", lambda: esv(_W, refresh="yes"), TypeError, r"refresh must be a bool"),
     ("esv-seed-str", lambda: esv(_W, seed="a"), TypeError, r"seed must be an int"),
+    ("state-from-empty-dict", lambda: fastcnc.SpectralState.from_dict({}), ValueError,
+     r"d must be a dict with 'shapes' and 'blocks'.* with keys \[\]"),
+    ("state-from-none", lambda: fastcnc.SpectralState.from_dict(None), ValueError, r"got NoneType"),
     # ---- as_matrices
     ("as_matrices-1d", lambda: fastcnc.as_matrices(_w(5)), ValueError, r"weight must have 2 or 3 or 4 or 5 dim"),
     ("as_matrices-empty", lambda: fastcnc.as_matrices(torch.zeros(0, 3, 3, 3)), ValueError, r"weight must be non-emp"),
@@ -157,13 +160,12 @@ BAD_ARGS = [
      r"[Ii]nvalid padding string"),
     ("conv-dilation-3", lambda: fastcnc.masked_conv2d(_X4, _W4, _M4, dilation=(1, 1, 1)), ValueError,
      r"dilation must be an int or a pair"),
-    # torch's own checks, kept: their messages already name the parameter
-    ("conv-stride-0", lambda: fastcnc.masked_conv2d(_X4, _W4, _M4, stride=0), (ValueError, RuntimeError),
-     r"stride"),
-    ("conv-padding-neg", lambda: fastcnc.masked_conv2d(_X4, _W4, _M4, padding=-1), (ValueError, RuntimeError),
-     r"padding"),
-    ("conv-dilation-0", lambda: fastcnc.masked_conv2d(_X4, _W4, _M4, dilation=0), (ValueError, RuntimeError),
-     r"dilation"),
+    # checked before either path (the kernel path divided by a zero stride)
+    ("conv-stride-0", lambda: fastcnc.masked_conv2d(_X4, _W4, _M4, stride=0), ValueError, r"stride must be >= 1"),
+    ("conv-padding-neg", lambda: fastcnc.masked_conv2d(_X4, _W4, _M4, padding=-1), ValueError,
+     r"padding must be >= 0"),
+    ("conv-dilation-0", lambda: fastcnc.masked_conv2d(_X4, _W4, _M4, dilation=(1, 0)), ValueError,
+     r"dilation must be >= 1"),
     ("conv-input-smaller-than-kernel", lambda: fastcnc.masked_conv2d(_w(1, 3, 2, 2), _W4, _M4),
      (ValueError, RuntimeError), r"[Kk]ernel size can't be greater than actual input size"),
     ("MaskedLinear-forward-features", lambda: fastcnc.MaskedLinear(5, 6)(_w(3, 4)), (ValueError, RuntimeError),
@@ -490,3 +492,31 @@ def test_triton_backend_without_interpreter_or_gpu_is_a_clear_error(monkeypatch)
     _backend.force_backend("triton")
     with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1"):
         fastcnc.masked_linear(_X, _W, _M)
+
+
+def test_numpy_scalars_and_bool_tensors_are_accepted_where_their_python_kind_is():
+    import numpy as np
+
+    w = torch.randn(6, 4, dtype=torch.float64)
+    assert fastcnc.tsc_penalty(w, a=np.float32(2.0)) == fastcnc.tsc_penalty(w, a=2.0)
+    model = fastcnc.sparsify(nn.Sequential(nn.Linear(8, 8)))
+    pruner = fastcnc.GradualPruner(model, 0.5, start_step=np.int64(0), end_step=np.int64(4), frequency=np.int32(2))
+    pruner.step(np.int64(4))
+    assert model[0].sparsity == 0.5
+    flags = torch.tensor([True, False])
+    est = esv([w, w.T], refresh=flags)
+    assert est.fallback.tolist() == [True, False]
+    with pytest.raises(TypeError, match="score_start must be an int"):
+        from fastcnc.hydra import HydraPruner, HydraSchedule
+        HydraSchedule(HydraPruner(model, 0.5), "0", 5)
+    with pytest.raises(TypeError, match="lr must be a number"):
+        HydraSchedule(HydraPruner(model, 0.5), 0, 5, lr="a")
+
+
+def test_report_of_a_file_that_is_no_report_names_it(tmp_path):
+    from fastcnc.report import load_result
+
+    bad = tmp_path / "metrics.jsonl"
+    bad.write_text('{"event": "step"}\n{"event": "step"}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl is not a report.json written by fastcnc train"):
+        load_result(bad)

@@ -1,6 +1,8 @@
 """MaskedLinear / MaskedConv2d: forward/backward vs float64 F.linear/F.conv2d on W*M, masks, state_dict,
 sparsify/densify (including models pruned with torch.nn.utils.prune)."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import fastcnc
-from fastcnc import MaskedConv2d, MaskedLinear, densify, sparsify
+from fastcnc import MaskedConv2d, MaskedLinear, densify, prune_magnitude, sparsify
 
 ATOL, RTOL = 2e-5, 1e-5
 
@@ -106,6 +108,36 @@ def test_state_dict_round_trip():
     assert torch.equal(b.mask, a.mask) and torch.equal(b.weight, a.weight)
     x = torch.randn(2, 4, 5, 5)
     torch.testing.assert_close(b(x), a(x))
+
+
+def test_sparsify_replaces_every_slot_of_a_shared_module():
+    shared = nn.Linear(8, 8)
+    net = nn.Sequential(shared, nn.ReLU(), shared)
+    sparsify(net)
+    assert isinstance(net[0], MaskedLinear) and net[0] is net[2]
+    prune_magnitude(net, 0.5)
+    net(torch.randn(4, 8)).sum().backward()
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
+    assert float((net[0].weight == 0).float().mean()) == 0.5  # the pruned weights stay pruned
+    densify(net)
+    assert type(net[0]) is nn.Linear and net[0] is net[2]
+
+
+@pytest.mark.parametrize("wrap", ["forward-hook", "old-weight-norm", "parametrized-weight-norm"])
+def test_sparsify_refuses_modules_whose_hooks_or_parametrizations_it_would_drop(wrap):
+    m = nn.Linear(3, 3)
+    if wrap == "forward-hook":
+        m.register_forward_hook(lambda *args: None)
+    elif wrap == "old-weight-norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            m = torch.nn.utils.weight_norm(m)
+    else:
+        m = torch.nn.utils.parametrizations.weight_norm(m)
+    net = nn.Sequential(nn.Linear(3, 3), m)
+    with pytest.raises(ValueError, match="sparsify: module '1' has (hooks|parametrizations)"):
+        sparsify(net)
+    assert type(net[0]) is nn.Linear  # nothing was changed
 
 
 def test_load_state_dict_checks_the_mask_and_zeroes_pruned_weights():

@@ -54,6 +54,17 @@ def test_keep_first_last():
     assert _zeros(model, middle) == round(0.8 * sum(m.mask.numel() for m in middle))
 
 
+def test_block_pruning_of_a_pruned_model_counts_its_zeros():
+    # zeros inside the tiles it keeps count toward the target: 0.5 unstructured then 0.6 in 4x4 tiles is 0.6 (to
+    # within a tile), not 0.76
+    torch.manual_seed(0)
+    m = sparsify(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)))
+    assert prune_magnitude(m, 0.5) == 0.5
+    got = prune_magnitude(m, 0.6, block=(4, 4))
+    assert 0.6 <= got < 0.6 + 16 / (2 * 64 * 64)
+    assert prune_magnitude(m, 0.55, block=(4, 4)) == got  # already past it: nothing more
+
+
 @pytest.mark.parametrize("block_score", ["l2", "l1"])
 def test_block_pruning(block_score):
     model = nn.Sequential(MaskedLinear(70, 45), MaskedConv2d(8, 32, 3))

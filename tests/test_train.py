@@ -392,7 +392,8 @@ def test_kill_dash_9_then_resume_is_bit_exact(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = load_checkpoint(ckpt)["step"]
+    first = load_checkpoint(ckpt)
+    killed_at, time_before = first["step"], first["elapsed_s"]
     total = 5 * (1437 // 64)
     assert 0 < killed_at < total
     done = subprocess.run(_cmd(killed, "--resume"), env=env, cwd=REPO, capture_output=True, text=True)
@@ -410,6 +411,8 @@ def test_kill_dash_9_then_resume_is_bit_exact(tmp_path):
         assert ka == kb and torch.equal(va["momentum_buffer"], vb["momentum_buffer"])
     assert a["pruner"] == b["pruner"]
     report_a, report_b = (json.loads((d / "report.json").read_text()) for d in (ref, killed))
+    # the wall time counts the segment before the kill too (from its last checkpoint), not the last segment alone
+    assert 0 < time_before < b["elapsed_s"] <= report_b["train_time_s"]
     report_a.pop("train_time_s"), report_b.pop("train_time_s")
     report_a["config"].pop("out"), report_b["config"].pop("out")
     assert report_a == report_b
