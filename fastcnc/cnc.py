@@ -79,11 +79,11 @@ class BilinearFormsFunction(torch.autograd.Function):
                     A = torch.stack([_tall(mats[i], w).to(torch.float64) for i, w in zip(grp.index, grp.wide,
                                                                                           strict=True)])
                 parts.append(torch.einsum("bmk,bmn,bnk->bk", grp.U, A, grp.V))
-            order = [(gi, j) for gi, grp in enumerate(groups) for j in range(len(grp.index))]
+            values = torch.cat(parts)
             index = [i for grp in groups for i in grp.index]
-            # in input order a concatenation, else one row per matrix (an index upload would be a host sync on CUDA)
-            values = torch.cat(parts) if index == list(range(len(index))) else torch.stack(
-                [parts[gi][j] for gi, j in sorted(order, key=lambda o: groups[o[0]].index[o[1]])])
+            if index != list(range(len(index))):  # back to input order, a row per matrix (an index upload would be
+                at = {i: k for k, i in enumerate(index)}  # a host sync on CUDA)
+                values = torch.stack([values[at[i]] for i in range(len(index))])
         ctx.groups = groups
         ctx.batch = batch is not None
         ctx.meta = [(m.dtype, m.shape) for m in mats]
@@ -167,23 +167,30 @@ def cnc_from_sigmas(sigmas: torch.Tensor, *, kind: str = "log", kappa_target: fl
     return torch.where(alive, p, torch.zeros_like(p))
 
 
-def check_smooth_min(smooth_min, block: int) -> float:
+def check_smooth_min(smooth_min, block: int, name: str = "smooth_min", block_name: str = "block") -> float:
     """smooth_min >= 0, small enough that the soft-min over ``block`` bottom Ritz values stays above sigma_min / 2 (it
     lies in [sigma_min (1 - smooth_min log r), sigma_min] for r values: a larger temperature can drive it to 0 and the
-    penalty to its log(1/eps) ceiling, where its gradient vanishes)."""
-    smooth_min = check_positive("smooth_min", smooth_min, allow_zero=True)
+    penalty to its log(1/eps) ceiling, where its gradient vanishes). ``name`` / ``block_name``: how the error calls
+    the two values (a config's fields)."""
+    smooth_min = check_positive(name, smooth_min, allow_zero=True)
     if block > 1 and smooth_min * math.log(block) > 0.5:
-        raise ValueError(f"smooth_min must be <= {0.5 / math.log(block):.3g} with a bottom block of {block} vectors "
-                         f"(the soft-min would fall below sigma_min / 2), got {smooth_min}")
+        raise ValueError(f"{name} must be <= {0.5 / math.log(block):.3g} with {block_name} = {block} (the soft-min "
+                         f"would fall below sigma_min / 2), got {smooth_min}")
     return smooth_min
+
+
+def check_kappa_target(kind: str, kappa_target) -> float:
+    """A positive kappa_target, and >= 1 for the hinge (a condition number is)."""
+    kappa_target = check_positive("kappa_target", kappa_target)
+    if kind == "hinge" and kappa_target < 1:
+        raise ValueError(f"kappa_target must be >= 1 (a condition number is), got {kappa_target}")
+    return kappa_target
 
 
 def _check_options(kind, kappa_target, eps, reduction, smooth_min, block: int = 4) -> None:
     check_choice("kind", kind, CNC_KINDS)
     check_choice("reduction", reduction, {"sum", "mean", "none"})
-    check_positive("kappa_target", kappa_target)
-    if kind == "hinge" and kappa_target < 1:
-        raise ValueError(f"kappa_target must be >= 1 (a condition number is), got {kappa_target}")
+    check_kappa_target(kind, kappa_target)
     check_eps_floor("eps", eps)
     check_smooth_min(smooth_min, block)
 

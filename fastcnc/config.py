@@ -313,7 +313,7 @@ def _check_device(name: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Reject inconsistent settings before any work starts."""
-    from fastcnc.cnc import CNC_KINDS
+    from fastcnc.cnc import CNC_KINDS, check_smooth_min
     from fastcnc.data import DATASETS
     from fastcnc.models import MODELS, STEMS
 
@@ -344,10 +344,7 @@ def validate(cfg: Config) -> None:
     _check_device(cfg.device)
     if cfg.warmup_epochs > cfg.epochs:
         raise ValueError(f"config field 'warmup_epochs' must be <= epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
-    if cfg.cnc_block > 1 and cfg.cnc_smooth_min * math.log(cfg.cnc_block) > 0.5:  # (TSCNC's bound: check_smooth_min)
-        raise ValueError(f"config field 'cnc_smooth_min' must be <= {0.5 / math.log(cfg.cnc_block):.3g} with "
-                         f"cnc_block = {cfg.cnc_block} (the soft-min would fall below sigma_min / 2), got "
-                         f"{cfg.cnc_smooth_min}")
+    check_smooth_min(cfg.cnc_smooth_min, cfg.cnc_block, "config field 'cnc_smooth_min'", "cnc_block")  # as TSCNC
     if cfg.prune != "none" and not 0 <= cfg.prune_start_epoch <= cfg.prune_end_epoch <= cfg.epochs:
         raise ValueError("pruning needs 0 <= prune_start_epoch <= prune_end_epoch <= epochs, got "
                          f"{cfg.prune_start_epoch}, {cfg.prune_end_epoch}, {cfg.epochs}")

@@ -12,7 +12,7 @@ from torch import nn
 
 from fastcnc import _backend
 from fastcnc._checks import check_choice, check_eps_floor, check_int, check_positive
-from fastcnc.cnc import CNC_KINDS, check_smooth_min, cnc_from_sigmas, penalty_from_estimate
+from fastcnc.cnc import CNC_KINDS, check_kappa_target, check_smooth_min, cnc_from_sigmas, penalty_from_estimate
 from fastcnc.graphed import GraphedEngine
 from fastcnc.layers import REPLACED_BY, _MaskedMixin, replacement
 from fastcnc.pruning import tensor_sparsity
@@ -101,9 +101,7 @@ class TSCNC(nn.Module):
         self.lambda_tsc = check_positive("lambda_tsc", lambda_tsc, allow_zero=True)
         self.lambda_cnc = check_positive("lambda_cnc", lambda_cnc, allow_zero=True)
         self.cnc = check_choice("cnc", cnc, CNC_KINDS)
-        self.kappa_target = check_positive("kappa_target", kappa_target)
-        if cnc == "hinge" and kappa_target < 1:
-            raise ValueError(f"kappa_target must be >= 1 (a condition number is), got {kappa_target}")
+        self.kappa_target = check_kappa_target(cnc, kappa_target)
         self.eps = check_eps_floor("eps", eps)
         self.a = check_positive("a", a)
         check_positive("rtol", rtol)
