@@ -160,6 +160,23 @@ def test_source_bounds_hold_and_find_the_structure():
     assert not bool(_source_bounds([torch.full((4, 3), float("nan"))]).finite.all())
 
 
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("n", [64, 127, 128, 200, 513])
+def test_blocked_gram_is_the_product(n, wide):
+    from fastcnc.spectral import _gram
+
+    gen = torch.Generator().manual_seed(n)
+    m = n + 37
+    W = torch.randn(2, n, m, generator=gen, dtype=torch.float64) if wide else \
+        torch.randn(2, m, n, generator=gen, dtype=torch.float64)
+    A = W.mT if wide else W  # a wide group's tall view (strided columns), or a tall stack as stored
+    G = _gram(A)
+    ref = torch.einsum("bki,bkj->bij", A, A)
+    # each entry one length-m dot product: within the Gram's rounding bound of the exact product
+    bound = 2 * m * 2.0**-53 * torch.einsum("bki,bkj->bij", A.abs(), A.abs())
+    assert bool(((G - ref).abs() <= bound).all())  # both triangles: the mirrored blocks too
+
+
 def test_top_ritz_pick_of_a_two_column_block_is_the_dominant_eigenvector():
     # closed form 0.5 atan2(2b, a - c) against eigh, including ties, a zero off-diagonal and a negative one
     from fastcnc.spectral import _top_ritz
