@@ -124,8 +124,8 @@ class HydraPruner(nn.Module):
         self._frozen = [(p, p.requires_grad) for p in self._model.parameters()]
         for p, _ in self._frozen:
             p.requires_grad_(False)
-        for (_, layer), s in zip(self._layers, self.scores, strict=True):
-            layer.forward = _scored_forward(layer, self, s)
+        for index, (_, layer) in enumerate(self._layers):
+            layer.forward = _ScoredForward(layer, self, index)
         self.scoring = True
         return list(self.scores)
 
@@ -152,12 +152,19 @@ class HydraPruner(nn.Module):
             self.begin_scoring(reset=False)  # the loaded scores are kept
 
 
-def _scored_forward(layer: nn.Module, pruner: HydraPruner, scores: nn.Parameter):
-    index = next(i for i, s in enumerate(pruner.scores) if s is scores)
+class _ScoredForward:
+    """A pruned layer's forward while scoring: ``W * M * topk(|s|)``. An object, not a closure, so that
+    ``copy.deepcopy(model)`` gives the copy a forward on its own weights and scores (a closure would keep computing
+    with the original's) and ``torch.save(model)`` can pickle it."""
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, layer: nn.Module, pruner: HydraPruner, index: int) -> None:
+        self.layer, self.pruner, self.index = layer, pruner, index
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        layer, pruner = self.layer, self.pruner
+        scores = pruner.scores[self.index]
         # global scope couples the layers: recompute all masks (cheap next to the forward) and take this one's
-        mask = pruner.masks()[index] if pruner.scope == "global" else topk_mask(
+        mask = pruner.masks()[self.index] if pruner.scope == "global" else topk_mask(
             scores.abs(), _n_keep(scores.numel(), pruner.sparsity))
         weight = layer.weight * layer.mask * mask.to(layer.weight.dtype)
         if isinstance(layer, MaskedConv2d):
@@ -165,8 +172,6 @@ def _scored_forward(layer: nn.Module, pruner: HydraPruner, scores: nn.Parameter)
         if isinstance(layer, MaskedLinear):
             return F.linear(x, weight, layer.bias)
         raise TypeError(f"HYDRA scores only MaskedLinear / MaskedConv2d, got {type(layer).__name__}")
-
-    return forward
 
 
 class HydraSchedule:

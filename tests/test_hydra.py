@@ -183,3 +183,35 @@ def test_schedule_runs_the_three_stages_and_learns_scores():
     assert other.scoring
     other.step(5)
     assert not other.scoring and other.done
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_model_copied_or_pickled_while_scoring_computes_with_its_own_weights_and_scores(scope):
+    import io
+
+    model = _net()
+    pruner = HydraPruner(model, 0.7, scope=scope)
+    pruner.begin_scoring()
+    x = torch.randn(4, 1, 5, 5)
+    before = model(x).detach()
+    clone = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():  # the original changes; its copies must not follow
+        for p in model.parameters():
+            p.mul_(-3.0)
+        for s in pruner.scores:
+            s.copy_(torch.randn_like(s))
+    assert not torch.allclose(model(x), before)
+    for other in (clone, loaded):
+        assert torch.equal(other(x), before)
+        # the copy's scores are its own parameters: they get the gradient, the original's do not
+        copied = next(m for m in other.modules() if isinstance(m, MaskedLinear)).forward.pruner
+        other(x).sum().backward()
+        assert all(s.grad is not None for s in copied.scores)
+        assert all(s.grad is None for s in pruner.scores)
+        copied.end_scoring()  # the copy leaves the stage on its own
+        assert "forward" not in vars(next(m for m in other.modules() if isinstance(m, MaskedLinear)))
+    assert pruner.scoring
