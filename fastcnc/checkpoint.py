@@ -8,6 +8,8 @@ carry the fastcnc format tag; anything else is refused with ``CheckpointError``.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import random
 import tempfile
@@ -64,6 +66,11 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    # a writer killed between mkstemp and os.replace left its temporary file behind: one writer per checkpoint path
+    # (rank 0), so any other temporary file of this path is stale once this write has landed
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
 
 
 def _os_error_in(exc: BaseException) -> OSError | None:

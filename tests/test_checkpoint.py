@@ -20,6 +20,16 @@ def test_roundtrip_and_no_temporary_files_left(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    stale = tmp_path / ".checkpoint.pt.abc123.tmp"  # what mkstemp names it; a kill -9 before os.replace leaves it
+    stale.write_bytes(b"partial")
+    other = tmp_path / ".other.pt.abc123.tmp"  # another path's writer: not ours to delete
+    other.write_bytes(b"partial")
+    save_checkpoint(path, {"step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.abc123.tmp", "checkpoint.pt"]
+
+
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"step": 1})
