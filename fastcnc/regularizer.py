@@ -263,6 +263,9 @@ class TSCNC(nn.Module):
                 return False
         return True
 
+    # under torch.compile the regulariser runs eagerly: tracing the engine would break its graph at every host-side
+    # decision (CPU) and would trace around its own CUDA graph (CUDA); the model's graph is compiled as usual
+    @torch.compiler.disable
     def forward(self) -> torch.Tensor:
         self._follow_replacements()
         layers = [layer for _, layer in self._layers]
