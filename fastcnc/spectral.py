@@ -158,6 +158,8 @@ class SpectralState:
         s.shapes = None if d["shapes"] is None else [tuple(x) for x in d["shapes"]]
         s.blocks = d["blocks"]
         s.lower = d.get("lower")
+        if isinstance(s.blocks, list):  # (a state for other shapes or options is ignored at the call: cold start)
+            _check_blocks([b for b in s.blocks if isinstance(b, torch.Tensor) and b.dim() == 2 and b.numel()])
         return s
 
 
@@ -275,17 +277,18 @@ class _SourceBounds:
     """Per matrix, from its weights as stored (CPU): ``gram_err`` bounds |fl(A^T A) - A^T A|_2 for a float64 Gram of
     the unscaled A, ``norm`` bounds sigma_max, ``structural``: rank(A) < n from the zero pattern, ``finite``,
     ``rows``: the rows of the tall A that hold a nonzero, where at least n and at most ``_COMPACT_ROWS`` of them do
-    (else None)."""
+    (else None), ``zero``: A = 0 exactly."""
 
     gram_err: torch.Tensor  # [L] float64
     norm: torch.Tensor  # [L] float64
     structural: torch.Tensor  # [L] bool
     finite: torch.Tensor  # [L] bool
     rows: list[torch.Tensor | None]
+    zero: torch.Tensor  # [L] bool
 
     def take(self, idx: list[int]) -> _SourceBounds:
         return _SourceBounds(*(getattr(self, k)[idx] for k in ("gram_err", "norm", "structural", "finite")),
-                             [self.rows[i] for i in idx])
+                             [self.rows[i] for i in idx], self.zero[idx])
 
 
 def _source_bounds(mats: list[torch.Tensor]) -> _SourceBounds:
@@ -303,7 +306,7 @@ def _source_bounds(mats: list[torch.Tensor]) -> _SourceBounds:
     Matrices of one shape and dtype are read as one stack (batched mat-vecs, one read-back), so thousands of small
     blocks cost a few ops, not a few ops each."""
     L = len(mats)
-    ge, nb, st, fin, rows = [0.0] * L, [0.0] * L, [False] * L, [True] * L, [None] * L  # host: this is the CPU path
+    ge, nb, st, fin, rows, zero = [0.0] * L, [0.0] * L, [False] * L, [True] * L, [None] * L, [False] * L  # (host)
     runs: dict[tuple, list[int]] = {}
     for i, w in enumerate(mats):
         runs.setdefault((tuple(w.shape), w.dtype), []).append(i)
@@ -349,13 +352,14 @@ def _source_bounds(mats: list[torch.Tensor]) -> _SourceBounds:
                 ge[i] = q_max * _gamma(m) * (1 + 4 * _U)
                 nb[i] = math.sqrt(c_top[j] * r_top[j] / ((1 - _gamma(m, u)) * (1 - _gamma(n, u)))) * (1 + 4 * _U)
                 st[i] = empty_col[j] or count[j] < n
+                zero[i] = count[j] == 0
                 fin[i] = finite[j]
                 rows[i] = held[j].nonzero().flatten() if n <= count[j] <= _COMPACT_ROWS * m else None
             todo = redo
             if not todo:
                 break
     return _SourceBounds(torch.tensor(ge, dtype=_F64), torch.tensor(nb, dtype=_F64), torch.tensor(st),
-                         torch.tensor(fin), rows)
+                         torch.tensor(fin), rows, torch.tensor(zero))
 
 
 # A CPU group whose matrices all have at most this fraction of nonzero rows (tall orientation) is formed from those
@@ -984,8 +988,9 @@ def _finish(g: _Group, rows, X, Y, x, y, L_it, opt: SpectralOptions, sync: bool,
 
 
 def _unit_or(z: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """z / |z|, or the (unit, finite) fallback where z is zero or not finite: any unit vector gives valid one-sided
-    values |A z| (sigma_min <= |A x|, |A y| <= sigma_max), so a failed Ritz pick costs accuracy, never soundness."""
+    """z / |z|, or the fallback where z is zero or not finite: any unit vector gives valid one-sided values |A z|
+    (sigma_min <= |A x|, |A y| <= sigma_max), so a failed Ritz pick costs accuracy, never soundness. The fallback is a
+    column of an orthonormal block, hence unit (a warm state with a degenerate block is refused: _check_blocks)."""
     nz = z.norm(dim=1, keepdim=True)
     ok = torch.isfinite(nz) & (nz > 0)
     return torch.where(ok, z / torch.where(ok, nz, torch.ones_like(nz)), fallback)
@@ -1283,7 +1288,7 @@ def extreme_singular_values(
             true one; more rounds, then an exact float64 SVD, are spent on matrices that do not reach it.
         floor: relative floor of sigma_min in kappa_floor = sigma_max / (sigma_min + floor * sigma_max) (the CNC
             ``eps``): below ``floor * rtol * sigma_max`` the exact value of sigma_min no longer matters. With the
-            default 0, a matrix whose sigma_min cannot be resolved in float64 (kappa beyond ~1e12, not structurally
+            default 0, a matrix whose sigma_min cannot be resolved in float64 (kappa beyond ~1e11, not structurally
             rank-deficient) raises ValueError.
         block: retained bottom Ritz vectors per matrix (more helps clustered bottoms on cold starts).
         iters: inverse-iteration and power steps in the first round (doubled at each further round).
@@ -1318,7 +1323,7 @@ def extreme_singular_values(
     blocks_in, lower_in = _warm_state(state, mats, shapes, opt, sync)
     work = {"grams": len(mats), "rounds": 0, "factorizations": 0, "inverse_steps": 0, "fallbacks": 0}
     gen = torch.Generator().manual_seed(opt.seed)
-    batches, fast_groups = _batches(mats, shapes, blocks_in, opt, sync, gen, tight_max, ritz_block)
+    batches, fast_groups = _batches(mats, shapes, blocks_in, opt, sync, gen, tight_max, ritz_block, flags)
     per: list = [None] * len(mats)  # (group, row) of each matrix
     results = []
     for g, start, warm in fast_groups:
@@ -1408,7 +1413,14 @@ def _refresh_flags(refresh, n_mats: int) -> bool | list[bool]:
     raise TypeError(f"refresh must be a bool, or a list or 1-D bool tensor of {n_mats} bools, got {refresh!r}")
 
 
-def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tight_max: bool, ritz_block: bool):
+# The norm bounds between which a structurally rank-deficient matrix may take the Gram-free power steps in its own
+# precision: far from float32's underflow and overflow (squares of 2^-40..2^40 stay within 2^-80..2^80, and the
+# underflow term of |A y|'s rounding bound stays negligible next to |A y|)
+_STRUCTURAL_NORMS = (2.0**-40, 2.0**40)
+
+
+def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tight_max: bool, ritz_block: bool,
+             flags: bool | list[bool] = False):
     """Batches of matrices solved together, as (a call that returns the group and its start blocks, warm-started):
     on CPU one per tall shape and orientation (small ones merged, see below), on CUDA one per bucket of n; and the
     structurally rank-deficient groups that skip the Gram (CPU), as (group, start blocks, warm-started)."""
@@ -1433,8 +1445,13 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
         finite = bounds.finite.tolist()
         plain = [f and m.dtype != _F64 for f, m in zip(finite, mats, strict=True)]
         # (n <= _EIGH_MAX: the eigh path is cheap and gives a tight sigma_max)
-        fast = [s and f and min(m.shape) > _EIGH_MAX and not (tight_max or ritz_block)
-                for s, f, m in zip(bounds.structural.tolist(), finite, mats, strict=True)]
+        # (refreshed matrices get their exact SVD; a norm bound outside _STRUCTURAL_NORMS, or one that underflowed,
+        # takes the Gram route, which scales float64 and cannot under- or overflow on float32 entries)
+        lo, hi = _STRUCTURAL_NORMS
+        fast = [s and f and min(m.shape) > _EIGH_MAX and not (tight_max or ritz_block or r) and (lo <= nb <= hi or z)
+                for s, f, m, r, nb, z in zip(bounds.structural.tolist(), finite, mats,
+                                             [flags] * len(mats) if isinstance(flags, bool) else flags,
+                                             bounds.norm.tolist(), bounds.zero.tolist(), strict=True)]
         for key, idx in list(by_shape.items()):
             rest = [i for i in idx if not fast[i]]
             for i in idx:
@@ -1527,6 +1544,28 @@ def warm_block_width(n: int, block: int) -> int:
     return min(block, n) + min(2, n)
 
 
+def _check_blocks(blocks: list[torch.Tensor]) -> None:
+    """Warm-start blocks ([n, w]: the bottom block, then the top block of min(2, n) columns) must be finite and each
+    part orthonormal, as the engine leaves them: a rank-deficient part (a zero column) would make a Ritz pick of a zero
+    vector, and |A 0| = 0 looks like a certified sigma_min. One check per shape of block (thousands of small blocks)."""
+    by_shape: dict = {}
+    for b in blocks:
+        by_shape.setdefault((tuple(b.shape), b.dtype, b.device), []).append(b)
+    for ((n, w), _, _), same in by_shape.items():
+        bs = torch.stack(same).to(_F64)
+        if not bool(torch.isfinite(bs).all()):
+            raise ValueError("state holds NaN/Inf warm-start blocks (a corrupt SpectralState); "
+                             "pass a fresh fastcnc.SpectralState()")
+        top = min(2, n)
+        parts = [bs[..., :w - top], bs[..., w - top:]] if w > top else [bs]
+        worst = max(float((P.mT @ P - torch.eye(P.shape[-1], dtype=_F64, device=P.device)).abs().amax())
+                    for P in parts)
+        if not worst <= 1e-3:
+            raise ValueError(f"state holds warm-start blocks of shape {(n, w)} whose bottom or top part is not "
+                             f"orthonormal (|X^T X - I| = {worst:.3g}; a corrupt SpectralState); "
+                             "pass a fresh fastcnc.SpectralState()")
+
+
 def _warm_state(state, mats, shapes, opt: SpectralOptions, sync: bool):
     """The state's blocks and shifts where they fit these matrices and options (else None: cold start)."""
     if state is None or not state.matches(shapes) or len(state.blocks) != len(mats):
@@ -1536,14 +1575,8 @@ def _warm_state(state, mats, shapes, opt: SpectralOptions, sync: bool):
         n = min(m.shape)
         want = (n, warm_block_width(n, opt.block))
         blocks.append(b if isinstance(b, torch.Tensor) and tuple(b.shape) == want else None)
-    if sync:  # one check per shape of block, not one per matrix (thousands of small blocks)
-        by_shape: dict = {}
-        for b in blocks:
-            if b is not None:
-                by_shape.setdefault((tuple(b.shape), b.dtype, b.device), []).append(b)
-        if any(not bool(torch.isfinite(torch.stack(bs)).all()) for bs in by_shape.values()):
-            raise ValueError("state holds NaN/Inf warm-start blocks (a corrupt SpectralState); "
-                             "pass a fresh fastcnc.SpectralState()")
+    if sync:
+        _check_blocks([b for b in blocks if b is not None])
     lower = state.lower if isinstance(state.lower, list) and len(state.lower) == len(mats) else None
     if lower is not None and any(not isinstance(v, torch.Tensor) or v.numel() != 1 for v in lower):
         lower = None

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastcnc import TSCNC, _backend, sparsify, spectral
-from fastcnc.cnc import penalty_from_estimate
+from fastcnc.cnc import cnc_penalty, penalty_from_estimate
 from fastcnc.reference import matrix_with_spectrum
 from fastcnc.spectral import SpectralState, as_matrices, extreme_singular_values
 
@@ -544,6 +544,28 @@ def test_scale_invariance_at_extreme_magnitudes(scale):
     assert math.isclose(float(est.kappa[0]), float(ref.kappa[0]), rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-36), (torch.float32, 1e-25), (torch.float32, 1e30),
+                                          (torch.float64, 1e-170), (torch.float64, 1e-300), (torch.float64, 1e300)])
+def test_structurally_singular_matrices_at_extreme_magnitudes(dtype, scale):
+    # the Gram-free path works in the weights' precision and must not see them underflow: its norm bound and its
+    # power steps once made a certified [0, 0] bracket (kappa 1, penalty 0: "all-zero") of a non-zero matrix
+    W = torch.randn(300, 200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    W[:, 5] = 0  # an empty column: sigma_min = 0 exactly, n = 200 takes the Gram-free path at ordinary magnitudes
+    A = (W * scale).to(dtype)
+    est = extreme_singular_values(A, floor=1e-3)
+    check_estimate(est, [A], floor=1e-3)
+    assert bool(est.structural[0]) and float(est.sigma_max[0]) > 0
+    assert float(cnc_penalty(A, eps=1e-3)) == pytest.approx(math.log(1e3), rel=1e-12)
+
+
+def test_refresh_is_exact_on_structurally_singular_matrices_too():
+    W = torch.randn(300, 200, generator=torch.Generator().manual_seed(1))
+    W[:, 5] = 0
+    est = extreme_singular_values(W, refresh=True)
+    assert bool(est.fallback[0]) and est.work["fallbacks"] == 1
+    assert float(est.sigma_max[0]) == pytest.approx(float(torch.linalg.matrix_norm(W.double(), 2)), rel=1e-12)
+
+
 def test_refresh_is_exact_and_resets_state():
     A = torch.randn(90, 40, dtype=torch.float64)
     state = SpectralState()
@@ -579,6 +601,15 @@ def test_corrupt_state_raises_and_foreign_state_is_ignored():
     state.blocks[0][0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"state holds NaN/Inf.*fresh"):
         extreme_singular_values(A, state=state)
+    # finite but degenerate: a zero column made a Ritz pick of the zero vector, |A 0| = 0 a "certified" sigma_min
+    B = torch.randn(300, 200, dtype=torch.float64)  # n > 128: the iterative path reads the state
+    degenerate = SpectralState()
+    extreme_singular_values(B, state=degenerate)
+    degenerate.blocks[0][:, 0] = 0
+    with pytest.raises(ValueError, match=r"not orthonormal.*fresh"):
+        SpectralState.from_dict(degenerate.to_dict())  # a checkpoint: checked on load, whatever the device
+    with pytest.raises(ValueError, match=r"not orthonormal.*fresh"):
+        extreme_singular_values(B, state=degenerate)  # every synchronous call checks its state
     other = SpectralState()
     extreme_singular_values(torch.randn(41, 30), state=other)
     check_estimate(extreme_singular_values(A, state=other), [A])
