@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fastcnc import _backend
 from fastcnc._checks import check_mask, check_tensor
@@ -141,6 +142,7 @@ class MaskedMatmulFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not themselves differentiable: refuse double backward loudly
     def backward(ctx, grad_out):
         a, weight = ctx.saved_tensors
         tiles, groups = ctx.tiles, ctx.groups

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcnc import _backend, masked
+from fastcnc import MaskedLinear, _backend, masked
 from fastcnc.masked import build_tile_table, masked_conv2d, masked_linear, masked_matmul
 
 # fp32 kernels (ieee dot) against a float64 reference: error grows like sqrt(K) * eps32
@@ -325,6 +325,23 @@ def test_gradcheck_float64():
     w2 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     mask2 = _mask((4, 6), "random").double()
     assert torch.autograd.gradcheck(lambda x, w: masked_linear(x, w, mask2), (x2, w2))
+
+
+def test_double_backward_is_exact_or_refused(backend):
+    # an input-gradient penalty: autograd's own second derivative on the torch path; the kernel path's backward is
+    # not differentiable and must fail loudly (it used to return a gradient without grad_fn: wrong weight gradients)
+    torch.manual_seed(0)
+    layer = MaskedLinear(8, 4)
+    layer.set_mask(torch.rand(4, 8) < 0.5)
+    x = torch.randn(5, 8, requires_grad=True)
+    out = layer(x).tanh().sum()
+    (g,) = torch.autograd.grad(out, x, create_graph=True)
+    if backend == "torch":
+        (out + g.pow(2).sum()).backward()
+        assert layer.weight.grad is not None and bool((layer.weight.grad[layer.mask == 0] == 0).all())
+    else:
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            (out + g.pow(2).sum()).backward()
 
 
 # ------------------------------------------------------------------------------------------------------- bad input
