@@ -1,4 +1,4 @@
-"""Masked (pruned) layers: the mask is a buffer and is applied inside the forward, so pruned weights stay zero.
+"""Masked (pruned) layers: the mask is a buffer and is applied inside the forward, so pruned weights compute as zero.
 
 ``MaskedLinear`` / ``MaskedConv2d`` compute with ``weight * mask``. On CPU that is plain ``F.linear`` / ``F.conv2d``
 on the masked weight; on CUDA (or a forced ``"triton"`` backend) the layer follows ``fastcnc.masked``'s dispatch
@@ -38,9 +38,15 @@ class _MaskedMixin:
         check_mask(mask, self.weight)
         with torch.no_grad():
             self.mask.copy_(mask)
-            self.weight.mul_(self.mask)
+            self._zero_pruned()
         if use_triton(self.weight):
             self.tile_table()
+
+    @torch.no_grad()
+    def _zero_pruned(self) -> None:
+        # a fill, not weight * mask: a NaN/Inf at a pruned position times 0 is NaN, and the two backends would then
+        # disagree (the kernels skip pruned weights, W * M does not)
+        self.weight.masked_fill_(self.mask == 0, 0.0)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -53,9 +59,15 @@ class _MaskedMixin:
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if isinstance(mask, torch.Tensor) and not error_msgs:
-            with torch.no_grad():
-                self.weight.mul_(self.mask)
+        if error_msgs or not isinstance(state_dict.get(prefix + "weight"), torch.Tensor):
+            return
+        # a loaded weight is zeroed where the mask (loaded, or the layer's own when the state dict has none, as a
+        # plain layer's under strict=False) prunes it; with assign=True the parameter holds the caller's tensor, which
+        # must not be written: the zeroed weight is then a new tensor
+        if local_metadata.get("assign_to_params_buffers", False):
+            self.weight.data = self.weight.data.masked_fill(self.mask == 0, 0.0)
+        else:
+            self._zero_pruned()
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the layer computes with, ``weight * mask`` (differentiable in ``weight``)."""

@@ -23,6 +23,7 @@ groups as a grid axis of the kernel and the output written straight into ``[B, C
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -240,15 +241,20 @@ def _conv2d(x, weight, mask, bias, stride, padding, dilation, groups, tiles, pru
 
 
 def _pair(v, name: str, minimum: int) -> tuple[int, int]:
-    t = (v, v) if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in t):
+    t = (v, v) if isinstance(v, numbers.Integral) else tuple(v) if isinstance(v, (tuple, list)) else None
+    if t is None or len(t) != 2 or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in t):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
     if min(t) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
-    return t
+    return int(t[0]), int(t[1])
 
 
 def _check_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Devices (metadata only: no sync) and dtypes of the activations against the weight's."""
+    if x.device != weight.device:
+        raise ValueError(f"x must be on the weight's device {weight.device}, got {x.device}")
+    if bias is not None and isinstance(bias, torch.Tensor) and bias.device != weight.device:
+        raise ValueError(f"bias must be on the weight's device {weight.device}, got {bias.device}")
     if torch.is_autocast_enabled(x.device.type):
         return  # autocast casts all three to its dtype, as it does for F.linear
     if weight.dtype != x.dtype:

@@ -9,6 +9,8 @@ entries that are already pruned rank below every live one, so masks only shrink 
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -21,8 +23,17 @@ def masked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MASKED_LAYERS)]
 
 
+@torch.no_grad()
+def apply_masks(model: nn.Module) -> None:
+    """Zero the stored pruned weights; call it after each optimizer step. The layers compute with ``weight * mask``
+    and a pruned weight's gradient is 0, but optimizer state from before a pruning event (momentum, Adam's moments)
+    and weight decay's coupling keep moving the stored value; magnitude ranking and exports should see exact zeros."""
+    for _, m in masked_layers(model):
+        m._zero_pruned()
+
+
 def _check_sparsity(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number in [0, 1), got {type(value).__name__}")
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
@@ -33,7 +44,7 @@ def _check_block(block) -> tuple[int, int] | None:
     if block is None:
         return None
     if (not isinstance(block, (tuple, list)) or len(block) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
+            or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 1 for b in block)):
         raise ValueError(f"block must be None or a pair of positive ints (bh, bw), got {block!r}")
     return int(block[0]), int(block[1])
 

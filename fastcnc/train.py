@@ -42,7 +42,7 @@ from fastcnc.config import (
 )
 from fastcnc.data import TensorLoader, augment_crop_flip, load_dataset
 from fastcnc.models import build_model
-from fastcnc.pruning import GradualPruner, masked_layers, prune_magnitude, sparsity_report
+from fastcnc.pruning import GradualPruner, apply_masks, prune_magnitude, sparsity_report
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -102,14 +102,6 @@ def seed_everything(seed: int) -> None:
 def model_sparsity(model: nn.Module) -> float:
     """Fraction of pruned entries over all masked layers."""
     return sparsity_report(model)[-1]["sparsity"]
-
-
-@torch.no_grad()
-def apply_masks(model: nn.Module) -> None:
-    """Zero the stored pruned weights after an optimizer step: momentum and weight decay would otherwise let them
-    drift (they are masked in the forward anyway, but magnitude ranking and TSC should see exact zeros)."""
-    for _, m in masked_layers(model):
-        m.weight.mul_(m.mask)
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, milestones: list[float],

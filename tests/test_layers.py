@@ -151,6 +151,28 @@ def test_load_state_dict_checks_the_mask_and_zeroes_pruned_weights():
     assert not a.weight[sd["mask"] == 0].any() and torch.equal(a.weight[sd["mask"] == 1], sd["weight"][sd["mask"] == 1])
 
 
+def test_non_finite_pruned_weights_become_zero_and_loads_never_write_the_callers_tensor():
+    mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    layer = MaskedLinear(3, 2, bias=False)
+    with torch.no_grad():
+        layer.weight[0, 1] = float("inf")
+    layer.set_mask(mask)  # weight * mask would leave inf * 0 = NaN there
+    assert torch.equal(layer.weight[mask == 0], torch.zeros(2))
+    loaded = MaskedLinear(3, 2, bias=False)
+    sd = {"weight": torch.tensor([[1.0, float("nan"), 1.0], [1.0, 1.0, float("inf")]]), "mask": mask}
+    loaded.load_state_dict(sd)
+    assert torch.equal(loaded(torch.ones(1, 3)), torch.tensor([[2.0, 2.0]]))
+    assigned = MaskedLinear(3, 2, bias=False)
+    sd = {"weight": torch.ones(2, 3), "mask": mask}
+    assigned.load_state_dict(sd, assign=True)
+    assert torch.equal(sd["weight"], torch.ones(2, 3)) and torch.equal(assigned.weight.detach(), mask)
+    # a plain layer's state dict (no mask) under strict=False keeps the layer's mask and zeroes what it prunes
+    pruned = MaskedLinear(5, 3)
+    pruned.set_mask(torch.arange(15).reshape(3, 5) % 2 == 0)
+    missing = pruned.load_state_dict(nn.Linear(5, 3).state_dict(), strict=False).missing_keys
+    assert missing == ["mask"] and not pruned.weight[pruned.mask == 0].any()
+
+
 def test_tile_table_cache_follows_mask():
     layer = MaskedLinear(64, 64)
     t1 = layer.tile_table()

@@ -1,5 +1,6 @@
 """masked_linear / masked_conv2d (torch path and Triton kernels) against F.linear / F.conv2d on W*M in float64."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -376,6 +377,16 @@ def test_bad_inputs():
         masked_conv2d(torch.randn(1, 4, 5, 5), wc, torch.ones_like(wc), stride=(1, 2, 3), groups=2)
     with pytest.raises(ValueError, match="block must be one of"):
         build_tile_table(torch.ones(4, 4), block=8)
+    for bad in (1.0, "1"):  # named, not "'float' object is not iterable"
+        with pytest.raises(ValueError, match="stride must be an int or a pair of ints"):
+            masked_conv2d(torch.randn(1, 4, 5, 5), wc, torch.ones_like(wc), stride=bad, groups=2)
+    y = masked_conv2d(torch.randn(1, 4, 5, 5), wc, torch.ones_like(wc), stride=np.int64(2), padding=(np.int32(1), 1),
+                      groups=2)
+    assert y.shape == (1, 6, 3, 3)
+    with pytest.raises(ValueError, match="x must be on the weight's device"):
+        masked_linear(x.to("meta"), w, torch.ones(4, 5))
+    with pytest.raises(ValueError, match="bias must be on the weight's device"):
+        masked_linear(x, w, torch.ones(4, 5), torch.ones(4, device="meta"))
 
 
 # ------------------------------------------------------------------------------------------------------------- CUDA

@@ -1,10 +1,11 @@
 """prune_magnitude (unstructured / block, global / layer, keep_first_last), GradualPruner, sparsity_report."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fastcnc import GradualPruner, MaskedConv2d, MaskedLinear, prune_magnitude, sparsify, sparsity_report
+from fastcnc import GradualPruner, MaskedConv2d, MaskedLinear, apply_masks, prune_magnitude, sparsify, sparsity_report
 
 
 def _model():
@@ -118,6 +119,28 @@ def test_bad_arguments():
         GradualPruner(model, 1.0, 0, 10, 1)
     with pytest.raises(ValueError, match="initial_sparsity .* must be <= final_sparsity"):
         GradualPruner(model, 0.5, 0, 10, 1, initial_sparsity=0.6)
+    # numpy scalars are numbers like any other
+    prune_magnitude(model, np.float32(0.5), block=(np.int64(2), np.int64(2)))
+    GradualPruner(model, np.float64(0.9), np.int64(0), 10, 1)
+
+
+def test_apply_masks_zeroes_what_optimizer_state_revives():
+    # momentum from before a pruning event keeps moving the stored pruned weights (the forward masks them anyway)
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskedLinear(16, 16), nn.ReLU(), MaskedLinear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    pruner = GradualPruner(model, final_sparsity=0.9, start_step=2, end_step=4, frequency=1)
+    revived = []
+    for step in range(6):
+        loss = model(torch.randn(8, 16)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        revived.append(int((model[0].weight[model[0].mask == 0] != 0).sum()))
+        apply_masks(model)
+        pruner.step(step)
+        assert not model[0].weight[model[0].mask == 0].any()
+    assert max(revived) > 0  # without apply_masks the stored weights would come back
 
 
 def test_gradual_schedule_and_steps():
