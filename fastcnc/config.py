@@ -179,7 +179,7 @@ def _parse_float(text: str) -> float:
 
 def apply_overrides(cfg: Config, values: dict, source: str) -> Config:
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    changes = {}
+    changes, given_as = {}, {}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name in DEPRECATED_FIELDS:
@@ -188,6 +188,10 @@ def apply_overrides(cfg: Config, values: dict, source: str) -> Config:
             name = DEPRECATED_FIELDS[name]
         if name not in fields:
             raise ValueError(f"{source}: unknown config field {key!r} (known: {', '.join(sorted(fields))})")
+        if name in given_as:  # a field and its deprecated alias: which one wins must not depend on their order
+            raise ValueError(f"{source}: {given_as[name]!r} and {key!r} both set the config field {name!r}; give it "
+                             "once")
+        given_as[name] = key
         changes[name] = _coerce(fields[name], value, source)
     return dataclasses.replace(cfg, **changes)
 

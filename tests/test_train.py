@@ -5,6 +5,7 @@ import inspect
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -138,6 +139,13 @@ def test_cli_shows_deprecated_names_as_one_warning_line(tmp_path, capsys):
     # the library still raises an ordinary DeprecationWarning, for its callers' own filters
     with pytest.warns(DeprecationWarning, match="'power_iters' is deprecated"):
         load_config("quick", overrides={"power_iters": "2"})
+    # a field and its alias in one source: an error, not whichever came last
+    both = tmp_path / "both.toml"
+    both.write_text("attack_eps = 0.2\neps = 0.1\n")
+    for extra in (["--attack_eps", "0.2", "--eps", "0.1"], ["--eps", "0.1", "--attack_eps", "0.2"],
+                  ["--cnc_iters", "7", "--power_iters", "2"], ["--config", str(both)]):
+        assert cli_main(["train", "--preset", "quick", *extra, "--print-config"]) == 1
+        assert re.search(r"both set the config field '(attack_eps|cnc_iters)'; give it once", capsys.readouterr().err)
 
 
 NUMERIC_FIELDS = [f for f in dataclasses.fields(Config) if f.type in ("int", "float")]
