@@ -12,6 +12,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastcnc.tsc import TSC_A_RANGE
+
 PRESET_DIR = Path(__file__).with_name("presets")
 
 
@@ -263,7 +265,7 @@ NUMERIC_RANGES = {
     "lambda_cnc": "[0, inf)",
     "kappa_target": "(0, inf)",
     "cnc_eps": "(0, 1)",
-    "tsc_a": "(0, inf)",
+    "tsc_a": f"[{TSC_A_RANGE[0]:g}, {TSC_A_RANGE[1]:g}]",
     "cnc_rtol": "(0, 1)",
     "cnc_iters": "[1, inf)",
     "cnc_block": "[1, inf)",

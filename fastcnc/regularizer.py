@@ -18,7 +18,7 @@ from fastcnc.layers import REPLACED_BY, _MaskedMixin, replacement
 from fastcnc.pruning import tensor_sparsity
 from fastcnc.spectral import SpectralEstimate, SpectralOptions, SpectralState, as_matrices, extreme_singular_values
 from fastcnc.spectral_math import kappa
-from fastcnc.tsc import tsc_penalty
+from fastcnc.tsc import check_tsc_a, tsc_penalty
 from fastcnc.tscnc_terms import TSCNCTermsFunction
 
 __all__ = ["TSCNC", "constrained_layers"]
@@ -103,7 +103,7 @@ class TSCNC(nn.Module):
         self.cnc = check_choice("cnc", cnc, CNC_KINDS)
         self.kappa_target = check_kappa_target(cnc, kappa_target)
         self.eps = check_eps_floor("eps", eps)
-        self.a = check_positive("a", a)
+        self.a = check_tsc_a(a)
         check_positive("rtol", rtol)
         self.options = SpectralOptions(rtol=rtol, floor=self.eps, block=block, iters=iters, max_rounds=max_rounds)
         self.smooth_min = check_smooth_min(smooth_min, block)

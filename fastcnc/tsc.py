@@ -187,6 +187,19 @@ def tsc_grads(weights: list[torch.Tensor], a: float, scale: torch.Tensor) -> lis
     return grads
 
 
+TSC_A_RANGE = (1e-6, 1e6)  # float32 arithmetic: the slope at 0, (a + 1) / a, and a (a + 1) stay far inside its range
+
+
+def check_tsc_a(a, name: str = "a") -> float:
+    """The shape parameter ``a`` of rho_a, in ``TSC_A_RANGE`` (a -> 0 tends to L0, a -> inf to L1; beyond the range
+    float32 under- or overflows: a NaN penalty, blamed on the weights)."""
+    a = check_positive(name, a)
+    low, high = TSC_A_RANGE
+    if not low <= a <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}] (float32 under- or overflows beyond), got {a}")
+    return a
+
+
 def tsc_penalty(
     weights: torch.Tensor | Iterable[torch.Tensor],
     a: float = 100.0,
@@ -199,7 +212,8 @@ def tsc_penalty(
     Args:
         weights: one tensor or an iterable of tensors (any shapes, floating dtypes, one device), e.g.
             ``[m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]``.
-        a: the TSC parameter, > 0 (default 100.0). Small a approaches the L0 count (times a+1), large a the L1 norm.
+        a: the TSC parameter, in [1e-6, 1e6] (``TSC_A_RANGE``; default 100.0). Small a approaches the L0 count
+            (times a+1), large a the L1 norm.
         reduction: ``"sum"`` returns the 0-dim total; ``"none"`` returns the ``[L]`` per-layer values (L = 1 for a
             single tensor).
         check_finite: raise if a weight is NaN/Inf. The check reads the L computed values, not the weights, but it
@@ -222,7 +236,7 @@ def tsc_penalty(
         if w.device != weights[0].device:
             raise ValueError(f"weights must share one device: weights[0] is on {weights[0].device}, "
                              f"weights[{i}] on {w.device}")
-    a = check_positive("a", a)
+    a = check_tsc_a(a)
     check_choice("reduction", reduction, {"sum", "none"})
 
     values = TSCPenaltyFunction.apply(a, *weights)

@@ -207,6 +207,9 @@ def test_double_backward_is_refused():
         (lambda: tsc_penalty(torch.ones(3), a=math.nan), ValueError, "a must be > 0"),
         (lambda: tsc_penalty(torch.ones(3), a=math.inf), ValueError, "a must be > 0"),
         (lambda: tsc_penalty(torch.ones(3), a="100"), TypeError, "a must be a number"),
+        # valid for the formula but beyond float32: used to come out NaN, blamed on the weights
+        (lambda: tsc_penalty(torch.zeros(3), a=1e-50), ValueError, r"a must be in \[1e-06, 1e\+06\]"),
+        (lambda: tsc_penalty(torch.ones(3), a=1e39), ValueError, r"a must be in \[1e-06, 1e\+06\]"),
         (lambda: tsc_penalty(torch.ones(3), reduction="mean"), ValueError, "reduction must be one of"),
         (lambda: tsc_penalty(torch.ones(3, dtype=torch.int64)), TypeError, "floating-point"),
         (lambda: tsc_penalty([torch.ones(3), "w"]), TypeError, r"weights\[1\] must be a torch.Tensor"),
