@@ -205,14 +205,15 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _deprecations_shown(command: str):
-    """Print fastcnc's DeprecationWarnings (deprecated config names) as one ``fastcnc CMD: warning:`` line each.
+    """Print fastcnc's DeprecationWarnings (deprecated config names) and RuntimeWarnings (e.g. a resume with another
+    thread count) as one ``fastcnc CMD: warning:`` line each.
 
     Python's default filters hide DeprecationWarning outside ``__main__``, so a CLI user would never learn that a
     name is going away; the library keeps raising plain warnings for its callers to filter as they like."""
     show_others = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, DeprecationWarning) and _from_fastcnc(filename):
+        if issubclass(category, (DeprecationWarning, RuntimeWarning)) and _from_fastcnc(filename):
             print(f"fastcnc {command}: warning: {message}", file=sys.stderr)
         else:
             show_others(message, category, filename, lineno, file, line)

@@ -102,7 +102,8 @@ class Config:
 DEPRECATED_FIELDS = {"eps": "attack_eps", "power_iters": "cnc_iters"}
 
 
-# fields that may differ between a run and its resumption (they do not change the trained weights)
+# fields that may differ between a run and its resumption (they do not change what is trained; `threads` can change
+# CPU results in the last bits, so a resume with another thread count warns: train._resume_state)
 RUN_CONTROL_FIELDS = frozenset({"out", "progress", "data_dir", "device", "threads", "checkpoint_every", "log_every",
                                 "eval_batch_size", "eval_pgd_steps", "eval_cw_steps", "eval_max_examples", "eval_eps",
                                 "autoattack", "autoattack_max_examples"})

@@ -18,6 +18,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -200,11 +201,15 @@ def _metrics_writer(path: Path, keep_until_step: int | None):
                 continue  # a line torn by a kill
             if record.get("step", 0) <= keep_until_step and record.get("event") != "final":
                 lines.append(line)
-    f = open(path, "w")
-    for line in lines:
-        f.write(line + "\n")
-    f.flush()
-    return f
+    # the kept lines go to a temporary file that replaces the old one atomically: truncating the file in place and
+    # rewriting it would lose the whole history to a kill in between
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(line + "\n" for line in lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return open(path, "a")
 
 
 def _compatible(saved: dict, cfg: Config) -> list[str]:
@@ -339,7 +344,7 @@ class _Run:
             "batch": batch, "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "pruner": self.pruning.state_dict(),
             "regularizer": self.reg.state_dict() if self.reg is not None else None, "loader": loader_state,
-            "rng": rngs, "elapsed_s": self.elapsed(),
+            "rng": rngs, "elapsed_s": self.elapsed(), "intra_op_threads": torch.get_num_threads(),
         })
 
 
@@ -361,6 +366,12 @@ def _resume_state(cfg: Config, out: Path, resume: bool, overwrite: bool, world_s
                                   + "\n  ".join(mismatch))
         if state["world_size"] != world_size:
             raise CheckpointError(f"{ckpt_path} was written with {state['world_size']} processes, now {world_size}")
+        threads = state.get("intra_op_threads")  # (absent in checkpoints of older versions)
+        if threads is not None and threads != torch.get_num_threads():
+            # CPU kernels split their sums by thread count: the run goes on correctly, but not bit-identically
+            warnings.warn(f"resuming with {torch.get_num_threads()} intra-op threads where {ckpt_path} was written "
+                          f"with {threads}: on CPU the result will differ in the last bits from an uninterrupted run "
+                          f"(set --threads {threads} to resume bit-identically)", RuntimeWarning, stacklevel=2)
         return state
     if ckpt_path.exists() and not overwrite and not resume:
         raise OutputDirError(f"{str(out)!r} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it, "

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -514,3 +515,41 @@ def test_existing_run_foreign_checkpoint_and_changed_config_are_refused(tmp_path
     train(tiny(out, epochs=2, eval_pgd_steps=1, eval_cw_steps=1), overwrite=True)
     with pytest.raises(CheckpointError, match=r"(?s)different configuration.*lr: checkpoint 0.05 vs now 0.5"):
         train(tiny(out, epochs=2, lr=0.5), resume=True)
+
+
+def test_metrics_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
+    from fastcnc.train import _metrics_writer
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s}) for s in range(1, 11)] + [json.dumps({"step": 10, "event": "final"})]
+    path.write_text("\n".join(lines) + "\n")
+
+    def killed(fd):  # a kill between writing the kept lines and replacing the file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _metrics_writer(path, keep_until_step=6)
+    assert path.read_text() == "\n".join(lines) + "\n"  # the history is intact (it was truncated before)
+    monkeypatch.undo()
+    f = _metrics_writer(path, keep_until_step=6)
+    f.write(json.dumps({"step": 7}) + "\n")
+    f.close()
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_resume_with_another_thread_count_warns(tmp_path):
+    from fastcnc.checkpoint import save_checkpoint
+    from fastcnc.config import config_to_dict
+    from fastcnc.train import _resume_state
+
+    cfg = load_config("quick")
+    save_checkpoint(tmp_path / "checkpoint.pt", {"config": config_to_dict(cfg), "world_size": 1,
+                                                 "intra_op_threads": torch.get_num_threads() + 1})
+    with pytest.warns(RuntimeWarning, match=r"set --threads \d+ to resume bit-identically"):
+        assert _resume_state(cfg, tmp_path, True, False, 1) is not None
+    save_checkpoint(tmp_path / "checkpoint.pt", {"config": config_to_dict(cfg), "world_size": 1,
+                                                 "intra_op_threads": torch.get_num_threads()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _resume_state(cfg, tmp_path, True, False, 1)
