@@ -610,6 +610,15 @@ def test_corrupt_state_raises_and_foreign_state_is_ignored():
         SpectralState.from_dict(degenerate.to_dict())  # a checkpoint: checked on load, whatever the device
     with pytest.raises(ValueError, match=r"not orthonormal.*fresh"):
         extreme_singular_values(B, state=degenerate)  # every synchronous call checks its state
+    # rank 1 (pruned layers get there): the power steps collapse the top block, which the next call accepts
+    gen = torch.Generator().manual_seed(3)
+    rank1 = torch.outer(torch.randn(1024, generator=gen), torch.randn(256, generator=gen))
+    structural = rank1.clone()
+    structural[:, 7] = 0
+    state = SpectralState()
+    for _ in range(3):
+        est = extreme_singular_values([rank1, structural], floor=1e-3, state=state)
+        check_estimate(est, [rank1, structural], floor=1e-3)
     other = SpectralState()
     extreme_singular_values(torch.randn(41, 30), state=other)
     check_estimate(extreme_singular_values(A, state=other), [A])
