@@ -989,8 +989,10 @@ def _finish(g: _Group, rows, X, Y, x, y, L_it, opt: SpectralOptions, sync: bool,
 
 def _unit_or(z: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     """z / |z|, or the fallback where z is zero or not finite: any unit vector gives valid one-sided values |A z|
-    (sigma_min <= |A x|, |A y| <= sigma_max), so a failed Ritz pick costs accuracy, never soundness. The fallback is a
-    column of an orthonormal block, hence unit (a warm state with a degenerate block is refused: _check_blocks)."""
+    (sigma_min <= |A x|, |A y| <= sigma_max), so a failed Ritz pick costs accuracy, never soundness. The bottom
+    block's fallback is a column of an orthonormal block, hence unit (a warm state whose bottom block is degenerate
+    is refused: _check_blocks); a zero top fallback (a rank-1 matrix collapses the top block) gives sigma_max's lower
+    end 0, which no certificate accepts."""
     nz = z.norm(dim=1, keepdim=True)
     ok = torch.isfinite(nz) & (nz > 0)
     return torch.where(ok, z / torch.where(ok, nz, torch.ones_like(nz)), fallback)
