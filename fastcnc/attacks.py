@@ -15,6 +15,7 @@ CPU tensors. On CUDA the range is not checked: that would read the tensor on the
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -30,6 +31,18 @@ STEP_FACTOR = 2.5  # default step = STEP_FACTOR * eps / steps
 class StepSizeWarning(UserWarning):
     """An attack's steps cannot reach the L-inf radius: ``steps * step_size < eps``."""
 
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode for the block, then every submodule back in its own mode (``model.train(flag)`` would
+    set them all alike: a batch norm frozen in eval inside a training model would start updating its statistics)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 def default_step_size(eps: float, steps: int) -> float:
     """``2.5 * eps / steps``: the step that lets ``steps`` signed steps cross the L-inf ball of radius ``eps``."""
@@ -195,4 +208,7 @@ def minimal_linf_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, m
         hi = torch.where(hit, mid, hi)
         lo = torch.where(hit, lo, mid)
     hi = torch.where(wrong, torch.zeros_like(hi), hi)
+    # inf only where no attack fooled the image at all: a midpoint attack can succeed where the one at max_eps failed
+    # (its random start and steps differ), and then hi is a found radius
+    never = never & (hi == max_eps)
     return torch.where(never, torch.full_like(hi, float("inf")), hi)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fastcnc._checks import check_choice, check_images, check_int, check_labels, check_positive
+from fastcnc.attacks import eval_mode
 
 AUTOATTACK_VERSIONS = ("standard", "apgd")
 APGD_ATTACKS = ["apgd-ce", "apgd-t"]
@@ -102,15 +103,11 @@ def autoattack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
     check_images("x", x, nonempty=True)
     check_labels("y", y, len(x))
     check_int("batch_size", batch_size, minimum=1)
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    try:
+    with eval_mode(model):
         adversary = build_autoattack(model, eps=eps, version=version, seed=seed, device=x.device)
         with _capture("auto-attack") as log:
             _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
-    finally:
-        model.train(was_training)
     robust = (y_adv.to(y.device) == y).cpu()
     return {"version": version, "attacks": list(adversary.attacks_to_run), "eps": float(eps), "n": len(y),
             "robust_acc": float(robust.double().mean()), "after_attack": log.after,

@@ -166,7 +166,8 @@ def _cmd_report(args) -> int:
         result = load_result(args.runs[0])
         run = Path(args.runs[0])
         out = check_output_dir(Path(args.out) if args.out else (run if run.is_dir() else run.parent))
-        paths = write_report(out, result)
+        # a file keeps its own stem: eval.json re-rendered must not overwrite the run's training report
+        paths = write_report(out, result, run.stem if run.is_file() else "report")
     else:
         paths = compare_runs(args.runs, check_output_dir(args.out or "report"))
     print(paths[1].read_text() if len(args.runs) == 1 else paths[0].read_text())

@@ -17,27 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import sys
 
 import torch
 from torch import nn
 
 from fastcnc._checks import check_images, check_int, check_labels, check_positive, check_tensor
-from fastcnc.attacks import default_step_size, fgsm, pgd
+from fastcnc.attacks import default_step_size, eval_mode, fgsm, pgd
 from fastcnc.config import Config, config_to_dict, eval_radius, train_step_size
 from fastcnc.layers import MASKED_LAYERS
 from fastcnc.pruning import sparsity_report, tensor_sparsity
 from fastcnc.spectral_math import kappa
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -186,10 +177,11 @@ def evaluate_run(cfg: Config, model: nn.Module, x_test: torch.Tensor, y_test: to
     sparsity = sparsity_report(model)
     result["sparsity"] = sparsity[-1]["sparsity"]
     result["layers"] = layer_spectra(model)
-    finite = [r["kappa"] for r in result["layers"] if math.isfinite(r["kappa"])]
-    result["kappa_max"] = max((r["kappa"] for r in result["layers"]), default=math.nan)
-    result["kappa_median"] = float(torch.tensor(finite).median()) if finite else math.inf
-    result["n_layers_kappa_inf"] = len(result["layers"]) - len(finite)
+    kappas = [r["kappa"] for r in result["layers"]]
+    result["kappa_max"] = max(kappas, default=math.nan)
+    # over every layer, inf included (a singular layer ranks last), the mean of the middle two for an even count
+    result["kappa_median"] = statistics.median(kappas) if kappas else math.nan
+    result["n_layers_kappa_inf"] = sum(not math.isfinite(k) for k in kappas)
     if reg is not None:
         result["regularizer_report"] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()}
                                         for row in reg.report()]

@@ -194,19 +194,25 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = [(str(r), load_result(r)) for r in runs]
-    lines = ["| run | model | adv | tscnc | seed | sparsity | clean | FGSM | PGD | CW | max kappa | median kappa |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    # the evaluation's radius and image counts beside the accuracies: rows evaluated differently are not comparable
+    lines = ["| run | model | adv | tscnc | seed | sparsity | eval eps | images | clean | FGSM | PGD | CW | worst case "
+             "(images) | max kappa | median kappa |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results:
         c = r["config"]
+        worst = f"{_fmt(r['worst_acc'])} ({r.get('n_worst', '?')})" if "worst_acc" in r else "-"
         lines.append(f"| {name} | {c['model']} | {c['adv']} | {'on' if c['tscnc'] else 'off'} | {c['seed']} | "
-                     f"{_fmt(r['sparsity'])} | {_fmt(r['clean_acc'])} | {_fmt(r['fgsm_acc'])} | "
-                     f"{_fmt(r['pgd_acc'])} | {_fmt(r['cw_acc'])} | {_fmt(r['kappa_max'])} | "
-                     f"{_fmt(r['kappa_median'])} |")
+                     f"{_fmt(r['sparsity'])} | {_fmt(r.get('eval_eps', math.nan))} | {r.get('n_eval', '?')} | "
+                     f"{_fmt(r['clean_acc'])} | {_fmt(r['fgsm_acc'])} | {_fmt(r['pgd_acc'])} | {_fmt(r['cw_acc'])} | "
+                     f"{worst} | {_fmt(r['kappa_max'])} | {_fmt(r['kappa_median'])} |")
+    if len({(r.get("eval_eps"), r.get("n_eval")) for _, r in results}) > 1:
+        lines += ["", "**The rows were evaluated at different radii or on different numbers of images.**"]
     md = out / "comparison.md"
     md.write_text("\n".join(lines) + "\n")
+    keys = ("sparsity", "eval_eps", "n_eval", "clean_acc", "fgsm_acc", "pgd_acc", "cw_acc", "worst_acc", "n_worst",
+            "kappa_max", "kappa_median")
     (out / "comparison.json").write_text(json.dumps(
-        [{"run": n, **{k: r[k] for k in ("sparsity", "clean_acc", "fgsm_acc", "pgd_acc", "cw_acc", "kappa_max",
-                                         "kappa_median")}, "config": r["config"]} for n, r in results], indent=1))
+        [{"run": n, **{k: r[k] for k in keys if k in r}, "config": r["config"]} for n, r in results], indent=1))
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, marker in (("clean_acc", "o"), ("pgd_acc", "s"), ("cw_acc", "^")):
         ax.scatter([_float(r["sparsity"]) for _, r in results], [_float(r[key]) for _, r in results], marker=marker,

@@ -317,3 +317,33 @@ def test_robust_accuracy_validates_its_attack_settings(kwargs, error, match):
     args = {"eps": 0.1, "pgd_steps": 1, "cw_steps": 1, **kwargs}
     with pytest.raises(error, match=match):
         robust_accuracy(small_net(), _IMAGES, torch.tensor([0, 1, 2]), **args)
+
+
+def test_evaluation_restores_each_submodules_own_mode():
+    # a batch norm frozen in eval inside a training model stays frozen after an evaluation
+    from fastcnc.evaluate import clean_accuracy, robust_accuracy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10))
+    model.train()
+    model[1].eval()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    clean_accuracy(model, x, y)
+    robust_accuracy(model, x, y, eps=0.1, pgd_steps=1, cw_steps=1)
+    assert model.training and model[0].training and not model[1].training
+
+
+def test_minimal_radius_is_inf_only_where_no_attack_fooled_the_image():
+    from fastcnc.attacks import minimal_linf_radius
+
+    class Bump(nn.Module):  # wrong only in a thin shell around d = 0.1: random starts find it more often at small radii
+        def forward(self, x):
+            d = x.flatten(1)[:, 0] - 0.5
+            wrong = 20 * F.relu(0.1 - (d - 0.1).abs()) - 0.8
+            return torch.stack([torch.zeros_like(wrong), wrong], 1)
+
+    x, y = torch.full((400, 1, 1, 1), 0.5), torch.zeros(400, dtype=torch.long)
+    r = minimal_linf_radius(Bump(), x, y, max_eps=0.5, bisections=6, steps=10, restarts=1,
+                            generator=torch.Generator().manual_seed(0))
+    found = torch.isfinite(r)
+    assert int(found.sum()) > 100 and bool((r[found] <= 0.5).all())  # (it returned inf for most of them)

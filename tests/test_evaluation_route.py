@@ -92,8 +92,11 @@ def test_eval_of_a_model_without_masked_layers_reports_its_plain_layers(tmp_path
     result = evaluate_run(small(tmp_path), plain, torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,)))
     assert [r["name"] for r in result["layers"]] == ["0", "3"]
     assert result["layers"][1]["sparsity"] == 0.5 and result["layers"][1]["kappa"] == "inf"
+    # the median is over every layer, a singular one included, and averages the middle two of an even count
+    assert result["kappa_median"] == "inf" and result["n_layers_kappa_inf"] == 1
     masked = evaluate_run(small(tmp_path), _tiny_model(), torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,)))
     assert [r["name"] for r in masked["layers"]] == ["0", "3"]
+    assert masked["kappa_median"] == pytest.approx(sum(r["kappa"] for r in masked["layers"]) / 2, rel=1e-15)
 
 
 def _tiny_model():

@@ -364,6 +364,16 @@ def test_quick_preset_end_to_end_trains_prunes_and_evaluates(tmp_path, capsys):
     assert cli_main(["report", str(out), str(other), "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp" / "accuracy_vs_sparsity.png").is_file()
     assert (tmp_path / "cmp" / "comparison.md").read_text().count("\n") == 4
+    # rows evaluated at other radii say so; the radius and image counts are columns
+    (other / "report.json").write_text(json.dumps({**report, "eval_eps": 0.2}))
+    assert cli_main(["report", str(out), str(other), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| eval eps | images |" in table and "different radii" in table
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())[1]["eval_eps"] == 0.2
+    # re-rendering eval.json writes eval.md beside it, never over the training report
+    before = (out / "report.json").read_text()
+    assert cli_main(["report", str(out / "eval.json")]) == 0
+    assert (out / "report.json").read_text() == before and (out / "eval.md").is_file()
 
 
 def test_trades_and_oneshot_pruning_and_block_pruning(tmp_path):
