@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import warnings
 
@@ -53,6 +54,9 @@ def _effective_weights(layers: list[nn.Module]) -> list[torch.Tensor]:
     return out
 
 
+_MAX_PENDING = 16  # unread sync-free calls before a step waits for the oldest one's flags
+
+
 class TSCNC(nn.Module):
     """``reg = TSCNC(model, lambda_tsc=..., lambda_cnc=...)``; ``loss = task_loss + reg()``.
 
@@ -65,15 +69,18 @@ class TSCNC(nn.Module):
     (kappa with sigma_min floored at ``eps * sigma_max``) is proven within ``rtol`` of the truth, or the layer is
     recomputed by float64 SVD in the same call. On CUDA the step runs fixed rounds with no host sync (two, or one
     while the last call read showed that its first round alone certified every layer); the certification flags are
-    copied to pinned memory without blocking and read at the next call: a layer that did not certify is named in a
-    RuntimeWarning and recomputed exactly at that next call (so a value may be uncertified for one step, never
-    silently; it is still finite and one-sided: sigma_min from above, sigma_max from below, even
-    where a factorization broke down), and NaN/Inf weights raise ValueError one call late.
+    copied to pinned memory without blocking and read at the first call after the copy has landed (the next call,
+    unless the host runs steps ahead of the GPU; no call's flags are dropped, and unread ones travel with
+    ``state_dict()``): a layer that did not certify is named in a RuntimeWarning and recomputed exactly at that call
+    (so a value may be uncertified for a step or, with the host ahead, a few, never silently; it is still finite and
+    one-sided: sigma_min from above, sigma_max from below, even where a factorization broke down), and NaN/Inf
+    weights raise ValueError as late.
 
     Args:
         model: the network (pass the unwrapped module, not a DDP wrapper).
         lambda_tsc, lambda_cnc: weights of the two penalties (>= 0; 0 switches a term off).
-        cnc: ``"log"`` | ``"kappa"`` | ``"hinge"`` (see ``fastcnc.cnc``); kappa_target and eps as there.
+        cnc: ``"log"`` | ``"kappa"`` | ``"hinge"`` (see ``fastcnc.cnc``); kappa_target and eps as there. A grouped
+            conv contributes one term per group; ``report()`` gives its block-diagonal operator's kappa.
         a: TSC parameter (default 100, as the paper's code).
         rtol: accuracy target of the engine (relative, on kappa_eps; see ``extreme_singular_values``).
         block, iters, max_rounds: engine work (bottom block size, first-round steps, rounds before the exact fallback).
@@ -136,14 +143,23 @@ class TSCNC(nn.Module):
         self._mask_signature = None
         self.calls = 0
         self.last_estimate: SpectralEstimate | None = None
-        self._pending = None  # (pinned flags, event, call, rounds) of a sync-free call, read at the next call
+        # (pinned flags, event, call, rounds) of each sync-free call whose flags have not been read yet, oldest first:
+        # read at the first call after their copy has landed (a host running steps ahead of the GPU reads them late,
+        # never drops them)
+        self._pending: list[tuple] = []
         self._one_round = False  # sync-free calls run one round (see _read_pending)
         self.work = {"calls": 0, "grams": 0, "factorizations": 0, "inverse_steps": 0, "fallbacks": 0,
                      "uncertified_late": 0, "one_round_calls": 0}
 
     # -- checkpointing of the warm-start state
     def get_extra_state(self):
-        return {"spectral": self.state.to_dict(), "calls": self.calls, "one_round": self._one_round}
+        # unread certificate flags travel with the checkpoint (a wait for their copies: not in a step's hot path)
+        for _, event, _, _ in self._pending:
+            if event is not None:
+                event.synchronize()
+        pending = [(host.cpu().clone(), call, rounds) for host, _, call, rounds in self._pending]
+        return {"spectral": self.state.to_dict(), "calls": self.calls, "one_round": self._one_round,
+                "pending": pending}
 
     def set_extra_state(self, extra) -> None:
         if not (isinstance(extra, dict) and isinstance(extra.get("spectral"), dict) and "calls" in extra
@@ -153,14 +169,16 @@ class TSCNC(nn.Module):
         self.state = SpectralState.from_dict(extra["spectral"])
         self.calls = int(extra["calls"])
         self._one_round = bool(extra.get("one_round", False))  # (absent from checkpoints before it existed)
+        self._pending = [(host, None, call, rounds) for host, call, rounds in extra.get("pending", [])]
         # the saved warm state belongs to the masks the model holds now (load the model's state first): a mask
         # change is detected from here on, so a resumed run does not pay (or differ by) a spurious exact refresh
         self._mask_signature = self._mask_signature_now()
 
     def _mask_signature_now(self) -> tuple:
         # torch bumps a tensor's _version on every in-place write: a free way to notice that pruning changed a mask
-        return tuple((id(m.mask), m.mask._version) for _, m in self._layers if isinstance(
-            getattr(m, "mask", None), torch.Tensor))
+        # (a mask made under inference_mode keeps no version counter: such a model is not trained, id() suffices)
+        return tuple((id(m.mask), None if m.mask.is_inference() else m.mask._version) for _, m in self._layers
+                     if isinstance(getattr(m, "mask", None), torch.Tensor))
 
     def _follow_replacements(self) -> None:
         """Layers that ``sparsify`` / ``densify`` replaced after this TSCNC was built: regularise their replacements,
@@ -213,45 +231,50 @@ class TSCNC(nn.Module):
             else:  # the CUDA code path simulated on CPU tensors (tests/test_host_syncs.py)
                 host, event = flags, None
             # (an all-exact call, est.first_round_certified None, says nothing about how many rounds are enough)
-            self._pending = (host, event, self.calls, min(rounds, 2) if est.first_round_certified is not None else None)
+            self._pending.append((host, event, self.calls,
+                                  min(rounds, 2) if est.first_round_certified is not None else None))
+            if len(self._pending) > _MAX_PENDING:  # a host this far ahead waits for the oldest copy (not in practice)
+                self._pending[0][1].synchronize()
         return est
 
     def _use_graph(self, mats: list[torch.Tensor]) -> bool:
         return self._graphed is not None and mats[0].is_cuda
 
     def _read_pending(self, n_mats: int) -> list[bool] | None:
-        """Flags of the last sync-free call once its copy has landed: warn about (and refresh) uncertified layers,
-        raise on NaN/Inf weights. Returns the per-matrix refresh list for this call, or None."""
-        if self._pending is None or (self._pending[1] is not None and not self._pending[1].query()):
-            return None
-        host, _, call, rounds = self._pending
-        self._pending = None
-        certified, finite, first = host.tolist()  # pinned host memory the copy has landed in: no wait
-        if len(certified) != n_mats:
-            return None
-        if not all(finite):
-            bad = finite.index(False)
-            raise ValueError(f"weights[{bad}] contains NaN or Inf (found at call {call}); expected finite values")
-        # one round from now on while the first round alone certifies every matrix (seen in a two-round call, or a
-        # one-round call that certified all); back to two at the first failure (which is also refreshed below)
-        if not all(certified):
-            self._one_round = False
-        elif rounds is not None:
-            self._one_round = rounds == 1 or all(first)
-        if all(certified):
-            return None
-        bad = [i for i, c in enumerate(certified) if not c]
-        self.work["uncertified_late"] += len(bad)
-        warnings.warn(f"TSCNC: the spectral certificate of matrices {bad} failed at call {call} (kappa not proven "
-                      f"within rtol={self.options.rtol:g}); they are recomputed exactly (float64 SVD) now",
-                      RuntimeWarning, stacklevel=3)
-        return [not c for c in certified]
+        """Flags of the earlier sync-free calls whose copies have landed, oldest first: warn about (and refresh)
+        uncertified layers, raise on NaN/Inf weights. Returns the per-matrix refresh list for this call, or None."""
+        late = None
+        while self._pending and (self._pending[0][1] is None or self._pending[0][1].query()):
+            host, _, call, rounds = self._pending.pop(0)
+            certified, finite, first = host.tolist()  # pinned host memory the copy has landed in: no wait
+            if len(certified) != n_mats:  # (the layers changed since: those flags describe other matrices)
+                continue
+            if not all(finite):
+                bad = finite.index(False)
+                raise ValueError(f"weights[{bad}] contains NaN or Inf (found at call {call}); expected finite values")
+            # one round from now on while the first round alone certifies every matrix (seen in a two-round call, or
+            # a one-round call that certified all); back to two at the first failure (which is also refreshed below)
+            if not all(certified):
+                self._one_round = False
+            elif rounds is not None:
+                self._one_round = rounds == 1 or all(first)
+            if all(certified):
+                continue
+            bad = [i for i, c in enumerate(certified) if not c]
+            self.work["uncertified_late"] += len(bad)
+            warnings.warn(f"TSCNC: the spectral certificate of matrices {bad} failed at call {call} (kappa not proven "
+                          f"within rtol={self.options.rtol:g}); they are recomputed exactly (float64 SVD) now",
+                          RuntimeWarning, stacklevel=3)
+            late = [a or not c for a, c in zip(late or [False] * n_mats, certified, strict=True)]
+        return late
 
     def _fused_terms(self, layers: list[nn.Module]) -> bool:
         """Whether this call takes both penalties through one autograd node (``TSCNCTermsFunction``): both on, the
         plain Ritz values (no soft-min), the Triton backend, one dtype, and every layer's effective weight W or
         W * M (a buffer mask)."""
         if not (self.lambda_tsc > 0 and self.lambda_cnc > 0 and self.smooth_min == 0):
+            return False
+        if torch.is_inference_mode_enabled():  # no gradient to fuse (and inference tensors keep no version counter)
             return False
         first = layers[0].weight
         if not _backend.use_triton(first):
@@ -273,7 +296,7 @@ class TSCNC(nn.Module):
         with torch.no_grad() if fused else contextlib.nullcontext():
             weights = _effective_weights(layers)
         # the loss's precision: float32, or the weights' own where they are wider (a float64 model)
-        dt = torch.promote_types(torch.float32, weights[0].dtype)
+        dt = functools.reduce(torch.promote_types, {w.dtype for w in weights}, torch.float32)  # (per dtype, not layer)
         total = weights[0].new_zeros((), dtype=dt)
         # the engine first: on CUDA its graph runs on the device while the host goes on with the TSC term
         if self.lambda_cnc > 0 or self.last_estimate is None:
@@ -326,6 +349,7 @@ class TSCNC(nn.Module):
         self._follow_replacements()
         mats, _ = self._matrices()
         self.last_estimate = self._engine(mats, True)
+        self._mask_signature = self._mask_signature_now()  # (the next call need not refresh for these masks again)
         return self.last_estimate
 
     @torch.no_grad()

@@ -230,6 +230,8 @@ def _validate(weights, state) -> list[torch.Tensor]:
         check_tensor(f"weights[{i}]", m, ndim=2, floating=True, nonempty=True)
         if m.device != mats[0].device:
             raise ValueError(f"weights[{i}] is on {m.device}, expected all on {mats[0].device}")
+    if mats[0].device.type == "meta":
+        raise ValueError("weights are on the meta device (shapes without values); expected CPU or CUDA tensors")
     if state is not None and not isinstance(state, SpectralState):
         raise TypeError(f"state must be None or a fastcnc.SpectralState, got {type(state).__name__}")
     return mats

@@ -88,7 +88,8 @@ def _kernel_inputs(group: list[torch.Tensor], block: int) -> list[torch.Tensor]:
     if views is None:
         align = max(1, kt.POINTER_ALIGN // weights[0].element_size())
         sizes = [-(-w.numel() // align) * align for w in weights]
-        flat = torch.empty(sum(sizes), dtype=weights[0].dtype, device=weights[0].device)
+        with torch.inference_mode(False):  # a buffer made under inference_mode could never be written outside it
+            flat = torch.empty(sum(sizes), dtype=weights[0].dtype, device=weights[0].device)
         offsets = [0]
         for size in sizes[:-1]:
             offsets.append(offsets[-1] + size)

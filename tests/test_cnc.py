@@ -365,6 +365,21 @@ def test_tscnc_penalty_has_the_loss_precision(dtype):
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).to(dtype)
     p = fastcnc.TSCNC(model, lambda_tsc=1e-3, lambda_cnc=1e-2)()
     assert p.dtype == torch.promote_types(torch.float32, dtype)
+    mixed = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3).to(dtype))  # the widest layer decides
+    assert fastcnc.TSCNC(mixed, lambda_tsc=1e-3, lambda_cnc=1e-2)().dtype == torch.promote_types(torch.float32, dtype)
+
+
+def test_tscnc_on_the_meta_device_and_refresh_after_pruning():
+    with pytest.raises(ValueError, match="meta device"):
+        fastcnc.TSCNC(nn.Linear(4, 3, device="meta"), lambda_tsc=0.0, lambda_cnc=1e-2)()
+    model = nn.Sequential(fastcnc.MaskedLinear(40, 30))
+    reg = fastcnc.TSCNC(model, lambda_tsc=0.0, lambda_cnc=1e-2)
+    reg()
+    fastcnc.prune_magnitude(model, 0.5)
+    reg.refresh()  # exact for the new masks: the next call need not pay another SVD for them
+    fallbacks = reg.work["fallbacks"]
+    reg()
+    assert reg.work["fallbacks"] == fallbacks
 
 
 def test_tscnc_rejects_bad_arguments():

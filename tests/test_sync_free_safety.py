@@ -9,6 +9,7 @@ factorizations that must fail, and train a small pruned model with an ill-condit
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import pytest
@@ -121,3 +122,84 @@ def test_failed_factorizations_never_reach_values_gradients_or_weights(monkeypat
                 opt.step()
                 _assert_finite(model, reg)
         assert reg.last_estimate.certified.all()
+
+
+class _LateEvent:
+    """A CUDA event whose copy lands ``lag`` calls after the call that recorded it: the GPU behind the host."""
+
+    def __init__(self, reg, lag: int) -> None:
+        self.reg, self.due, self.done = reg, reg.calls + lag, False
+
+    def query(self) -> bool:
+        return self.done or self.reg.calls >= self.due
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+@pytest.mark.skipif(not SIMULATE, reason="plants a late CUDA event into the simulated CUDA path")
+def test_flags_read_late_are_never_dropped_and_travel_with_a_checkpoint():
+    # a failed certificate must be warned about and refreshed when its flags land, however late, and a checkpoint
+    # taken before they land carries them; one pending slot used to be overwritten by the next call's flags
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(MaskedLinear(300, 200), nn.ReLU(), MaskedLinear(200, 10))
+        return model, TSCNC(model, lambda_tsc=0.0, lambda_cnc=1e-2)
+
+    def make_late(reg, lag):
+        real = reg._engine
+
+        def engine(mats, refresh):
+            est = real(mats, refresh)
+            host, _, call, rounds = reg._pending[-1]
+            reg._pending[-1] = (host, _LateEvent(reg, lag), call, rounds)
+            return est
+        reg._engine = engine
+
+    hard = matrix_with_spectrum(200, 300, torch.logspace(0, -6, 200, dtype=torch.float64),
+                                generator=torch.Generator().manual_seed(0)).float()  # kappa 1e6: no sync-free proof
+    with _backend.cuda_code_path():
+        model, reg = build()
+        make_late(reg, lag=3)  # (reg.calls counts a call once it returns: read at the third call after it)
+        for _ in range(3):
+            reg()
+        with torch.no_grad():
+            model[0].weight.copy_(hard)
+        caught = []
+        for _ in range(6):
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                reg()
+            caught += [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
+        assert caught and reg.work["uncertified_late"] >= 1 and reg.work["fallbacks"] >= 1
+        # a checkpoint while a failure's flags are still in flight: the restored regulariser warns about it
+        model2, reg2 = build()
+        for _ in range(3):
+            reg2()
+        with torch.no_grad():
+            model2[0].weight.copy_(hard)
+        reg2()  # its flags (uncertified) are pending
+        state = reg2.state_dict()
+        model3, reg3 = build()
+        model3.load_state_dict(model2.state_dict())
+        reg3.load_state_dict(state)
+        with pytest.warns(RuntimeWarning, match=r"certificate of matrices \[0\] failed"):
+            reg3()
+
+
+@pytest.mark.skipif(not SIMULATE, reason="the kernel path on CPU tensors needs the interpreter")
+def test_a_call_under_inference_mode_leaves_the_kernel_path_usable():
+    # the TSC kernel's staging buffer, first made under inference_mode, used to break every later call in the process
+    import fastcnc.tsc
+
+    fastcnc.tsc._STAGING.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskedLinear(20, 30), nn.ReLU(), MaskedLinear(30, 10))
+    reg = TSCNC(model, lambda_tsc=1e-3, lambda_cnc=1e-2)
+    with _backend.cuda_code_path():
+        with torch.inference_mode():
+            inside = float(reg())
+        value = reg()
+        value.backward()
+    assert math.isfinite(inside) and float(value) == pytest.approx(inside, rel=1e-5)
+    assert model[0].weight.grad is not None
