@@ -173,6 +173,14 @@ def render_ratio_table(path: str | Path, *, title: str, notes: list[str], impls:
     return "\n".join(out) + "\n"
 
 
+def indices_by_shape(mats: list[torch.Tensor]) -> list[list[int]]:
+    """The indices of ``mats``, grouped by shape (first appearance order)."""
+    groups: dict = {}
+    for i, m in enumerate(mats):
+        groups.setdefault(tuple(m.shape), []).append(i)
+    return list(groups.values())
+
+
 def exact_extreme_sigmas(mats: list[torch.Tensor], how: str) -> torch.Tensor:
     """[L, 2] (sigma_max, sigma_min) of each matrix by a routine a user could pick, differentiable through autograd:
     ``"svdvals"`` of the matrix; ``"eigvalsh-gram"``, eigvalsh of its smaller Gram in the matrices' own dtype (float32
@@ -181,11 +189,8 @@ def exact_extreme_sigmas(mats: list[torch.Tensor], how: str) -> torch.Tensor:
     ``"eigvalsh-gram64-batched"``, that with the matrices of one shape stacked into one batched call (on a GPU the
     faster way to write it: the trajectory benchmark's eigh64 on the H200 took half the float32 loop's time)."""
     if how == "eigvalsh-gram64-batched":
-        by_shape: dict = {}
-        for i, m in enumerate(mats):
-            by_shape.setdefault(tuple(m.shape), []).append(i)
         out: list = [None] * len(mats)
-        for idx in by_shape.values():
+        for idx in indices_by_shape(mats):
             W = torch.stack([mats[i] for i in idx]).to(torch.float64)
             gram = W @ W.mT if W.shape[-2] <= W.shape[-1] else W.mT @ W
             ev = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()

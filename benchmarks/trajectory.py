@@ -204,13 +204,6 @@ def _log_kappa(smax: torch.Tensor, smin: torch.Tensor) -> torch.Tensor:
     return torch.log(smax / (smin.clamp_min(0) + EPS * smax))
 
 
-def _by_shape(mats):
-    groups: dict = {}
-    for i, m in enumerate(mats):
-        groups.setdefault(tuple(m.shape), []).append(i)
-    return groups.values()
-
-
 _BASELINE_PER_MATRIX = 1 << 17  # entries from which the CPU baselines run one matrix at a time (faster there)
 
 
@@ -235,7 +228,7 @@ def _exact_method(mats: list[torch.Tensor], kind: str) -> tuple[torch.Tensor, li
             total = total + _log_kappa(smax, smin).double()
             kappas[i] = (smax, smin)
         return total, kappas
-    for idx in _by_shape(mats):
+    for idx in common.indices_by_shape(mats):
         # the faster of the two ways a user could write it: one batched call per shape for small matrices, one call
         # per matrix for large ones on CPU (autograd through a batched Gram of 3 x 512 x 4608 float64 is 1.4x slower
         # than three products: its backward's bmm and accumulation; measured in docs/spectral.md)

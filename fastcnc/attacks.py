@@ -44,6 +44,7 @@ def eval_mode(model: nn.Module):
         for m, training in modes:
             m.training = training
 
+
 def default_step_size(eps: float, steps: int) -> float:
     """``2.5 * eps / steps``: the step that lets ``steps`` signed steps cross the L-inf ball of radius ``eps``."""
     check_positive("eps", eps, allow_zero=True)

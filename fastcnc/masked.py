@@ -253,7 +253,7 @@ def _check_dtypes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """Devices (metadata only: no sync) and dtypes of the activations against the weight's."""
     if x.device != weight.device:
         raise ValueError(f"x must be on the weight's device {weight.device}, got {x.device}")
-    if bias is not None and isinstance(bias, torch.Tensor) and bias.device != weight.device:
+    if isinstance(bias, torch.Tensor) and bias.device != weight.device:
         raise ValueError(f"bias must be on the weight's device {weight.device}, got {bias.device}")
     if torch.is_autocast_enabled(x.device.type):
         return  # autocast casts all three to its dtype, as it does for F.linear

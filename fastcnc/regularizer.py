@@ -347,7 +347,9 @@ class TSCNC(nn.Module):
     def refresh(self) -> SpectralEstimate:
         """Recompute every layer exactly (float64 SVD) and reset the warm state from it."""
         self._follow_replacements()
-        mats, _ = self._matrices()
+        return self._refresh(self._matrices()[0])
+
+    def _refresh(self, mats: list[torch.Tensor]) -> SpectralEstimate:
         self.last_estimate = self._engine(mats, True)
         self._mask_signature = self._mask_signature_now()  # (the next call need not refresh for these masks again)
         return self.last_estimate
@@ -367,14 +369,13 @@ class TSCNC(nn.Module):
         self._follow_replacements()
         mats, owner = self._matrices()
         if exact:
-            est = self.refresh()
+            est = self._refresh(mats)
         else:
             o = self.options
             shapes = [tuple(m.shape) for m in mats]
             state = copy.deepcopy(self.state) if self.state.matches(shapes) else None
-            with torch.no_grad():
-                est = extreme_singular_values([m.detach() for m in mats], rtol=o.rtol, floor=o.floor, block=o.block,
-                                              iters=o.iters, max_rounds=o.max_rounds, state=state, sync=True)
+            est = extreme_singular_values(mats, rtol=o.rtol, floor=o.floor, block=o.block, iters=o.iters,
+                                          max_rounds=o.max_rounds, state=state, sync=True)
         vals = {k: getattr(est, k).tolist() for k in ("sigma_max", "sigma_min", "sigma_max_lo", "sigma_max_hi",
                                                        "sigma_min_lo", "sigma_min_hi", "certified", "fallback")}
         exact_s = [torch.linalg.svdvals(m.detach().double().cpu()) for m in mats]

@@ -1452,10 +1452,10 @@ def _batches(mats, shapes, blocks_in, opt: SpectralOptions, sync: bool, gen, tig
         # (refreshed matrices get their exact SVD; a norm bound outside _STRUCTURAL_NORMS, or one that underflowed,
         # takes the Gram route, which scales float64 and cannot under- or overflow on float32 entries)
         lo, hi = _STRUCTURAL_NORMS
-        fast = [s and f and min(m.shape) > _EIGH_MAX and not (tight_max or ritz_block or r) and (lo <= nb <= hi or z)
-                for s, f, m, r, nb, z in zip(bounds.structural.tolist(), finite, mats,
-                                             [flags] * len(mats) if isinstance(flags, bool) else flags,
-                                             bounds.norm.tolist(), bounds.zero.tolist(), strict=True)]
+        refreshed = [flags] * len(mats) if isinstance(flags, bool) else flags
+        in_range = [lo <= nb <= hi or z for nb, z in zip(bounds.norm.tolist(), bounds.zero.tolist(), strict=True)]
+        fast = [s and f and ok and not r and min(m.shape) > _EIGH_MAX and not (tight_max or ritz_block)
+                for s, f, ok, r, m in zip(bounds.structural.tolist(), finite, in_range, refreshed, mats, strict=True)]
         for key, idx in list(by_shape.items()):
             rest = [i for i in idx if not fast[i]]
             for i in idx:
